@@ -1,0 +1,35 @@
+# propeller-operator — see README.md.
+SHELL := /bin/bash
+CARGO ?= cargo
+TESTBED_DIR ?= .testbed
+
+.PHONY: all build test lint provision cluster-up cluster-down crds clean
+
+all: build
+
+build:
+	$(CARGO) build --all-targets
+
+## Installs the Debian packages and builds the local control plane (cached outside the repository).
+provision:
+	@bash e2e/provision.sh >/dev/null
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Unit, integration and e2e tests on a real kube-apiserver, etcd, kube-controller-manager and mosquitto.
+## With E2E_KUBECONFIG=path they run against that cluster instead of a local one.
+test: provision lint
+	$(CARGO) test --all-targets -- --test-threads=2
+
+cluster-up: provision
+	$(CARGO) run --quiet --bin testbed -- --dir $(TESTBED_DIR) up
+	@echo "source it with: set -a; . $(TESTBED_DIR)/env; set +a"
+
+cluster-down:
+	@if [ -f $(TESTBED_DIR)/pids ]; then $(CARGO) run --quiet --bin testbed -- --dir $(TESTBED_DIR) down; \
+	 else echo "testbed: nothing running"; fi
+
+clean: cluster-down
+	$(CARGO) clean

@@ -1,0 +1,2 @@
+//! propeller-operator: runs Propeller WebAssembly workloads from Kubernetes custom resources.
+pub mod testbed;

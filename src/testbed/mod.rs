@@ -1,0 +1,265 @@
+//! The test bed: real Kubernetes control planes and a real MQTT broker, for tests and for people.
+//!
+//! Tests call [`shared_cluster`] (one local cluster per test binary, started on first use) or
+//! [`start_clusters`] (N independent clusters: a hub and members), and [`start_broker`]. With
+//! `E2E_KUBECONFIG` set, the same tests use that existing cluster instead (a `:`-separated list of
+//! kubeconfig paths for several clusters); tests that must restart local processes call
+//! [`TestCluster::local_or_skip`] and are skipped with a printed reason.
+pub mod broker;
+pub mod cluster;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+
+pub use broker::Broker;
+pub use cluster::{Binaries, ControlPlane};
+pub use process::Lifetime;
+
+/// A cluster a test can use: a local control plane or an existing cluster from `E2E_KUBECONFIG`.
+pub struct TestCluster {
+    pub name: String,
+    pub kubeconfig: PathBuf,
+    local: Option<ControlPlane>,
+}
+
+impl TestCluster {
+    /// A fresh client. kube's client lives on the runtime that made it, so every test makes its own.
+    pub async fn client(&self) -> Result<Client> {
+        self.check()?;
+        client_for(&self.kubeconfig).await
+    }
+
+    /// The local control plane, or `None` after printing why the calling test is skipped.
+    pub fn local_or_skip(&self, test: &str, why: &str) -> Option<&ControlPlane> {
+        if self.local.is_none() {
+            eprintln!(
+                "SKIPPED {test}: it {why}, which needs the local test bed (E2E_KUBECONFIG points at an existing cluster)"
+            );
+        }
+        self.local.as_ref()
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Fails with the crashed process's last log lines when a local control-plane process died.
+    pub fn check(&self) -> Result<()> {
+        match &self.local {
+            Some(cp) => cp.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates a namespace with a unique name starting with `prefix`.
+    pub async fn namespace(&self, client: &Client, prefix: &str) -> Result<String> {
+        let name = format!("{prefix}-{}", process::random_hex(3)?);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"propeller-testbed": "true"}}
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("create namespace {name}"))?;
+        Ok(name)
+    }
+
+    /// Deletes a namespace made by [`TestCluster::namespace`] (objects with finalizers may keep it a while).
+    pub async fn delete_namespace(&self, client: &Client, name: &str) {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(name, &DeleteParams::background())
+            .await;
+    }
+}
+
+/// A kube client for a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
+    install_crypto_provider();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("read kubeconfig {}", kubeconfig.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .context("load kubeconfig")?;
+    Ok(Client::try_from(config)?)
+}
+
+/// rustls needs one process-wide crypto provider; ring is the only one compiled in.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The existing clusters named by `E2E_KUBECONFIG`, if set.
+fn external_kubeconfigs() -> Option<Vec<PathBuf>> {
+    let v = std::env::var("E2E_KUBECONFIG").ok()?;
+    let paths: Vec<PathBuf> = v
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    (!paths.is_empty()).then_some(paths)
+}
+
+/// The directory for this test run's state and logs (`PROPELLER_TESTBED_DIR`, or a temp directory).
+pub fn run_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::env::var_os("PROPELLER_TESTBED_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("propeller-testbed"));
+        remove_stale_runs(&base);
+        let dir = base.join(format!("run-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        dir
+    })
+}
+
+/// Earlier runs keep their logs for inspection until a later run finds their process gone.
+fn remove_stale_runs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn next_dir(kind: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    run_dir().join(format!("{kind}-{}", N.fetch_add(1, Ordering::SeqCst)))
+}
+
+fn binaries() -> Result<&'static Binaries> {
+    static BINS: OnceLock<std::result::Result<Binaries, String>> = OnceLock::new();
+    BINS.get_or_init(|| Binaries::provision().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("provisioning the local control plane failed: {e}"))
+}
+
+/// The cluster shared by all tests of this test binary. Panics (failing the test) when it cannot start.
+pub fn shared_cluster() -> &'static TestCluster {
+    static SHARED: OnceLock<std::result::Result<TestCluster, String>> = OnceLock::new();
+    let cluster = SHARED.get_or_init(|| {
+        start_clusters(1)
+            .map(|mut v| v.remove(0))
+            .map_err(|e| format!("{e:#}"))
+    });
+    match cluster {
+        Ok(c) => c,
+        Err(e) => panic!("the test cluster is not available: {e}"),
+    }
+}
+
+/// `n` independent clusters, named `hub`, `member-1`, … With `E2E_KUBECONFIG`, the listed clusters are used
+/// in order, and the last one is reused when fewer are listed (separate namespaces keep tests apart).
+pub fn start_clusters(n: usize) -> Result<Vec<TestCluster>> {
+    let names: Vec<String> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                "hub".to_string()
+            } else {
+                format!("member-{i}")
+            }
+        })
+        .collect();
+    if let Some(paths) = external_kubeconfigs() {
+        return Ok(names
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| TestCluster {
+                name,
+                kubeconfig: paths[i.min(paths.len() - 1)].clone(),
+                local: None,
+            })
+            .collect());
+    }
+    let bins = binaries()?;
+    // Started in parallel: each API server takes ~10-15 s to become ready.
+    let handles: Vec<_> = names
+        .into_iter()
+        .map(|name| {
+            let bins = bins.clone();
+            let dir = next_dir(&name);
+            std::thread::spawn(move || {
+                ControlPlane::start(&bins, &name, &dir, Lifetime::Attached).map(|cp| TestCluster {
+                    name,
+                    kubeconfig: cp.kubeconfig.clone(),
+                    local: Some(cp),
+                })
+            })
+        })
+        .collect();
+    let mut clusters = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(r) => clusters.push(r?),
+            Err(_) => bail!("a control-plane start thread panicked"),
+        }
+    }
+    Ok(clusters)
+}
+
+/// A fresh mosquitto with authentication on, owned by the calling test (restartable).
+pub fn start_broker() -> Result<Broker> {
+    Broker::start(&next_dir("mosquitto"), Lifetime::Attached)
+}
+
+/// Polls `f` until it yields `Some`, failing after `timeout` with `what` and, for a local cluster, the state
+/// of its processes.
+pub async fn wait_for<T, F, Fut>(
+    cluster: &TestCluster,
+    what: &str,
+    timeout: Duration,
+    mut f: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        cluster.check()?;
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` until it yields `Some`, failing after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
