@@ -31,5 +31,9 @@ cluster-down:
 	@if [ -f $(TESTBED_DIR)/pids ]; then $(CARGO) run --quiet --bin testbed -- --dir $(TESTBED_DIR) down; \
 	 else echo "testbed: nothing running"; fi
 
+## Regenerates crds/ from the Rust types in src/api/ (a test fails when they differ).
+crds:
+	$(CARGO) run --quiet --bin crdgen -- --out crds
+
 clean: cluster-down
 	$(CARGO) clean

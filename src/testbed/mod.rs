@@ -263,3 +263,65 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Creates or replaces this operator's CRDs and waits until the API server serves them. (Not server-side
+/// apply: a 1.20 API server rejects the CEL rules' field there, while create and replace drop it.)
+pub async fn install_crds(client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crds = crate::api::all_crds();
+    for crd in &crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let result = match api.get_opt(&name).await? {
+            Some(existing) => {
+                let mut crd = crd.clone();
+                crd.metadata.resource_version = existing.metadata.resource_version;
+                api.replace(&name, &PostParams::default(), &crd).await
+            }
+            None => api.create(&PostParams::default(), crd).await,
+        };
+        result.with_context(|| format!("install CRD {name}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for crd in &crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        loop {
+            let established = api
+                .get(&name)
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .is_some_and(|s| {
+                    s.conditions
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if established {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("CRD {name} not established after 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// `../shared` beside the checkout (upstream samples, specs), when present. Outside CI its absence is a
+/// printed skip; in CI (`CI=true`) it is a failure.
+pub fn shared_dir(test: &str) -> Option<PathBuf> {
+    let dir = cluster::repo_root().join("../shared");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: {} is missing, and CI must have it", dir.display());
+    }
+    eprintln!(
+        "SKIPPED {test}: {} is absent (it exists only beside the developers' checkout and in CI)",
+        dir.display()
+    );
+    None
+}

@@ -1,3 +1,4 @@
 //! End-to-end tests on real parts: a kube-apiserver + etcd + kube-controller-manager (or the cluster named
 //! by `E2E_KUBECONFIG`) and Debian's mosquitto. One test binary, so all tests share one local cluster.
+mod samples;
 mod testbed_smoke;

@@ -1,0 +1,98 @@
+//! `FederatedJob`: a federated-learning experiment of several rounds over several proplets.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, any_json};
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "propeller.propeller.abstractmachines.fr",
+    version = "v1",
+    kind = "FederatedJob",
+    namespaced,
+    status = "FederatedJobStatus",
+    shortname = "fedjob",
+    category = "propeller",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Current Round","type":"integer","jsonPath":".status.currentRound"}"#,
+    printcolumn = r#"{"name":"Completed Rounds","type":"integer","jsonPath":".status.completedRounds"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FederatedJobSpec {
+    /// Experiment identifier (FL_JOB_ID of the round tasks).
+    pub experiment_id: String,
+    /// The initial model.
+    pub model_ref: String,
+    /// The FL client module (a registry reference or http(s) URL).
+    pub task_wasm_image: String,
+    /// Proplets taking part, by Proplet name or clientId.
+    pub participants: Vec<Participant>,
+    /// Training hyperparameters, passed to the client as HYPERPARAMS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub hyperparams: Option<serde_json::Value>,
+    /// Updates needed to aggregate a round.
+    #[serde(rename = "kOfN")]
+    pub k_of_n: i64,
+    /// Seconds a round may take.
+    pub timeout_seconds: i64,
+    pub rounds: RoundsSpec,
+    pub aggregator: AggregatorSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Participant {
+    /// Proplet name or clientId.
+    pub proplet_id: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundsSpec {
+    /// Number of rounds.
+    pub total: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AggregatorSpec {
+    /// Aggregation algorithm, e.g. fedavg.
+    pub algorithm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub config: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FederatedJobStatus {
+    /// Pending, Running, Completed or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_round: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_rounds: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub participants: Vec<ParticipantStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregated_model_ref: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParticipantStatus {
+    pub proplet_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<Time>,
+}

@@ -1,0 +1,86 @@
+//! `PropellerJob`: a named batch of Tasks run as a group.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::Condition;
+use super::task::TaskSpec;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "propeller.propeller.abstractmachines.fr",
+    version = "v1",
+    kind = "PropellerJob",
+    namespaced,
+    status = "PropellerJobStatus",
+    shortname = "pjob",
+    category = "propeller",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.executionMode"}"#,
+    printcolumn = r#"{"name":"Tasks","type":"integer","jsonPath":".status.taskCount"}"#,
+    printcolumn = r#"{"name":"Completed","type":"integer","jsonPath":".status.completedCount"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failedCount"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PropellerJobSpec {
+    /// Logical name of the job.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// parallel: all tasks at once; sequential: one at a time in list order; configurable: dependsOn decides.
+    #[serde(default)]
+    pub execution_mode: ExecutionMode,
+    /// Tasks the job creates; dependsOn names refer to sibling tasks[].name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskSpec>>,
+    /// Existing Tasks in the same namespace that count toward the job's completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_refs: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionMode {
+    Parallel,
+    Sequential,
+    #[default]
+    Configurable,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum JobPhase {
+    #[default]
+    Pending,
+    Running,
+    Completed,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PropellerJobStatus {
+    /// Pending, Running, Completed or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_count: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
