@@ -1,3 +1,14 @@
 //! propeller-operator: runs Propeller WebAssembly workloads from Kubernetes custom resources.
 pub mod api;
+pub mod config;
+pub mod controllers;
+pub mod embedded_broker;
+pub mod error;
+pub mod indexes;
+pub mod liveness;
+pub mod mqtt;
+pub mod router;
+pub mod run;
+pub mod sharding;
+pub mod telemetry;
 pub mod testbed;

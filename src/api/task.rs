@@ -297,6 +297,9 @@ pub struct TaskStatus {
     /// Why the task failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// clientIds a broadcast was sent to; it completes when each has answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broadcast_targets: Vec<String>,
     /// How many times the task was dispatched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,

@@ -1,0 +1,162 @@
+//! Command-line flags and environment. Names compatible with the upstream Go operator (its Deployment
+//! args keep working) and with its later renames (`--tenant-id`, `--entity-id`, `--api-key`).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// A Go-style duration flag (`30s`, `1m30s`, `500ms`).
+#[derive(Clone, Copy, Debug)]
+pub struct GoDuration(pub Duration);
+
+impl std::str::FromStr for GoDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let d: kube::core::Duration = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        if d.is_negative() {
+            return Err(format!("{s:?} is negative"));
+        }
+        Ok(GoDuration(d.into()))
+    }
+}
+
+/// Parses `:8081`, `0.0.0.0:8081` or `127.0.0.1:0`; `0` disables.
+fn bind_address(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "0" || s.is_empty() {
+        return Ok(None);
+    }
+    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
+    full.parse().map(Some).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "propeller-operator", version, about = "Kubernetes operator for Propeller WebAssembly proplets")]
+pub struct OperatorConfig {
+    /// MQTT broker address (tcp://host:1883, ssl://host:8883, host:port). Empty: no MQTT (tasks fail with
+    /// MQTTNotConfigured) unless --embedded-broker is given.
+    #[arg(long, env = "MQTT_ADDRESS", default_value = "")]
+    pub mqtt_address: String,
+    /// QoS of every publish and subscription.
+    #[arg(long, env = "MQTT_QOS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub mqtt_qos: u8,
+    /// Broker wait for connects and publishes.
+    #[arg(long, env = "MQTT_TIMEOUT", default_value = "30s")]
+    pub mqtt_timeout: GoDuration,
+    /// Domain of the default channel (always subscribed) — also `--tenant-id`.
+    #[arg(long, alias = "tenant-id", env = "DOMAIN_ID", default_value = "")]
+    pub domain_id: String,
+    /// Channel of the default channel.
+    #[arg(long, env = "CHANNEL_ID", default_value = "")]
+    pub channel_id: String,
+    /// MQTT username (the manager's SuperMQ client id) — also `--entity-id`.
+    #[arg(long, alias = "entity-id", env = "CLIENT_ID", default_value = "")]
+    pub client_id: String,
+    /// MQTT password — also `--api-key`. Prefer --client-key-file: flags show in `ps`.
+    #[arg(long, alias = "api-key", env = "CLIENT_KEY", default_value = "", hide_env_values = true)]
+    pub client_key: String,
+    /// File holding the MQTT password (e.g. a mounted Secret).
+    #[arg(long, env = "CLIENT_KEY_FILE")]
+    pub client_key_file: Option<PathBuf>,
+    /// MQTT client id of this replica.
+    #[arg(long, env = "MQTT_CLIENT_ID", default_value = "propeller-controller")]
+    pub mqtt_client_id: String,
+    /// CA certificate (PEM) for a TLS broker.
+    #[arg(long, env = "MQTT_CA_CERT")]
+    pub mqtt_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "MQTT_CLIENT_CERT")]
+    pub mqtt_client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "MQTT_CLIENT_CERT_KEY")]
+    pub mqtt_client_cert_key: Option<PathBuf>,
+    /// Run an embedded MQTT broker on this address (e.g. 127.0.0.1:1883) and connect to it: for demos and
+    /// development only.
+    #[arg(long, env = "EMBEDDED_BROKER")]
+    pub embedded_broker: Option<SocketAddr>,
+
+    /// An external proplet without a heartbeat for this long is Offline.
+    #[arg(long, default_value = "30s")]
+    pub last_seen_threshold: GoDuration,
+    /// How often `status.lastSeen` is refreshed while nothing else changes (heartbeats are coalesced).
+    #[arg(long, default_value = "60s")]
+    pub status_refresh: GoDuration,
+    /// Accepted for compatibility; heartbeat handling does not poll.
+    #[arg(long, default_value = "10s")]
+    pub liveliness_interval: GoDuration,
+    /// Default time a dispatched task may run (spec.timeoutSeconds overrides).
+    #[arg(long, env = "TASK_TIMEOUT", default_value = "10m")]
+    pub task_timeout: GoDuration,
+    /// Dispatches of one task (first run plus reschedules after interruptions).
+    #[arg(long, default_value_t = 3)]
+    pub max_task_attempts: i32,
+
+    /// Namespace to watch (empty: all).
+    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
+    pub watch_namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = ":8081", value_parser = bind_address)]
+    pub health_probe_bind_address: Option<SocketAddr>,
+    /// Accepted for compatibility with upstream manifests; metrics are served on the health probe port.
+    #[arg(long, default_value = "0")]
+    pub metrics_bind_address: String,
+    /// Accepted for compatibility (secure metrics are not offered).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_secure: bool,
+    /// Accepted for compatibility; one replica runs (leader election comes with HA).
+    #[arg(long, default_value_t = false)]
+    pub leader_elect: bool,
+    /// Log as JSON lines.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+impl OperatorConfig {
+    /// The MQTT password from --client-key or --client-key-file (never logged).
+    pub fn mqtt_password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.client_key_file {
+            let key = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("read --client-key-file {}: {e}", path.display()))?;
+            return Ok(Some(key.trim_end_matches(['\n', '\r']).to_string()));
+        }
+        Ok((!self.client_key.is_empty()).then(|| self.client_key.clone()))
+    }
+
+    pub fn default_channel(&self) -> Option<crate::mqtt::topics::Channel> {
+        (!self.domain_id.is_empty() && !self.channel_id.is_empty())
+            .then(|| crate::mqtt::topics::Channel::new(&self.domain_id, &self.channel_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_upstream_deployment_args() {
+        let c = OperatorConfig::try_parse_from([
+            "op",
+            "--leader-elect",
+            "--health-probe-bind-address=:8181",
+            "--metrics-bind-address=:8443",
+            "--mqtt-address=tcp://mqtt:1883",
+            "--tenant-id=d",
+            "--entity-id=e",
+            "--api-key=k",
+            "--channel-id=c",
+            "--mqtt-timeout=1m30s",
+        ])
+        .expect("parses");
+        assert_eq!(c.domain_id, "d");
+        assert_eq!(c.client_id, "e");
+        assert_eq!(c.mqtt_timeout.0, Duration::from_secs(90));
+        assert_eq!(c.health_probe_bind_address.map(|a| a.port()), Some(8181));
+        assert_eq!(c.mqtt_qos, 1);
+    }
+
+    #[test]
+    fn rejects_bad_durations_and_qos() {
+        assert!(OperatorConfig::try_parse_from(["op", "--mqtt-timeout=soon"]).is_err());
+        assert!(OperatorConfig::try_parse_from(["op", "--mqtt-qos=3"]).is_err());
+    }
+}

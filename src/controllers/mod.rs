@@ -1,0 +1,174 @@
+//! One reconciler per kind, sharing a [`Context`].
+pub mod deployment;
+pub mod proplet;
+pub mod selection;
+pub mod task;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use tracing::warn;
+
+use crate::api::{Proplet, Task};
+use crate::config::OperatorConfig;
+use crate::error::{Error, Result};
+use crate::indexes::{PropletIndex, TaskIndex};
+use crate::liveness::Liveness;
+use crate::mqtt::MqttClient;
+use crate::mqtt::wire::TaskResult;
+use crate::sharding::Ownership;
+use crate::telemetry::metrics;
+
+/// Field manager of every write.
+pub const MANAGER: &str = "propeller-operator";
+
+/// What every reconciler shares.
+pub struct Context {
+    pub client: Client,
+    pub config: OperatorConfig,
+    pub mqtt: Option<MqttClient>,
+    pub ownership: Ownership,
+    pub proplets: Store<Proplet>,
+    pub tasks: Store<Task>,
+    pub proplet_index: PropletIndex,
+    pub task_index: TaskIndex,
+    pub liveness: Liveness,
+    pub results: PendingResults,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// Publishes an Event about `obj`; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let reference: ObjectReference = obj.object_ref(&());
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(truncate(&note, 1000)),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            warn!(object = %obj.name_any(), %reason, error = %e, "could not publish event");
+        } else {
+            metrics().api_write("events", "create");
+        }
+    }
+}
+
+/// Server-side applies `status` to the status subresource of `obj`.
+pub async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let ns = obj.namespace().ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+        .await?;
+    metrics().api_write(&K::plural(&()), "patch_status");
+    Ok(())
+}
+
+/// Results received over MQTT, waiting for the Task controller to write them (keyed by Task UID).
+#[derive(Clone, Default)]
+pub struct PendingResults {
+    inner: Arc<Mutex<HashMap<String, Vec<(TaskResult, Instant)>>>>,
+}
+
+impl PendingResults {
+    pub fn push(&self, uid: &str, result: TaskResult) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.entry(uid.to_string()).or_default().push((result, Instant::now()));
+        }
+    }
+
+    /// Everything waiting for this task, oldest first (kept until [`PendingResults::done`]).
+    pub fn peek(&self, uid: &str) -> Vec<(TaskResult, Instant)> {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|m| m.get(uid).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Forgets the first `n` results of a task once they are written.
+    pub fn done(&self, uid: &str, n: usize) {
+        if let Ok(mut m) = self.inner.lock()
+            && let Some(v) = m.get_mut(uid)
+        {
+            v.drain(..n.min(v.len()));
+            if v.is_empty() {
+                m.remove(uid);
+            }
+        }
+    }
+}
+
+/// Wraps a reconcile with controller-runtime's metrics.
+pub async fn measured<F>(controller: &str, f: F) -> Result<Action>
+where
+    F: std::future::Future<Output = Result<Action>>,
+{
+    let start = Instant::now();
+    let result = f.await;
+    let m = metrics();
+    m.reconcile_time_seconds
+        .with_label_values(&[controller])
+        .observe(start.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(_) => "success",
+        Err(_) => {
+            m.reconcile_errors_total.with_label_values(&[controller]).inc();
+            "error"
+        }
+    };
+    m.reconcile_total.with_label_values(&[controller, label]).inc();
+    result
+}
+
+/// Back-off after an error: the next try comes in a while, not at once.
+pub fn retry_after_error<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
+        let _ = &obj;
+        warn!(controller, error = %err, "reconcile failed; retrying in 5s");
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
+}

@@ -1,0 +1,240 @@
+//! Proplet controller: a Deployment for `type: k8s`, and for every proplet its phase from heartbeats
+//! (Initializing → Running → Offline), written on transitions and refreshed at most every --status-refresh.
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use super::{Context, apply_status, deployment, measured};
+use crate::api::common::{ConditionStatus, set_condition};
+use crate::api::proplet::{AvailableResources, K8sStatus, Proplet, PropletPhase, PropletStatus, PropletType};
+use crate::error::Result;
+use crate::mqtt::address;
+
+const HISTORY: usize = 10;
+
+/// Problems with a Proplet's spec that the API server may not catch (an old one ignores CEL rules).
+pub fn validate(p: &Proplet) -> std::result::Result<(), String> {
+    let cc = &p.spec.connection_config;
+    if cc.domain().is_none_or(str::is_empty) {
+        return Err("spec.connectionConfig.domainId (or tenantId) is required".into());
+    }
+    if cc.client().is_none_or(str::is_empty) {
+        return Err("spec.connectionConfig.clientId (or entityId) is required".into());
+    }
+    if cc.channel_id.is_empty() {
+        return Err("spec.connectionConfig.channelId is required".into());
+    }
+    cc.key()?;
+    if let Some(r) = cc.client_key_secret_ref.as_ref().or(cc.api_key_secret_ref.as_ref())
+        && r.name.as_deref().is_none_or(str::is_empty)
+    {
+        return Err("spec.connectionConfig.clientKeySecretRef.name is required".into());
+    }
+    address::parse(&cc.mqtt_address).map_err(|e| format!("spec.connectionConfig.mqttAddress: {e}"))?;
+    match p.spec.type_ {
+        PropletType::K8s if p.spec.k8s.is_none() => Err("spec.k8s is required for a k8s proplet".into()),
+        PropletType::External if p.spec.external.is_none() => {
+            Err("spec.external is required for an external proplet".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
+    measured("proplet", reconcile_inner(p, ctx)).await
+}
+
+async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
+    let client_id = p.spec.connection_config.client().unwrap_or_default().to_string();
+    if !ctx.ownership.owns_client(&client_id) {
+        return Ok(Action::await_change());
+    }
+    let generation = p.metadata.generation;
+    let old = p.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    status.client_id = Some(client_id.clone()).filter(|c| !c.is_empty());
+
+    if let Err(msg) = validate(&p) {
+        return invalid_spec(&p, &ctx, status, &old, &msg).await;
+    }
+
+    // The Deployment of a k8s proplet.
+    let mut deployment_view: Option<Deployment> = None;
+    if let (PropletType::K8s, Some(k8s)) = (p.spec.type_, &p.spec.k8s) {
+        match deployment::ensure(&ctx, &p, k8s).await? {
+            Ok(d) => deployment_view = Some(d),
+            Err(msg) => return invalid_spec(&p, &ctx, status, &old, &msg).await,
+        }
+    }
+
+    // Liveness from heartbeats (in memory), falling back to the last recorded time after a restart.
+    let threshold = ctx.config.last_seen_threshold.0;
+    let observed = ctx.liveness.get(&client_id).unwrap_or_default();
+    let last_seen = observed.last_seen.or(old.last_seen.as_ref().map(|t| t.0));
+    let now = Timestamp::now();
+    let age = last_seen.map(|t| now.duration_since(t).unsigned_abs());
+    let phase = if observed.offline {
+        PropletPhase::Offline
+    } else {
+        match age {
+            None => PropletPhase::Initializing,
+            Some(a) if a <= threshold => PropletPhase::Running,
+            Some(_) => PropletPhase::Offline,
+        }
+    };
+    status.phase = Some(phase);
+    status.alive = phase == PropletPhase::Running;
+    let g = generation;
+    match phase {
+        PropletPhase::Running => {
+            set_condition(&mut status.conditions, "Connected", ConditionStatus::True, "PropletOnline", "heartbeats are arriving", g);
+            set_condition(&mut status.conditions, "Ready", ConditionStatus::True, "PropletReady", "the proplet is connected and accepts tasks", g);
+        }
+        PropletPhase::Initializing => {
+            set_condition(&mut status.conditions, "Connected", ConditionStatus::Unknown, "WaitingForHeartbeat", "no heartbeat received yet", g);
+            set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "PropletInitializing", "waiting for the first heartbeat", g);
+        }
+        PropletPhase::Offline => {
+            let why = if observed.offline {
+                "the proplet reported itself offline".to_string()
+            } else {
+                format!("no heartbeat for more than {}s", threshold.as_secs())
+            };
+            set_condition(&mut status.conditions, "Connected", ConditionStatus::False, "PropletOffline", &why, g);
+            set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "PropletOffline", &why, g);
+        }
+    }
+
+    // Deployment readiness → Healthy and k8sStatus; external proplets are healthy while they heartbeat.
+    if let Some(d) = &deployment_view {
+        let ds = d.status.clone().unwrap_or_default();
+        let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let ready = ds.ready_replicas.unwrap_or(0);
+        status.k8s_status = Some(K8sStatus {
+            ready_replicas: ready,
+            available_replicas: ds.available_replicas.unwrap_or(0),
+        });
+        let (st, reason, msg) = if desired == 0 {
+            (ConditionStatus::False, "ScaledToZero", "the Deployment has 0 replicas".to_string())
+        } else if ready >= desired {
+            (ConditionStatus::True, "DeploymentReady", format!("all {desired} replicas are ready"))
+        } else {
+            (ConditionStatus::False, "DeploymentNotReady", format!("{ready}/{desired} replicas ready"))
+        };
+        set_condition(&mut status.conditions, "Healthy", st, reason, &msg, g);
+    } else {
+        let (st, reason, msg) = match phase {
+            PropletPhase::Running => (ConditionStatus::True, "HeartbeatsArriving", "heartbeats are arriving"),
+            PropletPhase::Initializing => (ConditionStatus::Unknown, "WaitingForHeartbeat", "no heartbeat received yet"),
+            PropletPhase::Offline => (ConditionStatus::False, "PropletOffline", "heartbeats stopped"),
+        };
+        set_condition(&mut status.conditions, "Healthy", st, reason, msg, g);
+    }
+    status.available_resources = available_resources(&p);
+    status.task_count = active_task_count(&ctx, &p);
+    if let Some(md) = observed.metadata.clone() {
+        status.metadata = Some(md);
+    }
+
+    // Heartbeat-driven fields change every beat; write them only with a transition or when due.
+    let refresh = ctx.config.status_refresh.0;
+    let recorded = old.last_seen.as_ref().map(|t| t.0);
+    let refresh_due = match (last_seen, recorded) {
+        (Some(seen), Some(rec)) => seen.duration_since(rec).unsigned_abs() >= refresh,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    let transition = status != old;
+    if transition || refresh_due {
+        if let Some(seen) = last_seen {
+            if recorded != Some(seen) {
+                status.alive_history.push(Time(seen));
+                let excess = status.alive_history.len().saturating_sub(HISTORY);
+                status.alive_history.drain(..excess);
+            }
+            status.last_seen = Some(Time(seen));
+        }
+        if let Some(m) = observed.metrics.clone() {
+            status.latest_metrics = Some(m);
+        }
+        apply_status(&ctx.client, p.as_ref(), &status).await?;
+        if old.phase != Some(phase) {
+            announce(&ctx, &p, old.phase, phase).await;
+        }
+    }
+
+    // Wake up when the proplet would go Offline, and to refresh lastSeen.
+    Ok(match (phase, age) {
+        (PropletPhase::Running, Some(a)) => {
+            let until_offline = threshold.saturating_sub(a) + Duration::from_millis(500);
+            Action::requeue(until_offline.min(refresh))
+        }
+        _ => Action::requeue(refresh),
+    })
+}
+
+async fn announce(ctx: &Context, p: &Proplet, from: Option<PropletPhase>, to: PropletPhase) {
+    let (type_, reason) = match to {
+        PropletPhase::Running => (EventType::Normal, "Online"),
+        PropletPhase::Offline => (EventType::Warning, "Offline"),
+        PropletPhase::Initializing => (EventType::Normal, "Initializing"),
+    };
+    let from = from.map(PropletPhase::as_str).unwrap_or("(new)");
+    ctx.event(p, type_, reason, "Heartbeat", format!("phase {from} → {}", to.as_str()))
+        .await;
+}
+
+async fn invalid_spec(
+    p: &Proplet,
+    ctx: &Context,
+    mut status: PropletStatus,
+    old: &PropletStatus,
+    msg: &str,
+) -> Result<Action> {
+    set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "InvalidSpec", msg, p.metadata.generation);
+    if &status != old {
+        apply_status(&ctx.client, p, &status).await?;
+        ctx.event(p, EventType::Warning, "InvalidSpec", "Validate", msg.to_string())
+            .await;
+    }
+    tracing::warn!(proplet = %p.name_any(), error = %msg, "invalid Proplet spec");
+    Ok(Action::await_change())
+}
+
+fn available_resources(p: &Proplet) -> Option<AvailableResources> {
+    let res = p.spec.resources.as_ref()?;
+    let text = |v: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString| match v {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+    };
+    let custom: std::collections::BTreeMap<String, String> = res
+        .iter()
+        .filter(|(k, _)| k.as_str() != "cpu" && k.as_str() != "memory")
+        .map(|(k, v)| (k.clone(), text(v)))
+        .collect();
+    Some(AvailableResources {
+        cpu: res.get("cpu").map(text),
+        memory: res.get("memory").map(text),
+        custom: (!custom.is_empty()).then_some(custom),
+    })
+}
+
+/// Tasks scheduled on or running on this proplet.
+pub fn active_task_count(ctx: &Context, p: &Proplet) -> i64 {
+    let name = p.name_any();
+    let ns = p.namespace();
+    ctx.tasks
+        .state()
+        .iter()
+        .filter(|t| t.namespace() == ns)
+        .filter(|t| t.phase().is_active())
+        .filter(|t| t.status.as_ref().and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str()))
+        .count() as i64
+}

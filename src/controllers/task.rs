@@ -1,0 +1,695 @@
+//! Task controller (MQTT path): choose a proplet, persist the assignment, publish the start, then record
+//! the result; time out tasks that never answer, and reschedule tasks whose proplet went away.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::{Context, apply_status, measured, now, selection};
+use crate::api::common::{ConditionStatus, set_condition};
+use crate::api::proplet::{Proplet, PropletPhase};
+use crate::api::task::{RunIf, Task, TaskPhase, TaskStatus};
+use crate::error::Result;
+use crate::mqtt::topics::Channel;
+use crate::mqtt::wire::{StartRequest, StopRequest, WireMonitoringProfile};
+use crate::telemetry::metrics;
+
+pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finalizer";
+/// Retry period for a task that waits for a proplet (proplet changes also wake it at once).
+const WAIT_FOR_PROPLET: Duration = Duration::from_secs(30);
+
+pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
+    measured("task", reconcile_inner(task, ctx)).await
+}
+
+async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
+    if task.metadata.deletion_timestamp.is_some() {
+        return cleanup(&task, &ctx).await;
+    }
+    let status = task.status.clone().unwrap_or_default();
+    if let Some(client) = status.assigned_client_id.as_deref()
+        && !ctx.ownership.owns_client(client)
+    {
+        return Ok(Action::await_change());
+    }
+    let uid = task.uid().unwrap_or_default();
+
+    // Results first: they may arrive before our own write of `running` is back from the watch.
+    let pending = ctx.results.peek(&uid);
+    if !pending.is_empty() {
+        return record_results(&task, &ctx, status, pending).await;
+    }
+
+    if let Err(msg) = validate(&task) {
+        return invalid_spec(&task, &ctx, status, &msg).await;
+    }
+
+    match task.phase() {
+        TaskPhase::Pending => {
+            // Status may lag our own writes (watch latency): dispatch only from a fresh read.
+            let fresh = fresh(&ctx, &task).await?;
+            match fresh.as_ref().map(|t| t.phase()) {
+                Some(TaskPhase::Pending) => dispatch(&task, &ctx).await,
+                _ => Ok(Action::await_change()),
+            }
+        }
+        TaskPhase::Scheduled => {
+            // Assigned but maybe not published (operator restarted in between): publish again; a proplet
+            // ignores a start for a task id it is already running.
+            let fresh = fresh(&ctx, &task).await?;
+            match fresh {
+                Some(t) if t.phase() == TaskPhase::Scheduled => publish_and_mark_running(&t, &ctx).await,
+                _ => Ok(Action::await_change()),
+            }
+        }
+        TaskPhase::Running => watch_running(&task, &ctx).await,
+        TaskPhase::Interrupted => retry_interrupted(&task, &ctx).await,
+        TaskPhase::Completed | TaskPhase::Failed | TaskPhase::Skipped => Ok(Action::await_change()),
+    }
+}
+
+async fn fresh(ctx: &Context, task: &Task) -> Result<Option<Task>> {
+    let ns = task.namespace().unwrap_or_default();
+    Ok(Api::<Task>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&task.name_any())
+        .await?)
+}
+
+/// Spec problems the API server may not catch (CEL is ignored by old servers) or cannot express.
+pub fn validate(task: &Task) -> std::result::Result<(), String> {
+    let spec = &task.spec;
+    for (i, v) in spec.inputs.iter().flatten().enumerate() {
+        if !(v.is_string() || v.is_number() || v.is_boolean()) {
+            return Err(format!("spec.inputs[{i}] must be a string or a number, not {v}"));
+        }
+    }
+    let has_file = spec.file.as_deref().is_some_and(|f| !f.trim().is_empty());
+    let has_image = spec.image_url.as_deref().is_some_and(|u| !u.trim().is_empty());
+    if spec.encrypted == Some(true) {
+        if !has_image || has_file {
+            return Err("an encrypted task needs spec.imageUrl and no spec.file".into());
+        }
+    } else if !has_file && !has_image {
+        return Err("spec.file or spec.imageUrl is required (a proplet drops a start without either)".into());
+    }
+    if spec.broadcast == Some(true)
+        && spec
+            .proplet_selector
+            .as_ref()
+            .and_then(|s| s.proplet_id.as_deref())
+            .is_some_and(|id| !id.is_empty())
+    {
+        return Err("broadcast must not be set when propletSelector.propletId is specified".into());
+    }
+    if let Some(p) = spec.restart_policy.as_deref()
+        && !matches!(p, "Always" | "OnFailure" | "Never")
+    {
+        return Err(format!("spec.restartPolicy must be Always, OnFailure or Never, not {p:?}"));
+    }
+    if let Some(interval) = spec.monitoring_profile.as_ref().and_then(|m| m.interval.as_deref()) {
+        interval
+            .parse::<kube::core::Duration>()
+            .map_err(|e| format!("spec.monitoringProfile.interval {interval:?}: {e}"))?;
+    }
+    if spec.depends_on.as_ref().is_some_and(|d| !d.is_empty())
+        && spec.workflow_id.as_deref().unwrap_or_default().is_empty()
+        && spec.job_id.as_deref().unwrap_or_default().is_empty()
+    {
+        return Err("workflowId or jobId is required when dependsOn is specified".into());
+    }
+    if spec
+        .depends_on
+        .iter()
+        .flatten()
+        .any(|d| d == &task.name_any())
+    {
+        return Err("a task cannot depend on itself".into());
+    }
+    Ok(())
+}
+
+async fn invalid_spec(task: &Task, ctx: &Context, mut status: TaskStatus, msg: &str) -> Result<Action> {
+    let old = status.clone();
+    let g = task.metadata.generation;
+    status.phase.get_or_insert(TaskPhase::Pending);
+    status.observed_generation = g;
+    set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "InvalidSpec", msg, g);
+    if status != old {
+        apply_status(&ctx.client, task, &status).await?;
+        ctx.event(task, EventType::Warning, "InvalidSpec", "Validate", msg.to_string()).await;
+        warn!(task = %task.name_any(), error = %msg, "invalid Task spec");
+    }
+    Ok(Action::await_change())
+}
+
+/// Waits for dependencies (`dependsOn`, same namespace). `Ok(None)`: go ahead.
+fn dependency_gate(task: &Task, ctx: &Context) -> std::result::Result<Option<String>, String> {
+    let Some(deps) = task.spec.depends_on.as_ref().filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    let ns = task.namespace();
+    let mut failed = Vec::new();
+    for dep in deps {
+        let found = ctx
+            .tasks
+            .state()
+            .into_iter()
+            .find(|t| t.namespace() == ns && &t.name_any() == dep);
+        match found.map(|t| t.phase()) {
+            None => return Ok(Some(format!("waiting for dependency {dep} (not found)"))),
+            Some(TaskPhase::Completed) => {}
+            Some(p) if p.is_terminal() => failed.push(dep.clone()),
+            Some(p) => return Ok(Some(format!("waiting for dependency {dep} ({})", p.as_str()))),
+        }
+    }
+    let run = match task.spec.run_if.unwrap_or(RunIf::Success) {
+        RunIf::Success => failed.is_empty(),
+        RunIf::Failure => !failed.is_empty(),
+    };
+    if run {
+        Ok(None)
+    } else {
+        Err(match task.spec.run_if.unwrap_or(RunIf::Success) {
+            RunIf::Success => format!("dependencies did not succeed: {}", failed.join(", ")),
+            RunIf::Failure => "no dependency failed (runIf: failure)".to_string(),
+        })
+    }
+}
+
+async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
+    let g = task.metadata.generation;
+    let mut status = task.status.clone().unwrap_or_default();
+    let old = status.clone();
+    status.phase = Some(TaskPhase::Pending);
+    status.observed_generation = g;
+    status.created_at.get_or_insert_with(now);
+    set_condition(&mut status.conditions, "Ready", ConditionStatus::True, "SpecValid", "the spec is valid", g);
+
+    match dependency_gate(task, ctx) {
+        Ok(None) => {}
+        Ok(Some(wait)) => {
+            set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "WaitingForDependencies", &wait, g);
+            if status != old {
+                apply_status(&ctx.client, task, &status).await?;
+            }
+            return Ok(Action::await_change());
+        }
+        Err(skip) => {
+            status.phase = Some(TaskPhase::Skipped);
+            status.finished_at = Some(now());
+            set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Skipped", &skip, g);
+            apply_status(&ctx.client, task, &status).await?;
+            ctx.event(task, EventType::Normal, "Skipped", "Schedule", skip).await;
+            return Ok(Action::await_change());
+        }
+    }
+
+    let Some(_) = &ctx.mqtt else {
+        status.phase = Some(TaskPhase::Failed);
+        status.finished_at = Some(now());
+        status.error = Some("MQTT is not configured (--mqtt-address)".into());
+        set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "MQTTNotConfigured", "MQTT is not configured (--mqtt-address)", g);
+        apply_status(&ctx.client, task, &status).await?;
+        return Ok(Action::await_change());
+    };
+
+    if task.spec.broadcast == Some(true) {
+        return dispatch_broadcast(task, ctx, status).await;
+    }
+
+    let proplets = ctx.proplets.state();
+    let chosen = selection::select(task, &proplets, |p| super::proplet::active_task_count(ctx, p));
+    let proplet = match chosen {
+        Ok(p) => p,
+        Err(why) => {
+            set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "NoProplet", &why, g);
+            if status != old {
+                apply_status(&ctx.client, task, &status).await?;
+                ctx.event(task, EventType::Normal, "NoProplet", "Schedule", why).await;
+            }
+            return Ok(Action::requeue(WAIT_FOR_PROPLET));
+        }
+    };
+    let client_id = proplet.spec.connection_config.client().unwrap_or_default().to_string();
+    ensure_finalizer(task, ctx).await?;
+    status.phase = Some(TaskPhase::Scheduled);
+    status.assigned_proplet = Some(proplet.name_any());
+    status.assigned_client_id = Some(client_id.clone());
+    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
+    status.error = None;
+    let msg = format!("assigned to proplet {} (clientId {client_id})", proplet.name_any());
+    set_condition(&mut status.conditions, "Scheduled", ConditionStatus::True, "Assigned", &msg, g);
+    apply_status(&ctx.client, task, &status).await?;
+    let mut scheduled = task.clone();
+    scheduled.status = Some(status);
+    publish_and_mark_running(&scheduled, ctx).await
+}
+
+/// The channel a proplet listens on.
+fn channel_of(p: &Proplet) -> Option<Channel> {
+    let cc = &p.spec.connection_config;
+    Some(Channel::new(cc.domain()?, &cc.channel_id))
+}
+
+async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> {
+    let g = task.metadata.generation;
+    let mut status = task.status.clone().unwrap_or_default();
+    let name = status.assigned_proplet.clone().unwrap_or_default();
+    let ns = task.namespace();
+    let proplet = ctx
+        .proplets
+        .state()
+        .into_iter()
+        .find(|p| p.namespace() == ns && p.name_any() == name);
+    let (Some(proplet), Some(mqtt)) = (proplet, &ctx.mqtt) else {
+        // The proplet vanished between assignment and publishing: start over.
+        status.phase = Some(TaskPhase::Pending);
+        status.assigned_proplet = None;
+        status.assigned_client_id = None;
+        apply_status(&ctx.client, task, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    let Some(channel) = channel_of(&proplet) else {
+        return Ok(Action::requeue(WAIT_FOR_PROPLET));
+    };
+    let client_id = status.assigned_client_id.clone().unwrap_or_default();
+    let start = start_request(task, Some(&client_id));
+    if let Err(e) = mqtt.publish_json(&channel.start(), &start).await {
+        metrics().mqtt_published_total.with_label_values(&["start", "error"]).inc();
+        return Err(e.into());
+    }
+    metrics().mqtt_published_total.with_label_values(&["start", "ok"]).inc();
+    if let Some(created) = task.metadata.creation_timestamp.as_ref() {
+        let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
+        metrics().task_dispatch_seconds.observe(secs.max(0.0));
+    }
+    status.phase = Some(TaskPhase::Running);
+    status.started_at = Some(now());
+    let msg = format!("start sent to {client_id} on {channel}");
+    set_condition(&mut status.conditions, "Started", ConditionStatus::True, "Dispatched", &msg, g);
+    apply_status(&ctx.client, task, &status).await?;
+    info!(task = %task.name_any(), proplet = %name, "task dispatched");
+    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg).await;
+    Ok(Action::requeue(timeout_of(task, ctx)))
+}
+
+async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) -> Result<Action> {
+    let g = task.metadata.generation;
+    let ns = task.namespace();
+    let targets: Vec<Arc<Proplet>> = ctx
+        .proplets
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns && p.phase() == PropletPhase::Running)
+        .collect();
+    let mut channels: BTreeMap<Channel, Vec<String>> = BTreeMap::new();
+    for p in &targets {
+        if let (Some(ch), Some(client)) = (channel_of(p), p.spec.connection_config.client()) {
+            channels.entry(ch).or_default().push(client.to_string());
+        }
+    }
+    if channels.is_empty() {
+        let why = "no Running proplets in this namespace to broadcast to";
+        let old = status.clone();
+        set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "NoProplet", why, g);
+        if status != old {
+            apply_status(&ctx.client, task, &status).await?;
+        }
+        return Ok(Action::requeue(WAIT_FOR_PROPLET));
+    }
+    ensure_finalizer(task, ctx).await?;
+    let start = start_request(task, None);
+    let Some(mqtt) = &ctx.mqtt else {
+        return Ok(Action::await_change());
+    };
+    for ch in channels.keys() {
+        mqtt.publish_json(&ch.start(), &start).await?;
+        metrics().mqtt_published_total.with_label_values(&["start", "ok"]).inc();
+    }
+    status.broadcast_targets = channels.into_values().flatten().collect();
+    status.broadcast_targets.sort();
+    status.phase = Some(TaskPhase::Running);
+    status.started_at = Some(now());
+    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
+    status.results = Some(json!({}));
+    let msg = format!("broadcast to {} proplets", status.broadcast_targets.len());
+    set_condition(&mut status.conditions, "Started", ConditionStatus::True, "Dispatched", &msg, g);
+    apply_status(&ctx.client, task, &status).await?;
+    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg).await;
+    Ok(Action::requeue(timeout_of(task, ctx)))
+}
+
+/// The start message for a task: inputs as strings, the export name, env with the proplet's identity.
+pub fn start_request(task: &Task, client_id: Option<&str>) -> StartRequest {
+    let spec = &task.spec;
+    let uid = task.uid().unwrap_or_default();
+    let inputs = spec
+        .inputs
+        .iter()
+        .flatten()
+        .map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    let mut env = spec.env.clone().unwrap_or_default();
+    if let Some(client) = client_id {
+        env.insert("PROPLET_ID".into(), client.to_string());
+        env.insert("TASK_ID".into(), uid.clone());
+    }
+    let monitoring_profile = spec.monitoring_profile.as_ref().map(|m| WireMonitoringProfile {
+        enabled: m.enabled.unwrap_or(false),
+        interval: m
+            .interval
+            .as_deref()
+            .and_then(|i| i.parse::<kube::core::Duration>().ok())
+            .map(|d| std::time::Duration::from(d).as_secs().max(1))
+            .unwrap_or(10),
+        collect_cpu: m.collect_cpu.unwrap_or(false),
+        collect_memory: m.collect_memory.unwrap_or(false),
+        collect_disk_io: m.collect_disk_io.unwrap_or(false),
+        collect_threads: m.collect_threads.unwrap_or(false),
+        collect_file_descriptors: m.collect_file_descriptors.unwrap_or(false),
+        export_to_mqtt: m.export_to_mqtt.unwrap_or(false),
+        retain_history: m.retain_history.unwrap_or(false),
+        history_size: m.history_size.unwrap_or(0).max(0) as u64,
+    });
+    StartRequest {
+        id: uid,
+        name: spec
+            .function_name
+            .clone()
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| task.name_any()),
+        state: 1,
+        kind: match spec.kind {
+            crate::api::task::TaskKind::Standard => "standard".into(),
+            crate::api::task::TaskKind::Federated => "federated".into(),
+        },
+        image_url: spec.image_url.clone().unwrap_or_default(),
+        file: spec
+            .file
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect(),
+        inputs,
+        cli_args: spec.cli_args.clone().unwrap_or_default(),
+        env: (!env.is_empty()).then_some(env),
+        daemon: spec.daemon.unwrap_or(false),
+        broadcast: client_id.is_none(),
+        mode: spec.mode.map(|m| match m {
+            crate::api::task::TaskMode::Infer => "infer".into(),
+            crate::api::task::TaskMode::Train => "train".into(),
+        }),
+        encrypted: spec.encrypted.unwrap_or(false),
+        kbs_resource_path: spec.kbs_resource_path.clone().unwrap_or_default(),
+        proplet_id: client_id.map(str::to_string),
+        priority: spec.priority,
+        metadata: spec.metadata.clone().filter(Value::is_object),
+        monitoring_profile,
+        hal_storage_path: spec.hal_storage_path.clone(),
+    }
+}
+
+fn timeout_of(task: &Task, ctx: &Context) -> Duration {
+    task.spec
+        .timeout_seconds
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(s as u64))
+        .unwrap_or(ctx.config.task_timeout.0)
+}
+
+async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
+    let g = task.metadata.generation;
+    let mut status = task.status.clone().unwrap_or_default();
+    let timeout = timeout_of(task, ctx);
+    let elapsed = status
+        .started_at
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    if elapsed >= timeout {
+        let msg = if task.spec.broadcast == Some(true) {
+            let answered: Vec<String> = status
+                .results
+                .as_ref()
+                .and_then(Value::as_object)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let missing: Vec<&String> =
+                status.broadcast_targets.iter().filter(|c| !answered.contains(c)).collect();
+            format!("no result within {}s from {missing:?}", timeout.as_secs())
+        } else {
+            format!("no result within {}s", timeout.as_secs())
+        };
+        stop(task, ctx, &status).await;
+        status.phase = Some(TaskPhase::Failed);
+        status.finished_at = Some(now());
+        status.error = Some(msg.clone());
+        set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Timeout", &msg, g);
+        apply_status(&ctx.client, task, &status).await?;
+        ctx.event(task, EventType::Warning, "Timeout", "Watch", msg).await;
+        return Ok(Action::await_change());
+    }
+    if task.spec.broadcast != Some(true) {
+        let name = status.assigned_proplet.clone().unwrap_or_default();
+        let ns = task.namespace();
+        let proplet = ctx
+            .proplets
+            .state()
+            .into_iter()
+            .find(|p| p.namespace() == ns && p.name_any() == name);
+        let gone = match &proplet {
+            None => Some(format!("proplet {name} was deleted")),
+            Some(p) if p.phase() == PropletPhase::Offline => Some(format!("proplet {name} went Offline")),
+            _ => None,
+        };
+        if let Some(why) = gone {
+            status.phase = Some(TaskPhase::Interrupted);
+            status.finished_at = Some(now());
+            set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Interrupted", &why, g);
+            apply_status(&ctx.client, task, &status).await?;
+            ctx.event(task, EventType::Warning, "Interrupted", "Watch", why).await;
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
+    Ok(Action::requeue(timeout - elapsed + Duration::from_millis(200)))
+}
+
+async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Action> {
+    let g = task.metadata.generation;
+    let mut status = task.status.clone().unwrap_or_default();
+    let attempts = status.attempts.unwrap_or(0);
+    let allowed = task.spec.restart_policy.as_deref() != Some("Never");
+    if !allowed || attempts >= ctx.config.max_task_attempts {
+        return Ok(Action::await_change());
+    }
+    status.phase = Some(TaskPhase::Pending);
+    status.assigned_proplet = None;
+    status.assigned_client_id = None;
+    status.started_at = None;
+    status.finished_at = None;
+    let msg = format!("rescheduling after interruption (attempt {} of {})", attempts + 1, ctx.config.max_task_attempts);
+    set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "Rescheduling", &msg, g);
+    apply_status(&ctx.client, task, &status).await?;
+    ctx.event(task, EventType::Normal, "Rescheduling", "Schedule", msg).await;
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+async fn record_results(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    pending: Vec<(crate::mqtt::wire::TaskResult, std::time::Instant)>,
+) -> Result<Action> {
+    let uid = task.uid().unwrap_or_default();
+    let g = task.metadata.generation;
+    let broadcast = task.spec.broadcast == Some(true);
+    let mut changed = false;
+    let mut last_received = None;
+    for (result, received) in &pending {
+        last_received = Some(*received);
+        if !task.phase().is_active() && !broadcast {
+            info!(task = %task.name_any(), "ignoring a result for a task that is not running");
+            continue;
+        }
+        let from = result.proplet_id.clone();
+        if broadcast {
+            let key = from.unwrap_or_else(|| "unknown".into());
+            let entry = match result.failure() {
+                Some(e) => json!({"error": e}),
+                None => result.results.clone(),
+            };
+            let mut map = status.results.take().and_then(|v| match v {
+                Value::Object(m) => Some(m),
+                _ => None,
+            }).unwrap_or_default();
+            map.insert(key, entry);
+            status.results = Some(Value::Object(map));
+            changed = true;
+            continue;
+        }
+        if let (Some(from), Some(assigned)) = (from.as_deref(), status.assigned_client_id.as_deref())
+            && from != assigned
+        {
+            warn!(task = %task.name_any(), %from, %assigned, "ignoring a result from a proplet the task is not assigned to");
+            continue;
+        }
+        status.finished_at = Some(now());
+        status.results = Some(result.results.clone());
+        match result.failure() {
+            Some(err) => {
+                status.phase = Some(TaskPhase::Failed);
+                status.error = Some(err.to_string());
+                set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Failed", err, g);
+            }
+            None => {
+                status.phase = Some(TaskPhase::Completed);
+                status.error = None;
+                set_condition(&mut status.conditions, "Completed", ConditionStatus::True, "Succeeded", "the proplet returned a result", g);
+            }
+        }
+        changed = true;
+        break;
+    }
+    if broadcast && changed {
+        let answered: Vec<String> = status
+            .results
+            .as_ref()
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        if status.broadcast_targets.iter().all(|c| answered.contains(c)) {
+            let errors: Vec<String> = status
+                .results
+                .as_ref()
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| v.get("error").map(|e| format!("{k}: {e}")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            status.finished_at = Some(now());
+            if errors.is_empty() {
+                status.phase = Some(TaskPhase::Completed);
+                set_condition(&mut status.conditions, "Completed", ConditionStatus::True, "Succeeded", "every proplet returned a result", g);
+            } else {
+                status.phase = Some(TaskPhase::Failed);
+                status.error = Some(errors.join("; "));
+                set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Failed", &errors.join("; "), g);
+            }
+        }
+    }
+    if changed {
+        apply_status(&ctx.client, task, &status).await?;
+        if let Some(received) = last_received {
+            metrics().task_completion_seconds.observe(received.elapsed().as_secs_f64());
+        }
+        match status.phase {
+            Some(TaskPhase::Completed) => {
+                ctx.event(task, EventType::Normal, "Completed", "Result", summary(&status)).await
+            }
+            Some(TaskPhase::Failed) => {
+                let err = status.error.clone().unwrap_or_default();
+                ctx.event(task, EventType::Warning, "Failed", "Result", err).await
+            }
+            _ => {}
+        }
+    }
+    ctx.results.done(&uid, pending.len());
+    Ok(if task.phase().is_active() || changed {
+        Action::requeue(Duration::from_millis(100))
+    } else {
+        Action::await_change()
+    })
+}
+
+fn summary(status: &TaskStatus) -> String {
+    let text = match &status.results {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    let short: String = text.chars().take(200).collect();
+    format!("result: {short}")
+}
+
+async fn ensure_finalizer(task: &Task, ctx: &Context) -> Result<()> {
+    if task.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let ns = task.namespace().unwrap_or_default();
+    let mut finalizers = task.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()}});
+    Api::<Task>::namespaced(ctx.client.clone(), &ns)
+        .patch(&task.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    metrics().api_write("tasks", "patch");
+    Ok(())
+}
+
+/// Sends a stop for a running task (bounded: the MQTT queue either takes it or the publish times out).
+async fn stop(task: &Task, ctx: &Context, status: &TaskStatus) {
+    let Some(mqtt) = &ctx.mqtt else { return };
+    let stop = StopRequest {
+        id: task.uid().unwrap_or_default(),
+        proplet_id: status.assigned_client_id.clone(),
+        broadcast: task.spec.broadcast == Some(true),
+    };
+    let ns = task.namespace();
+    let channels: Vec<Channel> = ctx
+        .proplets
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == ns)
+        .filter(|p| {
+            stop.broadcast
+                || Some(p.name_any()) == status.assigned_proplet
+        })
+        .filter_map(|p| channel_of(p))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for ch in channels {
+        let outcome = match mqtt.publish_json(&ch.stop(), &stop).await {
+            Ok(()) => "ok",
+            Err(e) => {
+                warn!(task = %task.name_any(), error = %e, "stop not sent");
+                "error"
+            }
+        };
+        metrics().mqtt_published_total.with_label_values(&["stop", outcome]).inc();
+    }
+}
+
+async fn cleanup(task: &Task, ctx: &Context) -> Result<Action> {
+    if !task.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let status = task.status.clone().unwrap_or_default();
+    if task.phase().is_active() {
+        stop(task, ctx, &status).await;
+    }
+    let ns = task.namespace().unwrap_or_default();
+    let remaining: Vec<String> = task.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    let patch = json!({"metadata": {"finalizers": remaining, "resourceVersion": task.resource_version()}});
+    match Api::<Task>::namespaced(ctx.client.clone(), &ns)
+        .patch(&task.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => metrics().api_write("tasks", "patch"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,16 @@
+//! The operator's one error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] crate::mqtt::client::MqttError),
+    #[error("serialize: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

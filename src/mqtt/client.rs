@@ -1,0 +1,257 @@
+//! The operator's single broker connection: publishes, a subscription set that follows the Proplets, and
+//! resubscription after every reconnect (clean session, so the broker forgets them).
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, Transport};
+use serde::Serialize;
+use tokio::sync::{Mutex, mpsc};
+use tracing::{debug, info, warn};
+
+use super::address;
+
+/// 16 MiB: start messages carry base64 Wasm modules.
+pub const MAX_PACKET_SIZE: usize = 16 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct MqttSettings {
+    pub address: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: String,
+    pub qos: u8,
+    pub timeout: Duration,
+    pub keep_alive: Duration,
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl MqttSettings {
+    pub fn new(address: &str, client_id: &str) -> Self {
+        MqttSettings {
+            address: address.to_string(),
+            username: None,
+            password: None,
+            client_id: client_id.to_string(),
+            qos: 1,
+            timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(30),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+}
+
+/// A message received from the broker.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("invalid MQTT settings: {0}")]
+    Settings(String),
+    #[error("publish to {topic} failed: {reason}")]
+    Publish { topic: String, reason: String },
+    #[error("encode payload: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Handle to the connection; cheap to clone.
+#[derive(Clone)]
+pub struct MqttClient {
+    client: AsyncClient,
+    qos: QoS,
+    timeout: Duration,
+    subscriptions: Arc<Mutex<BTreeSet<String>>>,
+    connected: Arc<AtomicBool>,
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+impl MqttClient {
+    /// Connects in the background (retrying with back-off for ever) and returns the handle and the stream
+    /// of received messages.
+    pub fn start(settings: &MqttSettings) -> Result<(MqttClient, mpsc::Receiver<Message>), MqttError> {
+        let addr = address::parse(&settings.address).map_err(MqttError::Settings)?;
+        let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
+        opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(5)));
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
+        opts.set_inflight(100);
+        if let Some(user) = &settings.username {
+            opts.set_credentials(user, settings.password.clone().unwrap_or_default());
+        }
+        if addr.tls {
+            opts.set_transport(tls_transport(settings)?);
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        let (tx, rx) = mpsc::channel(10_000);
+        let handle = MqttClient {
+            client,
+            qos: qos(settings.qos),
+            timeout: settings.timeout,
+            subscriptions: Arc::new(Mutex::new(BTreeSet::new())),
+            connected: Arc::new(AtomicBool::new(false)),
+        };
+        let loop_handle = handle.clone();
+        let address = settings.address.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        info!(%address, "MQTT connected");
+                        backoff = Duration::from_millis(250);
+                        loop_handle.connected.store(true, Ordering::SeqCst);
+                        crate::telemetry::metrics().mqtt_connected.set(1);
+                        loop_handle.resubscribe().await;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let msg = Message {
+                            topic: p.topic,
+                            payload: p.payload,
+                        };
+                        if tx.send(msg).await.is_err() {
+                            debug!("MQTT receiver dropped; stopping the event loop");
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if loop_handle.connected.swap(false, Ordering::SeqCst) {
+                            warn!(%address, error = %describe(&e), "MQTT connection lost; reconnecting");
+                        } else {
+                            debug!(%address, error = %describe(&e), "MQTT connect failed; retrying");
+                        }
+                        crate::telemetry::metrics().mqtt_connected.set(0);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+        Ok((handle, rx))
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Publishes JSON. Queued while disconnected; fails when the queue stays full for the timeout.
+    pub async fn publish_json<T: Serialize>(&self, topic: &str, payload: &T) -> Result<(), MqttError> {
+        let bytes = serde_json::to_vec(payload)?;
+        self.publish(topic, bytes).await
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), MqttError> {
+        let fut = self.client.publish(topic, self.qos, false, payload);
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(MqttError::Publish {
+                topic: topic.to_string(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(MqttError::Publish {
+                topic: topic.to_string(),
+                reason: format!("not queued within {:?}", self.timeout),
+            }),
+        }
+    }
+
+    /// Makes the subscription set exactly `wanted`.
+    pub async fn set_subscriptions(&self, wanted: BTreeSet<String>) {
+        let mut current = self.subscriptions.lock().await;
+        if *current == wanted {
+            return;
+        }
+        for gone in current.difference(&wanted) {
+            if let Err(e) = self.client.try_unsubscribe(gone) {
+                warn!(topic = %gone, error = %e, "MQTT unsubscribe failed");
+            }
+        }
+        for new in wanted.difference(&current) {
+            if let Err(e) = self.client.try_subscribe(new, self.qos) {
+                warn!(topic = %new, error = %e, "MQTT subscribe failed");
+            }
+        }
+        info!(count = wanted.len(), "MQTT subscriptions updated");
+        *current = wanted;
+    }
+
+    async fn resubscribe(&self) {
+        let current = self.subscriptions.lock().await;
+        for topic in current.iter() {
+            if let Err(e) = self.client.try_subscribe(topic, self.qos) {
+                warn!(%topic, error = %e, "MQTT resubscribe failed");
+            }
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        let _ = self.client.disconnect().await;
+    }
+}
+
+/// Connection errors without credentials in them.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => format!("connection refused: {code:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn tls_transport(settings: &MqttSettings) -> Result<Transport, MqttError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &settings.ca_cert {
+        for cert in CertificateDer::pem_file_iter(ca)
+            .map_err(|e| MqttError::Settings(format!("read CA {}: {e}", ca.display())))?
+        {
+            let cert = cert.map_err(|e| MqttError::Settings(format!("CA {}: {e}", ca.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| MqttError::Settings(format!("CA {}: {e}", ca.display())))?;
+        }
+    } else {
+        return Err(MqttError::Settings(
+            "a TLS broker address needs --mqtt-ca-cert (no system roots are loaded)".into(),
+        ));
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&settings.client_cert, &settings.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| MqttError::Settings(format!("client cert {}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|_| MqttError::Settings(format!("client key {} unreadable", key.display())))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| MqttError::Settings(format!("client certificate: {e}")))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err(MqttError::Settings(
+                "--mqtt-client-cert and --mqtt-client-key go together".into(),
+            ));
+        }
+    };
+    Ok(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+        Arc::new(config),
+    )))
+}

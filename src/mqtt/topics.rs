@@ -1,0 +1,122 @@
+//! Topic layout: everything lives under `m/{domain}/c/{channel}/`.
+use std::fmt;
+
+/// The (domain, channel) pair that scopes a proplet's topics.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Channel {
+    pub domain: String,
+    pub channel: String,
+}
+
+impl Channel {
+    pub fn new(domain: impl Into<String>, channel: impl Into<String>) -> Self {
+        Channel {
+            domain: domain.into(),
+            channel: channel.into(),
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("m/{}/c/{}", self.domain, self.channel)
+    }
+
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.base())
+    }
+
+    pub fn start(&self) -> String {
+        self.topic(START)
+    }
+
+    pub fn stop(&self) -> String {
+        self.topic(STOP)
+    }
+
+    /// The filters the operator subscribes to for this channel.
+    pub fn subscriptions(&self) -> Vec<String> {
+        INBOUND.iter().map(|k| self.topic(k.suffix())).collect()
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.base())
+    }
+}
+
+pub const START: &str = "control/manager/start";
+pub const STOP: &str = "control/manager/stop";
+
+/// Messages proplets send to the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Inbound {
+    Create,
+    Alive,
+    Metrics,
+    Results,
+    TaskMetrics,
+}
+
+pub const INBOUND: [Inbound; 5] = [
+    Inbound::Create,
+    Inbound::Alive,
+    Inbound::Metrics,
+    Inbound::Results,
+    Inbound::TaskMetrics,
+];
+
+impl Inbound {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Inbound::Create => "control/proplet/create",
+            Inbound::Alive => "control/proplet/alive",
+            Inbound::Metrics => "control/proplet/metrics",
+            Inbound::Results => "control/proplet/results",
+            Inbound::TaskMetrics => "control/proplet/task_metrics",
+        }
+    }
+
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Inbound::Create => "create",
+            Inbound::Alive => "alive",
+            Inbound::Metrics => "metrics",
+            Inbound::Results => "results",
+            Inbound::TaskMetrics => "task_metrics",
+        }
+    }
+}
+
+/// Splits `m/{domain}/c/{channel}/{suffix}` into the channel and the message kind.
+pub fn parse(topic: &str) -> Option<(Channel, Inbound)> {
+    let rest = topic.strip_prefix("m/")?;
+    let (domain, rest) = rest.split_once("/c/")?;
+    let (channel, suffix) = rest.split_once('/')?;
+    if domain.is_empty() || channel.is_empty() || domain.contains('/') {
+        return None;
+    }
+    let kind = INBOUND.into_iter().find(|k| k.suffix() == suffix)?;
+    Some((Channel::new(domain, channel), kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proplet_topics() {
+        let (ch, kind) = parse("m/dom-1/c/chan-1/control/proplet/alive").expect("parses");
+        assert_eq!(ch, Channel::new("dom-1", "chan-1"));
+        assert_eq!(kind, Inbound::Alive);
+        assert_eq!(ch.start(), "m/dom-1/c/chan-1/control/manager/start");
+    }
+
+    #[test]
+    fn rejects_foreign_topics() {
+        assert!(parse("fl/rounds/r1/updates/p1").is_none());
+        assert!(parse("m/d/c/ch/control/manager/start").is_none());
+        assert!(parse("m//c/ch/control/proplet/alive").is_none());
+        assert!(parse("m/d/x/c/ch/control/proplet/alive").is_none());
+    }
+}

@@ -1,0 +1,161 @@
+//! Routes what proplets publish: heartbeats and discovery to the liveness tracker, results to the Task
+//! controller. Malformed payloads and unknown senders are counted, logged with their topic, and dropped.
+use std::sync::Arc;
+
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::api::common::ResourceMetrics;
+use crate::api::proplet::{Proplet, PropletMetadata};
+use crate::api::task::Task;
+use crate::controllers::Context;
+use crate::liveness::Change;
+use crate::mqtt::client::Message;
+use crate::mqtt::topics::{self, Channel, Inbound};
+use crate::mqtt::wire::{self, DiscoveryMetadata};
+use crate::telemetry::metrics;
+
+pub struct Triggers {
+    pub proplets: mpsc::UnboundedSender<ObjectRef<Proplet>>,
+    pub tasks: mpsc::UnboundedSender<ObjectRef<Task>>,
+}
+
+pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: Triggers) {
+    while let Some(msg) = rx.recv().await {
+        handle(&msg, &ctx, &triggers);
+    }
+}
+
+fn malformed(kind: Inbound, topic: &str, err: &wire::DecodeError, len: usize) {
+    metrics().mqtt_message(kind.as_str(), "malformed");
+    warn!(%topic, bytes = len, error = %err, "dropping a malformed MQTT payload");
+}
+
+/// The Proplet a message is from, if it is registered on the channel the message came on.
+fn proplet_for(ctx: &Context, channel: &Channel, client_id: &str) -> Option<ObjectRef<Proplet>> {
+    let r = ctx.proplet_index.by_client(client_id)?;
+    let p = ctx.proplets.get(&r)?;
+    let cc = &p.spec.connection_config;
+    (cc.domain() == Some(channel.domain.as_str()) && cc.channel_id == channel.channel).then_some(r)
+}
+
+pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
+    let Some((channel, kind)) = topics::parse(&msg.topic) else {
+        metrics().mqtt_message("other", "unexpected_topic");
+        debug!(topic = %msg.topic, "message on a topic the operator does not handle");
+        return;
+    };
+    let threshold = ctx.config.last_seen_threshold.0;
+    let payload = &msg.payload[..];
+    match kind {
+        Inbound::Alive => match wire::decode_alive(payload) {
+            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Ok(m) => with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
+                if ctx.liveness.heartbeat(&m.proplet_id, m.is_offline(), threshold) == Change::Transition {
+                    let _ = triggers.proplets.send(r);
+                }
+            }),
+        },
+        Inbound::Create => match wire::decode_discovery(payload) {
+            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Ok(m) => {
+                let md = metadata(m.metadata.unwrap_or_default(), m.namespace);
+                with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
+                    if ctx.liveness.discovery(&m.proplet_id, md) == Change::Transition {
+                        let _ = triggers.proplets.send(r);
+                    }
+                })
+            }
+        },
+        Inbound::Metrics => match wire::decode_metrics(payload) {
+            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Ok(m) => {
+                let total = ctx
+                    .liveness
+                    .get(&m.proplet_id)
+                    .and_then(|o| o.metadata)
+                    .and_then(|md| md.total_memory_bytes)
+                    .filter(|t| *t > 0);
+                let rss = m.memory_metrics.as_ref().and_then(|mm| mm.rss_bytes);
+                let sample = ResourceMetrics {
+                    timestamp: Some(crate::controllers::now()),
+                    cpu_milli_percent: m
+                        .cpu_metrics
+                        .as_ref()
+                        .and_then(|c| c.percent)
+                        .map(|p| (p * 1000.0) as i64),
+                    memory_milli_percent: rss
+                        .zip(total)
+                        .map(|(r, t)| ((r as f64 / t as f64) * 100_000.0) as i64),
+                    memory_bytes: rss.map(|r| r as i64),
+                };
+                with_proplet(ctx, kind, &channel, &m.proplet_id, |_| {
+                    ctx.liveness.metrics(&m.proplet_id, sample)
+                })
+            }
+        },
+        Inbound::Results => match wire::decode_result(payload) {
+            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Ok(r) => match ctx.task_index.by_uid(&r.task_id) {
+                None => {
+                    metrics().mqtt_message(kind.as_str(), "unknown_task");
+                    debug!(topic = %msg.topic, task_id = %r.task_id, "result for an unknown task");
+                }
+                Some(t) => {
+                    metrics().mqtt_message(kind.as_str(), "ok");
+                    let uid = r.task_id.clone();
+                    ctx.results.push(&uid, r);
+                    let _ = triggers.tasks.send(t);
+                }
+            },
+        },
+        Inbound::TaskMetrics => match wire::decode_task_metrics(payload) {
+            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Ok(m) => {
+                let outcome = if ctx.task_index.by_uid(&m.task_id).is_some() { "ok" } else { "unknown_task" };
+                metrics().mqtt_message(kind.as_str(), outcome);
+            }
+        },
+    }
+}
+
+fn with_proplet(
+    ctx: &Context,
+    kind: Inbound,
+    channel: &Channel,
+    client_id: &str,
+    f: impl FnOnce(ObjectRef<Proplet>),
+) {
+    if !ctx.ownership.owns_client(client_id) {
+        metrics().mqtt_message(kind.as_str(), "not_owned");
+        return;
+    }
+    match proplet_for(ctx, channel, client_id) {
+        Some(r) => {
+            metrics().mqtt_message(kind.as_str(), "ok");
+            f(r)
+        }
+        None => {
+            metrics().mqtt_message(kind.as_str(), "unknown_proplet");
+            debug!(%channel, %client_id, kind = kind.as_str(), "message from a proplet with no Proplet on this channel");
+        }
+    }
+}
+
+fn metadata(m: DiscoveryMetadata, namespace: Option<String>) -> PropletMetadata {
+    PropletMetadata {
+        description: m.description,
+        tags: m.tags,
+        location: m.location,
+        ip: m.ip,
+        environment: m.environment,
+        os: m.os,
+        hostname: m.hostname,
+        cpu_arch: m.cpu_arch,
+        total_memory_bytes: m.total_memory_bytes.map(|t| t.min(i64::MAX as u64) as i64),
+        proplet_version: m.proplet_version,
+        wasm_runtime: m.wasm_runtime,
+        namespace,
+    }
+}

@@ -1,0 +1,256 @@
+//! Wires the operator together: one watch per kind feeding the stores, the indexes and the controllers;
+//! the MQTT connection and its router; the metrics and probe endpoint.
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{error, info, warn};
+
+use crate::api::{Proplet, Task};
+use crate::config::OperatorConfig;
+use crate::controllers::{self, Context, PendingResults};
+use crate::indexes::{PropletIndex, TaskIndex};
+use crate::liveness::Liveness;
+use crate::mqtt::{MqttClient, MqttSettings};
+use crate::router::{self, Triggers};
+use crate::sharding::Ownership;
+use crate::telemetry::server::{self, Readiness};
+
+fn api<K>(client: &Client, namespace: &str) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    if namespace.is_empty() {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), namespace)
+    }
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
+    crate::testbed::install_crypto_provider();
+    let client = Client::try_default().await?;
+    let readiness = Readiness::default();
+    if let Some(addr) = config.health_probe_bind_address {
+        let r = readiness.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server::serve(addr, r).await {
+                error!(error = %e, "the metrics/probe server stopped");
+            }
+        });
+    }
+
+    if let Some(addr) = config.embedded_broker {
+        crate::embedded_broker::start(addr)?;
+        config.mqtt_address = format!("tcp://{addr}");
+    }
+    let (mqtt, inbox) = if config.mqtt_address.is_empty() {
+        warn!("MQTT not configured: tasks fail with MQTTNotConfigured and proplet liveness is not tracked");
+        (None, None)
+    } else {
+        let mut settings = MqttSettings::new(&config.mqtt_address, &config.mqtt_client_id);
+        settings.qos = config.mqtt_qos;
+        settings.timeout = config.mqtt_timeout.0;
+        settings.username = (!config.client_id.is_empty()).then(|| config.client_id.clone());
+        settings.password = config.mqtt_password()?;
+        settings.ca_cert = config.mqtt_ca_cert.clone();
+        settings.client_cert = config.mqtt_client_cert.clone();
+        settings.client_key = config.mqtt_client_cert_key.clone();
+        let (c, rx) = MqttClient::start(&settings)?;
+        info!(address = %config.mqtt_address, client_id = %config.mqtt_client_id, "MQTT client started");
+        (Some(c), Some(rx))
+    };
+
+    let ns = config.watch_namespace.clone();
+    let (proplet_store, proplet_writer) = reflector::store::<Proplet>();
+    let (task_store, task_writer) = reflector::store::<Task>();
+    let reporter = Reporter {
+        controller: "propeller-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config: config.clone(),
+        mqtt: mqtt.clone(),
+        ownership: Ownership::single(),
+        proplets: proplet_store.clone(),
+        tasks: task_store.clone(),
+        proplet_index: PropletIndex::default(),
+        task_index: TaskIndex::default(),
+        liveness: Liveness::default(),
+        results: PendingResults::default(),
+        recorder: Recorder::new(client.clone(), reporter),
+    });
+
+    let (proplet_main_tx, proplet_main_rx) = mpsc::unbounded_channel::<Proplet>();
+    let (task_main_tx, task_main_rx) = mpsc::unbounded_channel::<Task>();
+    let (proplet_trigger_tx, proplet_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Proplet>>();
+    let (task_trigger_tx, task_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Task>>();
+
+    // Proplets: store + index + subscriptions, then the Proplet controller and the tasks that care.
+    {
+        let ctx = Arc::clone(&ctx);
+        let api = api::<Proplet>(&client, &ns);
+        let task_trigger = task_trigger_tx.clone();
+        let default_channel = config.default_channel();
+        tokio::spawn(async move {
+            let stream = reflector::reflector(proplet_writer, watcher(api, watcher::Config::default()))
+                .default_backoff();
+            futures::pin_mut!(stream);
+            let mut subscribed: Option<BTreeSet<String>> = None;
+            while let Some(ev) = stream.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        warn!(error = %e, "Proplet watch error");
+                        continue;
+                    }
+                };
+                ctx.proplet_index.apply(&ev);
+                if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p) = &ev {
+                    if !matches!(ev, watcher::Event::Delete(_)) {
+                        let _ = proplet_main_tx.send(p.clone());
+                    }
+                    for t in tasks_affected_by(&ctx, p) {
+                        let _ = task_trigger.send(t);
+                    }
+                }
+                if let Some(mqtt) = &ctx.mqtt {
+                    let mut wanted: BTreeSet<String> = ctx
+                        .proplet_index
+                        .channels()
+                        .iter()
+                        .flat_map(|c| c.subscriptions())
+                        .collect();
+                    if let Some(ch) = &default_channel {
+                        wanted.extend(ch.subscriptions());
+                    }
+                    if subscribed.as_ref() != Some(&wanted) {
+                        mqtt.set_subscriptions(wanted.clone()).await;
+                        subscribed = Some(wanted);
+                    }
+                }
+            }
+        });
+    }
+    // Tasks: store + index, then the Task controller; the proplet a task sits on recounts its tasks.
+    {
+        let ctx = Arc::clone(&ctx);
+        let api = api::<Task>(&client, &ns);
+        let proplet_trigger = proplet_trigger_tx.clone();
+        let task_trigger = task_trigger_tx.clone();
+        tokio::spawn(async move {
+            let stream =
+                reflector::reflector(task_writer, watcher(api, watcher::Config::default())).default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        warn!(error = %e, "Task watch error");
+                        continue;
+                    }
+                };
+                ctx.task_index.apply(&ev);
+                if let watcher::Event::Apply(t) | watcher::Event::InitApply(t) | watcher::Event::Delete(t) = &ev {
+                    if !matches!(ev, watcher::Event::Delete(_)) {
+                        let _ = task_main_tx.send(t.clone());
+                    }
+                    if let Some(p) = assigned_proplet(t) {
+                        let _ = proplet_trigger.send(p);
+                    }
+                    if t.phase().is_terminal() {
+                        for d in dependents(&ctx, t) {
+                            let _ = task_trigger.send(d);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if let Some(inbox) = inbox {
+        let ctx = Arc::clone(&ctx);
+        let triggers = Triggers {
+            proplets: proplet_trigger_tx.clone(),
+            tasks: task_trigger_tx.clone(),
+        };
+        tokio::spawn(router::run(inbox, ctx, triggers));
+    }
+
+    let proplet_controller = Controller::for_stream(
+        UnboundedReceiverStream::new(proplet_main_rx).map(Ok),
+        proplet_store,
+    )
+    .reconcile_on(UnboundedReceiverStream::new(proplet_trigger_rx))
+    .shutdown_on_signal()
+    .run(
+        controllers::proplet::reconcile,
+        controllers::retry_after_error::<Proplet>("proplet"),
+        Arc::clone(&ctx),
+    )
+    .for_each(|_| async {});
+    let task_controller = Controller::for_stream(UnboundedReceiverStream::new(task_main_rx).map(Ok), task_store)
+        .reconcile_on(UnboundedReceiverStream::new(task_trigger_rx))
+        .shutdown_on_signal()
+        .run(
+            controllers::task::reconcile,
+            controllers::retry_after_error::<Task>("task"),
+            Arc::clone(&ctx),
+        )
+        .for_each(|_| async {});
+    readiness.set_ready();
+    info!("controllers running");
+    tokio::join!(proplet_controller, task_controller);
+    if let Some(m) = &mqtt {
+        m.disconnect().await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn assigned_proplet(t: &Task) -> Option<ObjectRef<Proplet>> {
+    let name = t.status.as_ref()?.assigned_proplet.clone()?;
+    Some(ObjectRef::new(&name).within(&t.namespace()?))
+}
+
+/// Tasks to look at again when a proplet changes: those waiting for one in its namespace, and those on it.
+fn tasks_affected_by(ctx: &Context, p: &Proplet) -> Vec<ObjectRef<Task>> {
+    let ns = p.namespace();
+    let name = p.name_any();
+    ctx.tasks
+        .state()
+        .iter()
+        .filter(|t| t.namespace() == ns)
+        .filter(|t| {
+            let phase = t.phase();
+            phase == crate::api::task::TaskPhase::Pending
+                || (phase.is_active()
+                    && t.status.as_ref().and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str()))
+        })
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+/// Pending tasks that name `t` in `dependsOn`.
+fn dependents(ctx: &Context, t: &Task) -> Vec<ObjectRef<Task>> {
+    let ns = t.namespace();
+    let name = t.name_any();
+    ctx.tasks
+        .state()
+        .iter()
+        .filter(|d| d.namespace() == ns && d.phase() == crate::api::task::TaskPhase::Pending)
+        .filter(|d| d.spec.depends_on.iter().flatten().any(|n| n == &name))
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
+}
