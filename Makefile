@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint provision cluster-up cluster-down crds clean
+.PHONY: all build test lint provision cluster-up cluster-down crds demo clean
 
 all: build
 
@@ -30,6 +30,11 @@ cluster-up: provision
 cluster-down:
 	@if [ -f $(TESTBED_DIR)/pids ]; then $(CARGO) run --quiet --bin testbed -- --dir $(TESTBED_DIR) down; \
 	 else echo "testbed: nothing running"; fi
+
+## The walkthrough: an addition Task answered "42" (local cluster, embedded broker, simulated proplet).
+demo: provision
+	$(CARGO) build --quiet --bins
+	bash e2e/demo.sh
 
 ## Regenerates crds/ from the Rust types in src/api/ (a test fails when they differ).
 crds:

@@ -21,17 +21,33 @@ impl std::str::FromStr for GoDuration {
     }
 }
 
-/// Parses `:8081`, `0.0.0.0:8081` or `127.0.0.1:0`; `0` disables.
-fn bind_address(s: &str) -> Result<Option<SocketAddr>, String> {
-    if s == "0" || s.is_empty() {
-        return Ok(None);
+/// A listen address: `:8081`, `0.0.0.0:8081` or `127.0.0.1:0`; `0` disables.
+#[derive(Clone, Copy, Debug)]
+pub struct BindAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for BindAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "0" || s.is_empty() {
+            return Ok(BindAddress(None));
+        }
+        let full = if s.starts_with(':') {
+            format!("0.0.0.0{s}")
+        } else {
+            s.to_string()
+        };
+        full.parse()
+            .map(|a| BindAddress(Some(a)))
+            .map_err(|e| format!("{s:?}: {e}"))
     }
-    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
-    full.parse().map(Some).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "propeller-operator", version, about = "Kubernetes operator for Propeller WebAssembly proplets")]
+#[command(
+    name = "propeller-operator",
+    version,
+    about = "Kubernetes operator for Propeller WebAssembly proplets"
+)]
 pub struct OperatorConfig {
     /// MQTT broker address (tcp://host:1883, ssl://host:8883, host:port). Empty: no MQTT (tasks fail with
     /// MQTTNotConfigured) unless --embedded-broker is given.
@@ -53,7 +69,13 @@ pub struct OperatorConfig {
     #[arg(long, alias = "entity-id", env = "CLIENT_ID", default_value = "")]
     pub client_id: String,
     /// MQTT password — also `--api-key`. Prefer --client-key-file: flags show in `ps`.
-    #[arg(long, alias = "api-key", env = "CLIENT_KEY", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        alias = "api-key",
+        env = "CLIENT_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub client_key: String,
     /// File holding the MQTT password (e.g. a mounted Secret).
     #[arg(long, env = "CLIENT_KEY_FILE")]
@@ -95,8 +117,8 @@ pub struct OperatorConfig {
     #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, default_value = ":8081", value_parser = bind_address)]
-    pub health_probe_bind_address: Option<SocketAddr>,
+    #[arg(long, default_value = ":8081")]
+    pub health_probe_bind_address: BindAddress,
     /// Accepted for compatibility with upstream manifests; metrics are served on the health probe port.
     #[arg(long, default_value = "0")]
     pub metrics_bind_address: String,
@@ -150,7 +172,7 @@ mod tests {
         assert_eq!(c.domain_id, "d");
         assert_eq!(c.client_id, "e");
         assert_eq!(c.mqtt_timeout.0, Duration::from_secs(90));
-        assert_eq!(c.health_probe_bind_address.map(|a| a.port()), Some(8181));
+        assert_eq!(c.health_probe_bind_address.0.map(|a| a.port()), Some(8181));
         assert_eq!(c.mqtt_qos, 1);
     }
 

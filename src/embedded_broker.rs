@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 pub fn start(listen: SocketAddr) -> anyhow::Result<()> {
     use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
     // Fail early with a clear message when the port is taken: rumqttd would only log it on its thread.
-    drop(std::net::TcpListener::bind(listen).map_err(|e| anyhow::anyhow!("embedded broker cannot listen on {listen}: {e}"))?);
+    drop(
+        std::net::TcpListener::bind(listen)
+            .map_err(|e| anyhow::anyhow!("embedded broker cannot listen on {listen}: {e}"))?,
+    );
     let server = ServerSettings {
         name: "embedded-v4".into(),
         listen,

@@ -30,8 +30,10 @@ impl PropletMaps {
         let cc = &p.spec.connection_config;
         if let (Some(client), Some(domain)) = (cc.client(), cc.domain()) {
             self.by_client.insert(client.to_string(), r.clone());
-            self.channel_of
-                .insert(r, (client.to_string(), Channel::new(domain, &cc.channel_id)));
+            self.channel_of.insert(
+                r,
+                (client.to_string(), Channel::new(domain, &cc.channel_id)),
+            );
         }
     }
 
@@ -46,7 +48,9 @@ impl PropletMaps {
 
 impl PropletIndex {
     pub fn apply(&self, event: &watcher::Event<Proplet>) {
-        let Ok(mut m) = self.inner.write() else { return };
+        let Ok(mut m) = self.inner.write() else {
+            return;
+        };
         match event {
             watcher::Event::Apply(p) => m.insert(p),
             watcher::Event::Delete(p) => m.remove(&ObjectRef::from_obj(p)),
@@ -94,7 +98,9 @@ struct TaskMaps {
 
 impl TaskIndex {
     pub fn apply(&self, event: &watcher::Event<Task>) {
-        let Ok(mut m) = self.inner.write() else { return };
+        let Ok(mut m) = self.inner.write() else {
+            return;
+        };
         let entry = |t: &Task| t.uid().map(|uid| (uid, ObjectRef::from_obj(t)));
         match event {
             watcher::Event::Apply(t) => {

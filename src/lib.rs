@@ -10,5 +10,6 @@ pub mod mqtt;
 pub mod router;
 pub mod run;
 pub mod sharding;
+pub mod sim;
 pub mod telemetry;
 pub mod testbed;

@@ -39,7 +39,12 @@ impl Liveness {
 
     /// Records a heartbeat. A transition when the proplet was unknown, offline, or silent for longer
     /// than `threshold`.
-    pub fn heartbeat(&self, client_id: &str, offline: bool, threshold: std::time::Duration) -> Change {
+    pub fn heartbeat(
+        &self,
+        client_id: &str,
+        offline: bool,
+        threshold: std::time::Duration,
+    ) -> Change {
         let now = Timestamp::now();
         let Ok(mut map) = self.inner.lock() else {
             return Change::None;
@@ -54,7 +59,11 @@ impl Liveness {
             return Change::Transition;
         }
         entry.last_seen = Some(now);
-        if was_live { Change::None } else { Change::Transition }
+        if was_live {
+            Change::None
+        } else {
+            Change::Transition
+        }
     }
 
     pub fn discovery(&self, client_id: &str, metadata: PropletMetadata) -> Change {

@@ -52,7 +52,11 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         Inbound::Alive => match wire::decode_alive(payload) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
             Ok(m) => with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
-                if ctx.liveness.heartbeat(&m.proplet_id, m.is_offline(), threshold) == Change::Transition {
+                if ctx
+                    .liveness
+                    .heartbeat(&m.proplet_id, m.is_offline(), threshold)
+                    == Change::Transition
+                {
                     let _ = triggers.proplets.send(r);
                 }
             }),
@@ -113,7 +117,11 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         Inbound::TaskMetrics => match wire::decode_task_metrics(payload) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
             Ok(m) => {
-                let outcome = if ctx.task_index.by_uid(&m.task_id).is_some() { "ok" } else { "unknown_task" };
+                let outcome = if ctx.task_index.by_uid(&m.task_id).is_some() {
+                    "ok"
+                } else {
+                    "unknown_task"
+                };
                 metrics().mqtt_message(kind.as_str(), outcome);
             }
         },

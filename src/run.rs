@@ -42,7 +42,7 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
     crate::testbed::install_crypto_provider();
     let client = Client::try_default().await?;
     let readiness = Readiness::default();
-    if let Some(addr) = config.health_probe_bind_address {
+    if let Some(addr) = config.health_probe_bind_address.0 {
         let r = readiness.clone();
         tokio::spawn(async move {
             if let Err(e) = server::serve(addr, r).await {
@@ -56,7 +56,9 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
         config.mqtt_address = format!("tcp://{addr}");
     }
     let (mqtt, inbox) = if config.mqtt_address.is_empty() {
-        warn!("MQTT not configured: tasks fail with MQTTNotConfigured and proplet liveness is not tracked");
+        warn!(
+            "MQTT not configured: tasks fail with MQTTNotConfigured and proplet liveness is not tracked"
+        );
         (None, None)
     } else {
         let mut settings = MqttSettings::new(&config.mqtt_address, &config.mqtt_client_id);
@@ -105,8 +107,9 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
         let task_trigger = task_trigger_tx.clone();
         let default_channel = config.default_channel();
         tokio::spawn(async move {
-            let stream = reflector::reflector(proplet_writer, watcher(api, watcher::Config::default()))
-                .default_backoff();
+            let stream =
+                reflector::reflector(proplet_writer, watcher(api, watcher::Config::default()))
+                    .default_backoff();
             futures::pin_mut!(stream);
             let mut subscribed: Option<BTreeSet<String>> = None;
             while let Some(ev) = stream.next().await {
@@ -118,7 +121,10 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
                     }
                 };
                 ctx.proplet_index.apply(&ev);
-                if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p) = &ev {
+                if let watcher::Event::Apply(p)
+                | watcher::Event::InitApply(p)
+                | watcher::Event::Delete(p) = &ev
+                {
                     if !matches!(ev, watcher::Event::Delete(_)) {
                         let _ = proplet_main_tx.send(p.clone());
                     }
@@ -152,7 +158,8 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
         let task_trigger = task_trigger_tx.clone();
         tokio::spawn(async move {
             let stream =
-                reflector::reflector(task_writer, watcher(api, watcher::Config::default())).default_backoff();
+                reflector::reflector(task_writer, watcher(api, watcher::Config::default()))
+                    .default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 let ev = match ev {
@@ -163,7 +170,10 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
                     }
                 };
                 ctx.task_index.apply(&ev);
-                if let watcher::Event::Apply(t) | watcher::Event::InitApply(t) | watcher::Event::Delete(t) = &ev {
+                if let watcher::Event::Apply(t)
+                | watcher::Event::InitApply(t)
+                | watcher::Event::Delete(t) = &ev
+                {
                     if !matches!(ev, watcher::Event::Delete(_)) {
                         let _ = task_main_tx.send(t.clone());
                     }
@@ -200,15 +210,18 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
         Arc::clone(&ctx),
     )
     .for_each(|_| async {});
-    let task_controller = Controller::for_stream(UnboundedReceiverStream::new(task_main_rx).map(Ok), task_store)
-        .reconcile_on(UnboundedReceiverStream::new(task_trigger_rx))
-        .shutdown_on_signal()
-        .run(
-            controllers::task::reconcile,
-            controllers::retry_after_error::<Task>("task"),
-            Arc::clone(&ctx),
-        )
-        .for_each(|_| async {});
+    let task_controller = Controller::for_stream(
+        UnboundedReceiverStream::new(task_main_rx).map(Ok),
+        task_store,
+    )
+    .reconcile_on(UnboundedReceiverStream::new(task_trigger_rx))
+    .shutdown_on_signal()
+    .run(
+        controllers::task::reconcile,
+        controllers::retry_after_error::<Task>("task"),
+        Arc::clone(&ctx),
+    )
+    .for_each(|_| async {});
     readiness.set_ready();
     info!("controllers running");
     tokio::join!(proplet_controller, task_controller);
@@ -236,7 +249,10 @@ fn tasks_affected_by(ctx: &Context, p: &Proplet) -> Vec<ObjectRef<Task>> {
             let phase = t.phase();
             phase == crate::api::task::TaskPhase::Pending
                 || (phase.is_active()
-                    && t.status.as_ref().and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str()))
+                    && t.status
+                        .as_ref()
+                        .and_then(|s| s.assigned_proplet.as_deref())
+                        == Some(name.as_str()))
         })
         .map(|t| ObjectRef::from_obj(t.as_ref()))
         .collect()

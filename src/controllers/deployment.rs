@@ -69,12 +69,17 @@ pub fn proplet_env(p: &Proplet, k8s: &K8sSpec) -> std::result::Result<Vec<EnvVar
         env("PROPLET_CHANNEL_ID", cc.channel_id.clone()),
         env("PROPLET_CLIENT_ID", client),
         env("PROPLET_ENTITY_ID", client),
-        env("PROPLET_MANAGER_K8S_NAMESPACE", p.namespace().unwrap_or_default()),
+        env(
+            "PROPLET_MANAGER_K8S_NAMESPACE",
+            p.namespace().unwrap_or_default(),
+        ),
     ];
     let (secret, key, optional) = match cc.key()? {
         ClientKey::Literal(_) => (key_secret_name(p), "clientKey".to_string(), None),
         ClientKey::Secret(r) => (
-            r.name.clone().ok_or("clientKeySecretRef.name is required")?,
+            r.name
+                .clone()
+                .ok_or("clientKeySecretRef.name is required")?,
             r.key.clone(),
             r.optional,
         ),
@@ -99,12 +104,24 @@ fn env_config(e: &PropletEnvConfig) -> Vec<EnvVar> {
     };
     let b = |x: Option<bool>| x.map(|x| x.to_string());
     let text = |x: &Option<String>| x.clone().filter(|x| !x.is_empty());
-    s("PROPLET_LIVELINESS_INTERVAL", e.liveliness_interval.as_ref().map(seconds));
-    s("PROPLET_METRICS_INTERVAL", e.metrics_interval.as_ref().map(seconds));
-    s("PROPLET_METRICS_PORT", e.metrics_port.map(|x| x.to_string()));
+    s(
+        "PROPLET_LIVELINESS_INTERVAL",
+        e.liveliness_interval.as_ref().map(seconds),
+    );
+    s(
+        "PROPLET_METRICS_INTERVAL",
+        e.metrics_interval.as_ref().map(seconds),
+    );
+    s(
+        "PROPLET_METRICS_PORT",
+        e.metrics_port.map(|x| x.to_string()),
+    );
     s("PROPLET_METRICS_ENABLED", b(e.metrics_enabled));
     // An explicit empty string is meaningful here: it forces the built-in runtime.
-    s("PROPLET_EXTERNAL_WASM_RUNTIME", e.external_wasm_runtime.clone());
+    s(
+        "PROPLET_EXTERNAL_WASM_RUNTIME",
+        e.external_wasm_runtime.clone(),
+    );
     s("PROPLET_HAL_ENABLED", b(e.hal_enabled));
     s("PROPLET_HTTP_ENABLED", b(e.http_enabled));
     s("PROPLET_USB_ENABLED", b(e.usb_enabled));
@@ -116,9 +133,15 @@ fn env_config(e: &PropletEnvConfig) -> Vec<EnvVar> {
     s("PROPLET_KBS_URI", text(&e.kbs_uri));
     s("PROPLET_AA_CONFIG_PATH", text(&e.aa_config_path));
     s("PROPLET_MQTT_TLS_CA_CERT", text(&e.mqtt_tls_ca_cert));
-    s("PROPLET_MQTT_TLS_CLIENT_CERT", text(&e.mqtt_tls_client_cert));
+    s(
+        "PROPLET_MQTT_TLS_CLIENT_CERT",
+        text(&e.mqtt_tls_client_cert),
+    );
     s("PROPLET_MQTT_TLS_CLIENT_KEY", text(&e.mqtt_tls_client_key));
-    s("PROPLET_MQTT_TLS_INSECURE_SKIP_VERIFY", b(e.mqtt_tls_insecure_skip_verify));
+    s(
+        "PROPLET_MQTT_TLS_INSECURE_SKIP_VERIFY",
+        b(e.mqtt_tls_insecure_skip_verify),
+    );
     v
 }
 
@@ -193,8 +216,14 @@ fn content_hash(text: &str) -> String {
 
 /// Creates or updates the Deployment (and the Secret for a literal key) when they differ from the
 /// desired state. Returns the Deployment as the API server has it.
-pub async fn ensure(ctx: &Context, p: &Proplet, k8s: &K8sSpec) -> Result<std::result::Result<Deployment, String>> {
-    let ns = p.namespace().ok_or_else(|| Error::NoNamespace(p.name_any()))?;
+pub async fn ensure(
+    ctx: &Context,
+    p: &Proplet,
+    k8s: &K8sSpec,
+) -> Result<std::result::Result<Deployment, String>> {
+    let ns = p
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(p.name_any()))?;
     let want = match desired(p, k8s) {
         Ok(d) => d,
         Err(msg) => return Ok(Err(msg)),
@@ -212,7 +241,11 @@ pub async fn ensure(ctx: &Context, p: &Proplet, k8s: &K8sSpec) -> Result<std::re
         return Ok(Ok(d));
     }
     let applied = api
-        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&want))
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&want),
+        )
         .await?;
     metrics().api_write("deployments", "apply");
     Ok(Ok(applied))
@@ -240,8 +273,12 @@ async fn ensure_key_secret(ctx: &Context, p: &Proplet, ns: &str, key: &str) -> R
         "type": "Opaque",
         "stringData": {"clientKey": key},
     });
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
-        .await?;
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&secret),
+    )
+    .await?;
     metrics().api_write("secrets", "apply");
     Ok(())
 }

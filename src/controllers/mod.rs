@@ -79,34 +79,45 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    let ns = obj.namespace().ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
+    let ns = obj
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
     let api: Api<K> = Api::namespaced(client.clone(), &ns);
     let body = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
-        .await?;
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     metrics().api_write(&K::plural(&()), "patch_status");
     Ok(())
 }
 
+/// A result and when it arrived.
+pub type Received = (TaskResult, Instant);
+
 /// Results received over MQTT, waiting for the Task controller to write them (keyed by Task UID).
 #[derive(Clone, Default)]
 pub struct PendingResults {
-    inner: Arc<Mutex<HashMap<String, Vec<(TaskResult, Instant)>>>>,
+    inner: Arc<Mutex<HashMap<String, Vec<Received>>>>,
 }
 
 impl PendingResults {
     pub fn push(&self, uid: &str, result: TaskResult) {
         if let Ok(mut m) = self.inner.lock() {
-            m.entry(uid.to_string()).or_default().push((result, Instant::now()));
+            m.entry(uid.to_string())
+                .or_default()
+                .push((result, Instant::now()));
         }
     }
 
     /// Everything waiting for this task, oldest first (kept until [`PendingResults::done`]).
-    pub fn peek(&self, uid: &str) -> Vec<(TaskResult, Instant)> {
+    pub fn peek(&self, uid: &str) -> Vec<Received> {
         self.inner
             .lock()
             .ok()
@@ -141,16 +152,22 @@ where
     let label = match &result {
         Ok(_) => "success",
         Err(_) => {
-            m.reconcile_errors_total.with_label_values(&[controller]).inc();
+            m.reconcile_errors_total
+                .with_label_values(&[controller])
+                .inc();
             "error"
         }
     };
-    m.reconcile_total.with_label_values(&[controller, label]).inc();
+    m.reconcile_total
+        .with_label_values(&[controller, label])
+        .inc();
     result
 }
 
 /// Back-off after an error: the next try comes in a while, not at once.
-pub fn retry_after_error<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+pub fn retry_after_error<K>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
         let _ = &obj;
         warn!(controller, error = %err, "reconcile failed; retrying in 5s");

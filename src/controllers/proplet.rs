@@ -12,7 +12,9 @@ use kube::runtime::events::EventType;
 
 use super::{Context, apply_status, deployment, measured};
 use crate::api::common::{ConditionStatus, set_condition};
-use crate::api::proplet::{AvailableResources, K8sStatus, Proplet, PropletPhase, PropletStatus, PropletType};
+use crate::api::proplet::{
+    AvailableResources, K8sStatus, Proplet, PropletPhase, PropletStatus, PropletType,
+};
 use crate::error::Result;
 use crate::mqtt::address;
 
@@ -31,14 +33,20 @@ pub fn validate(p: &Proplet) -> std::result::Result<(), String> {
         return Err("spec.connectionConfig.channelId is required".into());
     }
     cc.key()?;
-    if let Some(r) = cc.client_key_secret_ref.as_ref().or(cc.api_key_secret_ref.as_ref())
+    if let Some(r) = cc
+        .client_key_secret_ref
+        .as_ref()
+        .or(cc.api_key_secret_ref.as_ref())
         && r.name.as_deref().is_none_or(str::is_empty)
     {
         return Err("spec.connectionConfig.clientKeySecretRef.name is required".into());
     }
-    address::parse(&cc.mqtt_address).map_err(|e| format!("spec.connectionConfig.mqttAddress: {e}"))?;
+    address::parse(&cc.mqtt_address)
+        .map_err(|e| format!("spec.connectionConfig.mqttAddress: {e}"))?;
     match p.spec.type_ {
-        PropletType::K8s if p.spec.k8s.is_none() => Err("spec.k8s is required for a k8s proplet".into()),
+        PropletType::K8s if p.spec.k8s.is_none() => {
+            Err("spec.k8s is required for a k8s proplet".into())
+        }
         PropletType::External if p.spec.external.is_none() => {
             Err("spec.external is required for an external proplet".into())
         }
@@ -51,7 +59,12 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
-    let client_id = p.spec.connection_config.client().unwrap_or_default().to_string();
+    let client_id = p
+        .spec
+        .connection_config
+        .client()
+        .unwrap_or_default()
+        .to_string();
     if !ctx.ownership.owns_client(&client_id) {
         return Ok(Action::await_change());
     }
@@ -94,12 +107,40 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     let g = generation;
     match phase {
         PropletPhase::Running => {
-            set_condition(&mut status.conditions, "Connected", ConditionStatus::True, "PropletOnline", "heartbeats are arriving", g);
-            set_condition(&mut status.conditions, "Ready", ConditionStatus::True, "PropletReady", "the proplet is connected and accepts tasks", g);
+            set_condition(
+                &mut status.conditions,
+                "Connected",
+                ConditionStatus::True,
+                "PropletOnline",
+                "heartbeats are arriving",
+                g,
+            );
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                ConditionStatus::True,
+                "PropletReady",
+                "the proplet is connected and accepts tasks",
+                g,
+            );
         }
         PropletPhase::Initializing => {
-            set_condition(&mut status.conditions, "Connected", ConditionStatus::Unknown, "WaitingForHeartbeat", "no heartbeat received yet", g);
-            set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "PropletInitializing", "waiting for the first heartbeat", g);
+            set_condition(
+                &mut status.conditions,
+                "Connected",
+                ConditionStatus::Unknown,
+                "WaitingForHeartbeat",
+                "no heartbeat received yet",
+                g,
+            );
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                ConditionStatus::False,
+                "PropletInitializing",
+                "waiting for the first heartbeat",
+                g,
+            );
         }
         PropletPhase::Offline => {
             let why = if observed.offline {
@@ -107,8 +148,22 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
             } else {
                 format!("no heartbeat for more than {}s", threshold.as_secs())
             };
-            set_condition(&mut status.conditions, "Connected", ConditionStatus::False, "PropletOffline", &why, g);
-            set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "PropletOffline", &why, g);
+            set_condition(
+                &mut status.conditions,
+                "Connected",
+                ConditionStatus::False,
+                "PropletOffline",
+                &why,
+                g,
+            );
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                ConditionStatus::False,
+                "PropletOffline",
+                &why,
+                g,
+            );
         }
     }
 
@@ -122,18 +177,42 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
             available_replicas: ds.available_replicas.unwrap_or(0),
         });
         let (st, reason, msg) = if desired == 0 {
-            (ConditionStatus::False, "ScaledToZero", "the Deployment has 0 replicas".to_string())
+            (
+                ConditionStatus::False,
+                "ScaledToZero",
+                "the Deployment has 0 replicas".to_string(),
+            )
         } else if ready >= desired {
-            (ConditionStatus::True, "DeploymentReady", format!("all {desired} replicas are ready"))
+            (
+                ConditionStatus::True,
+                "DeploymentReady",
+                format!("all {desired} replicas are ready"),
+            )
         } else {
-            (ConditionStatus::False, "DeploymentNotReady", format!("{ready}/{desired} replicas ready"))
+            (
+                ConditionStatus::False,
+                "DeploymentNotReady",
+                format!("{ready}/{desired} replicas ready"),
+            )
         };
         set_condition(&mut status.conditions, "Healthy", st, reason, &msg, g);
     } else {
         let (st, reason, msg) = match phase {
-            PropletPhase::Running => (ConditionStatus::True, "HeartbeatsArriving", "heartbeats are arriving"),
-            PropletPhase::Initializing => (ConditionStatus::Unknown, "WaitingForHeartbeat", "no heartbeat received yet"),
-            PropletPhase::Offline => (ConditionStatus::False, "PropletOffline", "heartbeats stopped"),
+            PropletPhase::Running => (
+                ConditionStatus::True,
+                "HeartbeatsArriving",
+                "heartbeats are arriving",
+            ),
+            PropletPhase::Initializing => (
+                ConditionStatus::Unknown,
+                "WaitingForHeartbeat",
+                "no heartbeat received yet",
+            ),
+            PropletPhase::Offline => (
+                ConditionStatus::False,
+                "PropletOffline",
+                "heartbeats stopped",
+            ),
         };
         set_condition(&mut status.conditions, "Healthy", st, reason, msg, g);
     }
@@ -187,8 +266,14 @@ async fn announce(ctx: &Context, p: &Proplet, from: Option<PropletPhase>, to: Pr
         PropletPhase::Initializing => (EventType::Normal, "Initializing"),
     };
     let from = from.map(PropletPhase::as_str).unwrap_or("(new)");
-    ctx.event(p, type_, reason, "Heartbeat", format!("phase {from} → {}", to.as_str()))
-        .await;
+    ctx.event(
+        p,
+        type_,
+        reason,
+        "Heartbeat",
+        format!("phase {from} → {}", to.as_str()),
+    )
+    .await;
 }
 
 async fn invalid_spec(
@@ -198,11 +283,24 @@ async fn invalid_spec(
     old: &PropletStatus,
     msg: &str,
 ) -> Result<Action> {
-    set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "InvalidSpec", msg, p.metadata.generation);
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ConditionStatus::False,
+        "InvalidSpec",
+        msg,
+        p.metadata.generation,
+    );
     if &status != old {
         apply_status(&ctx.client, p, &status).await?;
-        ctx.event(p, EventType::Warning, "InvalidSpec", "Validate", msg.to_string())
-            .await;
+        ctx.event(
+            p,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            msg.to_string(),
+        )
+        .await;
     }
     tracing::warn!(proplet = %p.name_any(), error = %msg, "invalid Proplet spec");
     Ok(Action::await_change())
@@ -235,6 +333,11 @@ pub fn active_task_count(ctx: &Context, p: &Proplet) -> i64 {
         .iter()
         .filter(|t| t.namespace() == ns)
         .filter(|t| t.phase().is_active())
-        .filter(|t| t.status.as_ref().and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str()))
+        .filter(|t| {
+            t.status
+                .as_ref()
+                .and_then(|s| s.assigned_proplet.as_deref())
+                == Some(name.as_str())
+        })
         .count() as i64
 }

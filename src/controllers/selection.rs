@@ -20,12 +20,15 @@ pub fn select(
 
     if let Some(id) = selector.proplet_id.as_deref().filter(|s| !s.is_empty()) {
         // By name first, then by clientId.
-        let pinned = local
-            .iter()
-            .find(|p| p.name_any() == id)
-            .or_else(|| local.iter().find(|p| p.spec.connection_config.client() == Some(id)));
+        let pinned = local.iter().find(|p| p.name_any() == id).or_else(|| {
+            local
+                .iter()
+                .find(|p| p.spec.connection_config.client() == Some(id))
+        });
         return match pinned {
-            None => Err(format!("no Proplet named {id:?} or with clientId {id:?} in this namespace")),
+            None => Err(format!(
+                "no Proplet named {id:?} or with clientId {id:?} in this namespace"
+            )),
             Some(p) if p.phase() != PropletPhase::Running => Err(format!(
                 "the pinned proplet {} is {}",
                 p.name_any(),
@@ -79,11 +82,16 @@ fn fits(task: &Task, p: &Proplet) -> Result<(), String> {
     if let Some(types) = sel.match_device_types.as_ref().filter(|t| !t.is_empty()) {
         let dt = external.and_then(|e| e.device_type.as_deref());
         if !dt.is_some_and(|dt| types.iter().any(|t| t == dt)) {
-            return Err(format!("deviceType {} not in {types:?}", dt.unwrap_or("(none)")));
+            return Err(format!(
+                "deviceType {} not in {types:?}",
+                dt.unwrap_or("(none)")
+            ));
         }
     }
     if let Some(caps) = sel.match_capabilities.as_ref().filter(|c| !c.is_empty()) {
-        let have = external.and_then(|e| e.capabilities.clone()).unwrap_or_default();
+        let have = external
+            .and_then(|e| e.capabilities.clone())
+            .unwrap_or_default();
         if let Some(missing) = caps.iter().find(|c| !have.contains(c)) {
             return Err(format!("capability {missing} missing"));
         }
@@ -144,22 +152,45 @@ mod tests {
             proplet("c", "cc", "Running", json!({})),
         ];
         let load = |p: &Proplet| if p.name_any() == "a" { 2 } else { 1 };
-        assert_eq!(select(&task(json!({})), &ps, load).map(|p| p.name_any()), Ok("b".into()));
-        assert_eq!(select(&task(json!({})), &ps, |_| 0).map(|p| p.name_any()), Ok("a".into()));
+        assert_eq!(
+            select(&task(json!({})), &ps, load).map(|p| p.name_any()),
+            Ok("b".into())
+        );
+        assert_eq!(
+            select(&task(json!({})), &ps, |_| 0).map(|p| p.name_any()),
+            Ok("a".into())
+        );
     }
 
     #[test]
     fn selector_rules() {
         let ps = vec![
-            proplet("x", "cx", "Running", json!({"external": {"deviceType": "jetson", "capabilities": ["wasm", "gpu"]}})),
+            proplet(
+                "x",
+                "cx",
+                "Running",
+                json!({"external": {"deviceType": "jetson", "capabilities": ["wasm", "gpu"]}}),
+            ),
             proplet("y", "cy", "Running", json!({})),
-            proplet("z", "cz", "Offline", json!({"external": {"deviceType": "jetson", "capabilities": ["gpu"]}})),
+            proplet(
+                "z",
+                "cz",
+                "Offline",
+                json!({"external": {"deviceType": "jetson", "capabilities": ["gpu"]}}),
+            ),
         ];
         let pick = |sel| select(&task(sel), &ps, |_| 0).map(|p| p.name_any());
-        assert_eq!(pick(json!({"matchDeviceTypes": ["jetson"]})), Ok("x".into()));
+        assert_eq!(
+            pick(json!({"matchDeviceTypes": ["jetson"]})),
+            Ok("x".into())
+        );
         assert_eq!(pick(json!({"matchCapabilities": ["gpu"]})), Ok("x".into()));
         assert_eq!(pick(json!({"matchLabels": {"zone": "a"}})), Ok("x".into()));
         assert!(pick(json!({"matchLabels": {"zone": "b"}})).is_err());
-        assert!(pick(json!({"matchCapabilities": ["tpu"]})).expect_err("none").contains("tpu"));
+        assert!(
+            pick(json!({"matchCapabilities": ["tpu"]}))
+                .expect_err("none")
+                .contains("tpu")
+        );
     }
 }

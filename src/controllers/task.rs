@@ -65,7 +65,9 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
             // ignores a start for a task id it is already running.
             let fresh = fresh(&ctx, &task).await?;
             match fresh {
-                Some(t) if t.phase() == TaskPhase::Scheduled => publish_and_mark_running(&t, &ctx).await,
+                Some(t) if t.phase() == TaskPhase::Scheduled => {
+                    publish_and_mark_running(&t, &ctx).await
+                }
                 _ => Ok(Action::await_change()),
             }
         }
@@ -87,17 +89,25 @@ pub fn validate(task: &Task) -> std::result::Result<(), String> {
     let spec = &task.spec;
     for (i, v) in spec.inputs.iter().flatten().enumerate() {
         if !(v.is_string() || v.is_number() || v.is_boolean()) {
-            return Err(format!("spec.inputs[{i}] must be a string or a number, not {v}"));
+            return Err(format!(
+                "spec.inputs[{i}] must be a string or a number, not {v}"
+            ));
         }
     }
     let has_file = spec.file.as_deref().is_some_and(|f| !f.trim().is_empty());
-    let has_image = spec.image_url.as_deref().is_some_and(|u| !u.trim().is_empty());
+    let has_image = spec
+        .image_url
+        .as_deref()
+        .is_some_and(|u| !u.trim().is_empty());
     if spec.encrypted == Some(true) {
         if !has_image || has_file {
             return Err("an encrypted task needs spec.imageUrl and no spec.file".into());
         }
     } else if !has_file && !has_image {
-        return Err("spec.file or spec.imageUrl is required (a proplet drops a start without either)".into());
+        return Err(
+            "spec.file or spec.imageUrl is required (a proplet drops a start without either)"
+                .into(),
+        );
     }
     if spec.broadcast == Some(true)
         && spec
@@ -111,9 +121,15 @@ pub fn validate(task: &Task) -> std::result::Result<(), String> {
     if let Some(p) = spec.restart_policy.as_deref()
         && !matches!(p, "Always" | "OnFailure" | "Never")
     {
-        return Err(format!("spec.restartPolicy must be Always, OnFailure or Never, not {p:?}"));
+        return Err(format!(
+            "spec.restartPolicy must be Always, OnFailure or Never, not {p:?}"
+        ));
     }
-    if let Some(interval) = spec.monitoring_profile.as_ref().and_then(|m| m.interval.as_deref()) {
+    if let Some(interval) = spec
+        .monitoring_profile
+        .as_ref()
+        .and_then(|m| m.interval.as_deref())
+    {
         interval
             .parse::<kube::core::Duration>()
             .map_err(|e| format!("spec.monitoringProfile.interval {interval:?}: {e}"))?;
@@ -135,15 +151,34 @@ pub fn validate(task: &Task) -> std::result::Result<(), String> {
     Ok(())
 }
 
-async fn invalid_spec(task: &Task, ctx: &Context, mut status: TaskStatus, msg: &str) -> Result<Action> {
+async fn invalid_spec(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    msg: &str,
+) -> Result<Action> {
     let old = status.clone();
     let g = task.metadata.generation;
     status.phase.get_or_insert(TaskPhase::Pending);
     status.observed_generation = g;
-    set_condition(&mut status.conditions, "Ready", ConditionStatus::False, "InvalidSpec", msg, g);
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ConditionStatus::False,
+        "InvalidSpec",
+        msg,
+        g,
+    );
     if status != old {
         apply_status(&ctx.client, task, &status).await?;
-        ctx.event(task, EventType::Warning, "InvalidSpec", "Validate", msg.to_string()).await;
+        ctx.event(
+            task,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            msg.to_string(),
+        )
+        .await;
         warn!(task = %task.name_any(), error = %msg, "invalid Task spec");
     }
     Ok(Action::await_change())
@@ -166,7 +201,12 @@ fn dependency_gate(task: &Task, ctx: &Context) -> std::result::Result<Option<Str
             None => return Ok(Some(format!("waiting for dependency {dep} (not found)"))),
             Some(TaskPhase::Completed) => {}
             Some(p) if p.is_terminal() => failed.push(dep.clone()),
-            Some(p) => return Ok(Some(format!("waiting for dependency {dep} ({})", p.as_str()))),
+            Some(p) => {
+                return Ok(Some(format!(
+                    "waiting for dependency {dep} ({})",
+                    p.as_str()
+                )));
+            }
         }
     }
     let run = match task.spec.run_if.unwrap_or(RunIf::Success) {
@@ -190,12 +230,26 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
     status.phase = Some(TaskPhase::Pending);
     status.observed_generation = g;
     status.created_at.get_or_insert_with(now);
-    set_condition(&mut status.conditions, "Ready", ConditionStatus::True, "SpecValid", "the spec is valid", g);
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ConditionStatus::True,
+        "SpecValid",
+        "the spec is valid",
+        g,
+    );
 
     match dependency_gate(task, ctx) {
         Ok(None) => {}
         Ok(Some(wait)) => {
-            set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "WaitingForDependencies", &wait, g);
+            set_condition(
+                &mut status.conditions,
+                "Scheduled",
+                ConditionStatus::False,
+                "WaitingForDependencies",
+                &wait,
+                g,
+            );
             if status != old {
                 apply_status(&ctx.client, task, &status).await?;
             }
@@ -204,9 +258,17 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         Err(skip) => {
             status.phase = Some(TaskPhase::Skipped);
             status.finished_at = Some(now());
-            set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Skipped", &skip, g);
+            set_condition(
+                &mut status.conditions,
+                "Completed",
+                ConditionStatus::False,
+                "Skipped",
+                &skip,
+                g,
+            );
             apply_status(&ctx.client, task, &status).await?;
-            ctx.event(task, EventType::Normal, "Skipped", "Schedule", skip).await;
+            ctx.event(task, EventType::Normal, "Skipped", "Schedule", skip)
+                .await;
             return Ok(Action::await_change());
         }
     }
@@ -215,7 +277,14 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         status.phase = Some(TaskPhase::Failed);
         status.finished_at = Some(now());
         status.error = Some("MQTT is not configured (--mqtt-address)".into());
-        set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "MQTTNotConfigured", "MQTT is not configured (--mqtt-address)", g);
+        set_condition(
+            &mut status.conditions,
+            "Completed",
+            ConditionStatus::False,
+            "MQTTNotConfigured",
+            "MQTT is not configured (--mqtt-address)",
+            g,
+        );
         apply_status(&ctx.client, task, &status).await?;
         return Ok(Action::await_change());
     };
@@ -225,27 +294,52 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
     }
 
     let proplets = ctx.proplets.state();
-    let chosen = selection::select(task, &proplets, |p| super::proplet::active_task_count(ctx, p));
+    let chosen = selection::select(task, &proplets, |p| {
+        super::proplet::active_task_count(ctx, p)
+    });
     let proplet = match chosen {
         Ok(p) => p,
         Err(why) => {
-            set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "NoProplet", &why, g);
+            set_condition(
+                &mut status.conditions,
+                "Scheduled",
+                ConditionStatus::False,
+                "NoProplet",
+                &why,
+                g,
+            );
             if status != old {
                 apply_status(&ctx.client, task, &status).await?;
-                ctx.event(task, EventType::Normal, "NoProplet", "Schedule", why).await;
+                ctx.event(task, EventType::Normal, "NoProplet", "Schedule", why)
+                    .await;
             }
             return Ok(Action::requeue(WAIT_FOR_PROPLET));
         }
     };
-    let client_id = proplet.spec.connection_config.client().unwrap_or_default().to_string();
+    let client_id = proplet
+        .spec
+        .connection_config
+        .client()
+        .unwrap_or_default()
+        .to_string();
     ensure_finalizer(task, ctx).await?;
     status.phase = Some(TaskPhase::Scheduled);
     status.assigned_proplet = Some(proplet.name_any());
     status.assigned_client_id = Some(client_id.clone());
     status.attempts = Some(status.attempts.unwrap_or(0) + 1);
     status.error = None;
-    let msg = format!("assigned to proplet {} (clientId {client_id})", proplet.name_any());
-    set_condition(&mut status.conditions, "Scheduled", ConditionStatus::True, "Assigned", &msg, g);
+    let msg = format!(
+        "assigned to proplet {} (clientId {client_id})",
+        proplet.name_any()
+    );
+    set_condition(
+        &mut status.conditions,
+        "Scheduled",
+        ConditionStatus::True,
+        "Assigned",
+        &msg,
+        g,
+    );
     apply_status(&ctx.client, task, &status).await?;
     let mut scheduled = task.clone();
     scheduled.status = Some(status);
@@ -282,10 +376,16 @@ async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> 
     let client_id = status.assigned_client_id.clone().unwrap_or_default();
     let start = start_request(task, Some(&client_id));
     if let Err(e) = mqtt.publish_json(&channel.start(), &start).await {
-        metrics().mqtt_published_total.with_label_values(&["start", "error"]).inc();
+        metrics()
+            .mqtt_published_total
+            .with_label_values(&["start", "error"])
+            .inc();
         return Err(e.into());
     }
-    metrics().mqtt_published_total.with_label_values(&["start", "ok"]).inc();
+    metrics()
+        .mqtt_published_total
+        .with_label_values(&["start", "ok"])
+        .inc();
     if let Some(created) = task.metadata.creation_timestamp.as_ref() {
         let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
         metrics().task_dispatch_seconds.observe(secs.max(0.0));
@@ -293,10 +393,18 @@ async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> 
     status.phase = Some(TaskPhase::Running);
     status.started_at = Some(now());
     let msg = format!("start sent to {client_id} on {channel}");
-    set_condition(&mut status.conditions, "Started", ConditionStatus::True, "Dispatched", &msg, g);
+    set_condition(
+        &mut status.conditions,
+        "Started",
+        ConditionStatus::True,
+        "Dispatched",
+        &msg,
+        g,
+    );
     apply_status(&ctx.client, task, &status).await?;
     info!(task = %task.name_any(), proplet = %name, "task dispatched");
-    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg).await;
+    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg)
+        .await;
     Ok(Action::requeue(timeout_of(task, ctx)))
 }
 
@@ -318,7 +426,14 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
     if channels.is_empty() {
         let why = "no Running proplets in this namespace to broadcast to";
         let old = status.clone();
-        set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "NoProplet", why, g);
+        set_condition(
+            &mut status.conditions,
+            "Scheduled",
+            ConditionStatus::False,
+            "NoProplet",
+            why,
+            g,
+        );
         if status != old {
             apply_status(&ctx.client, task, &status).await?;
         }
@@ -331,7 +446,10 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
     };
     for ch in channels.keys() {
         mqtt.publish_json(&ch.start(), &start).await?;
-        metrics().mqtt_published_total.with_label_values(&["start", "ok"]).inc();
+        metrics()
+            .mqtt_published_total
+            .with_label_values(&["start", "ok"])
+            .inc();
     }
     status.broadcast_targets = channels.into_values().flatten().collect();
     status.broadcast_targets.sort();
@@ -340,9 +458,17 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
     status.attempts = Some(status.attempts.unwrap_or(0) + 1);
     status.results = Some(json!({}));
     let msg = format!("broadcast to {} proplets", status.broadcast_targets.len());
-    set_condition(&mut status.conditions, "Started", ConditionStatus::True, "Dispatched", &msg, g);
+    set_condition(
+        &mut status.conditions,
+        "Started",
+        ConditionStatus::True,
+        "Dispatched",
+        &msg,
+        g,
+    );
     apply_status(&ctx.client, task, &status).await?;
-    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg).await;
+    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg)
+        .await;
     Ok(Action::requeue(timeout_of(task, ctx)))
 }
 
@@ -364,23 +490,26 @@ pub fn start_request(task: &Task, client_id: Option<&str>) -> StartRequest {
         env.insert("PROPLET_ID".into(), client.to_string());
         env.insert("TASK_ID".into(), uid.clone());
     }
-    let monitoring_profile = spec.monitoring_profile.as_ref().map(|m| WireMonitoringProfile {
-        enabled: m.enabled.unwrap_or(false),
-        interval: m
-            .interval
-            .as_deref()
-            .and_then(|i| i.parse::<kube::core::Duration>().ok())
-            .map(|d| std::time::Duration::from(d).as_secs().max(1))
-            .unwrap_or(10),
-        collect_cpu: m.collect_cpu.unwrap_or(false),
-        collect_memory: m.collect_memory.unwrap_or(false),
-        collect_disk_io: m.collect_disk_io.unwrap_or(false),
-        collect_threads: m.collect_threads.unwrap_or(false),
-        collect_file_descriptors: m.collect_file_descriptors.unwrap_or(false),
-        export_to_mqtt: m.export_to_mqtt.unwrap_or(false),
-        retain_history: m.retain_history.unwrap_or(false),
-        history_size: m.history_size.unwrap_or(0).max(0) as u64,
-    });
+    let monitoring_profile = spec
+        .monitoring_profile
+        .as_ref()
+        .map(|m| WireMonitoringProfile {
+            enabled: m.enabled.unwrap_or(false),
+            interval: m
+                .interval
+                .as_deref()
+                .and_then(|i| i.parse::<kube::core::Duration>().ok())
+                .map(|d| std::time::Duration::from(d).as_secs().max(1))
+                .unwrap_or(10),
+            collect_cpu: m.collect_cpu.unwrap_or(false),
+            collect_memory: m.collect_memory.unwrap_or(false),
+            collect_disk_io: m.collect_disk_io.unwrap_or(false),
+            collect_threads: m.collect_threads.unwrap_or(false),
+            collect_file_descriptors: m.collect_file_descriptors.unwrap_or(false),
+            export_to_mqtt: m.export_to_mqtt.unwrap_or(false),
+            retain_history: m.retain_history.unwrap_or(false),
+            history_size: m.history_size.unwrap_or(0).max(0) as u64,
+        });
     StartRequest {
         id: uid,
         name: spec
@@ -444,8 +573,11 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
                 .and_then(Value::as_object)
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default();
-            let missing: Vec<&String> =
-                status.broadcast_targets.iter().filter(|c| !answered.contains(c)).collect();
+            let missing: Vec<&String> = status
+                .broadcast_targets
+                .iter()
+                .filter(|c| !answered.contains(c))
+                .collect();
             format!("no result within {}s from {missing:?}", timeout.as_secs())
         } else {
             format!("no result within {}s", timeout.as_secs())
@@ -454,9 +586,17 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
         status.phase = Some(TaskPhase::Failed);
         status.finished_at = Some(now());
         status.error = Some(msg.clone());
-        set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Timeout", &msg, g);
+        set_condition(
+            &mut status.conditions,
+            "Completed",
+            ConditionStatus::False,
+            "Timeout",
+            &msg,
+            g,
+        );
         apply_status(&ctx.client, task, &status).await?;
-        ctx.event(task, EventType::Warning, "Timeout", "Watch", msg).await;
+        ctx.event(task, EventType::Warning, "Timeout", "Watch", msg)
+            .await;
         return Ok(Action::await_change());
     }
     if task.spec.broadcast != Some(true) {
@@ -469,19 +609,31 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
             .find(|p| p.namespace() == ns && p.name_any() == name);
         let gone = match &proplet {
             None => Some(format!("proplet {name} was deleted")),
-            Some(p) if p.phase() == PropletPhase::Offline => Some(format!("proplet {name} went Offline")),
+            Some(p) if p.phase() == PropletPhase::Offline => {
+                Some(format!("proplet {name} went Offline"))
+            }
             _ => None,
         };
         if let Some(why) = gone {
             status.phase = Some(TaskPhase::Interrupted);
             status.finished_at = Some(now());
-            set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Interrupted", &why, g);
+            set_condition(
+                &mut status.conditions,
+                "Completed",
+                ConditionStatus::False,
+                "Interrupted",
+                &why,
+                g,
+            );
             apply_status(&ctx.client, task, &status).await?;
-            ctx.event(task, EventType::Warning, "Interrupted", "Watch", why).await;
+            ctx.event(task, EventType::Warning, "Interrupted", "Watch", why)
+                .await;
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
     }
-    Ok(Action::requeue(timeout - elapsed + Duration::from_millis(200)))
+    Ok(Action::requeue(
+        timeout - elapsed + Duration::from_millis(200),
+    ))
 }
 
 async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Action> {
@@ -497,10 +649,22 @@ async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Action> {
     status.assigned_client_id = None;
     status.started_at = None;
     status.finished_at = None;
-    let msg = format!("rescheduling after interruption (attempt {} of {})", attempts + 1, ctx.config.max_task_attempts);
-    set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "Rescheduling", &msg, g);
+    let msg = format!(
+        "rescheduling after interruption (attempt {} of {})",
+        attempts + 1,
+        ctx.config.max_task_attempts
+    );
+    set_condition(
+        &mut status.conditions,
+        "Scheduled",
+        ConditionStatus::False,
+        "Rescheduling",
+        &msg,
+        g,
+    );
     apply_status(&ctx.client, task, &status).await?;
-    ctx.event(task, EventType::Normal, "Rescheduling", "Schedule", msg).await;
+    ctx.event(task, EventType::Normal, "Rescheduling", "Schedule", msg)
+        .await;
     Ok(Action::requeue(Duration::from_millis(200)))
 }
 
@@ -508,7 +672,7 @@ async fn record_results(
     task: &Task,
     ctx: &Context,
     mut status: TaskStatus,
-    pending: Vec<(crate::mqtt::wire::TaskResult, std::time::Instant)>,
+    pending: Vec<super::Received>,
 ) -> Result<Action> {
     let uid = task.uid().unwrap_or_default();
     let g = task.metadata.generation;
@@ -528,16 +692,21 @@ async fn record_results(
                 Some(e) => json!({"error": e}),
                 None => result.results.clone(),
             };
-            let mut map = status.results.take().and_then(|v| match v {
-                Value::Object(m) => Some(m),
-                _ => None,
-            }).unwrap_or_default();
+            let mut map = status
+                .results
+                .take()
+                .and_then(|v| match v {
+                    Value::Object(m) => Some(m),
+                    _ => None,
+                })
+                .unwrap_or_default();
             map.insert(key, entry);
             status.results = Some(Value::Object(map));
             changed = true;
             continue;
         }
-        if let (Some(from), Some(assigned)) = (from.as_deref(), status.assigned_client_id.as_deref())
+        if let (Some(from), Some(assigned)) =
+            (from.as_deref(), status.assigned_client_id.as_deref())
             && from != assigned
         {
             warn!(task = %task.name_any(), %from, %assigned, "ignoring a result from a proplet the task is not assigned to");
@@ -549,12 +718,26 @@ async fn record_results(
             Some(err) => {
                 status.phase = Some(TaskPhase::Failed);
                 status.error = Some(err.to_string());
-                set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Failed", err, g);
+                set_condition(
+                    &mut status.conditions,
+                    "Completed",
+                    ConditionStatus::False,
+                    "Failed",
+                    err,
+                    g,
+                );
             }
             None => {
                 status.phase = Some(TaskPhase::Completed);
                 status.error = None;
-                set_condition(&mut status.conditions, "Completed", ConditionStatus::True, "Succeeded", "the proplet returned a result", g);
+                set_condition(
+                    &mut status.conditions,
+                    "Completed",
+                    ConditionStatus::True,
+                    "Succeeded",
+                    "the proplet returned a result",
+                    g,
+                );
             }
         }
         changed = true;
@@ -567,7 +750,11 @@ async fn record_results(
             .and_then(Value::as_object)
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
-        if status.broadcast_targets.iter().all(|c| answered.contains(c)) {
+        if status
+            .broadcast_targets
+            .iter()
+            .all(|c| answered.contains(c))
+        {
             let errors: Vec<String> = status
                 .results
                 .as_ref()
@@ -581,26 +768,50 @@ async fn record_results(
             status.finished_at = Some(now());
             if errors.is_empty() {
                 status.phase = Some(TaskPhase::Completed);
-                set_condition(&mut status.conditions, "Completed", ConditionStatus::True, "Succeeded", "every proplet returned a result", g);
+                set_condition(
+                    &mut status.conditions,
+                    "Completed",
+                    ConditionStatus::True,
+                    "Succeeded",
+                    "every proplet returned a result",
+                    g,
+                );
             } else {
                 status.phase = Some(TaskPhase::Failed);
                 status.error = Some(errors.join("; "));
-                set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Failed", &errors.join("; "), g);
+                set_condition(
+                    &mut status.conditions,
+                    "Completed",
+                    ConditionStatus::False,
+                    "Failed",
+                    &errors.join("; "),
+                    g,
+                );
             }
         }
     }
     if changed {
         apply_status(&ctx.client, task, &status).await?;
         if let Some(received) = last_received {
-            metrics().task_completion_seconds.observe(received.elapsed().as_secs_f64());
+            metrics()
+                .task_completion_seconds
+                .observe(received.elapsed().as_secs_f64());
         }
         match status.phase {
             Some(TaskPhase::Completed) => {
-                ctx.event(task, EventType::Normal, "Completed", "Result", summary(&status)).await
+                ctx.event(
+                    task,
+                    EventType::Normal,
+                    "Completed",
+                    "Result",
+                    summary(&status),
+                )
+                .await
             }
             Some(TaskPhase::Failed) => {
                 let err = status.error.clone().unwrap_or_default();
-                ctx.event(task, EventType::Warning, "Failed", "Result", err).await
+                ctx.event(task, EventType::Warning, "Failed", "Result", err)
+                    .await
             }
             _ => {}
         }
@@ -630,9 +841,14 @@ async fn ensure_finalizer(task: &Task, ctx: &Context) -> Result<()> {
     let ns = task.namespace().unwrap_or_default();
     let mut finalizers = task.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()}});
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()}});
     Api::<Task>::namespaced(ctx.client.clone(), &ns)
-        .patch(&task.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &task.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await?;
     metrics().api_write("tasks", "patch");
     Ok(())
@@ -652,10 +868,7 @@ async fn stop(task: &Task, ctx: &Context, status: &TaskStatus) {
         .state()
         .iter()
         .filter(|p| p.namespace() == ns)
-        .filter(|p| {
-            stop.broadcast
-                || Some(p.name_any()) == status.assigned_proplet
-        })
+        .filter(|p| stop.broadcast || Some(p.name_any()) == status.assigned_proplet)
         .filter_map(|p| channel_of(p))
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -668,7 +881,10 @@ async fn stop(task: &Task, ctx: &Context, status: &TaskStatus) {
                 "error"
             }
         };
-        metrics().mqtt_published_total.with_label_values(&["stop", outcome]).inc();
+        metrics()
+            .mqtt_published_total
+            .with_label_values(&["stop", outcome])
+            .inc();
     }
 }
 
@@ -681,10 +897,20 @@ async fn cleanup(task: &Task, ctx: &Context) -> Result<Action> {
         stop(task, ctx, &status).await;
     }
     let ns = task.namespace().unwrap_or_default();
-    let remaining: Vec<String> = task.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    let patch = json!({"metadata": {"finalizers": remaining, "resourceVersion": task.resource_version()}});
+    let remaining: Vec<String> = task
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    let patch =
+        json!({"metadata": {"finalizers": remaining, "resourceVersion": task.resource_version()}});
     match Api::<Task>::namespaced(ctx.client.clone(), &ns)
-        .patch(&task.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &task.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Ok(_) => metrics().api_write("tasks", "patch"),

@@ -49,8 +49,15 @@ mod tests {
 
     #[test]
     fn parses_every_form_proplets_accept() {
-        let a = |h: &str, p, tls| BrokerAddress { host: h.into(), port: p, tls };
-        assert_eq!(parse("tcp://127.0.0.1:1884"), Ok(a("127.0.0.1", 1884, false)));
+        let a = |h: &str, p, tls| BrokerAddress {
+            host: h.into(),
+            port: p,
+            tls,
+        };
+        assert_eq!(
+            parse("tcp://127.0.0.1:1884"),
+            Ok(a("127.0.0.1", 1884, false))
+        );
         assert_eq!(parse("mqtt://broker"), Ok(a("broker", 1883, false)));
         assert_eq!(parse("ssl://broker"), Ok(a("broker", 8883, true)));
         assert_eq!(parse("mqtts://broker:9000"), Ok(a("broker", 9000, true)));

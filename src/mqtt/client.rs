@@ -85,7 +85,9 @@ fn qos(level: u8) -> QoS {
 impl MqttClient {
     /// Connects in the background (retrying with back-off for ever) and returns the handle and the stream
     /// of received messages.
-    pub fn start(settings: &MqttSettings) -> Result<(MqttClient, mpsc::Receiver<Message>), MqttError> {
+    pub fn start(
+        settings: &MqttSettings,
+    ) -> Result<(MqttClient, mpsc::Receiver<Message>), MqttError> {
         let addr = address::parse(&settings.address).map_err(MqttError::Settings)?;
         let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
         opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(5)));
@@ -152,7 +154,11 @@ impl MqttClient {
     }
 
     /// Publishes JSON. Queued while disconnected; fails when the queue stays full for the timeout.
-    pub async fn publish_json<T: Serialize>(&self, topic: &str, payload: &T) -> Result<(), MqttError> {
+    pub async fn publish_json<T: Serialize>(
+        &self,
+        topic: &str,
+        payload: &T,
+    ) -> Result<(), MqttError> {
         let bytes = serde_json::to_vec(payload)?;
         self.publish(topic, bytes).await
     }
@@ -222,7 +228,8 @@ fn tls_transport(settings: &MqttSettings) -> Result<Transport, MqttError> {
         for cert in CertificateDer::pem_file_iter(ca)
             .map_err(|e| MqttError::Settings(format!("read CA {}: {e}", ca.display())))?
         {
-            let cert = cert.map_err(|e| MqttError::Settings(format!("CA {}: {e}", ca.display())))?;
+            let cert =
+                cert.map_err(|e| MqttError::Settings(format!("CA {}: {e}", ca.display())))?;
             roots
                 .add(cert)
                 .map_err(|e| MqttError::Settings(format!("CA {}: {e}", ca.display())))?;
@@ -238,8 +245,9 @@ fn tls_transport(settings: &MqttSettings) -> Result<Transport, MqttError> {
             let certs = CertificateDer::pem_file_iter(cert)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| MqttError::Settings(format!("client cert {}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|_| MqttError::Settings(format!("client key {} unreadable", key.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|_| {
+                MqttError::Settings(format!("client key {} unreadable", key.display()))
+            })?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| MqttError::Settings(format!("client certificate: {e}")))?
@@ -251,7 +259,7 @@ fn tls_transport(settings: &MqttSettings) -> Result<Transport, MqttError> {
             ));
         }
     };
-    Ok(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-        Arc::new(config),
-    )))
+    Ok(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+    ))
 }

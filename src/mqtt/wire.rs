@@ -254,14 +254,18 @@ mod tests {
     const CREATE: &str = r#"{"proplet_id":"proplet-1","namespace":"propeller-ns","metadata":{"ip":"192.0.2.2","environment":"docker","os":"linux","hostname":"vm","cpu_arch":"x86_64","total_memory_bytes":25276502016,"proplet_version":"0.5.0","wasm_runtime":"wasmtime-internal"}}"#;
     const ALIVE: &str = r#"{"proplet_id":"proplet-1","status":"alive","namespace":"propeller-ns"}"#;
     const METRICS: &str = r#"{"proplet_id":"proplet-1","namespace":"propeller-ns","timestamp":{"secs_since_epoch":1795328917,"nanos_since_epoch":90828823},"cpu_metrics":{"user_seconds":0.01,"system_seconds":0.02,"percent":0.0},"memory_metrics":{"rss_bytes":19402752,"heap_alloc_bytes":0,"heap_sys_bytes":0,"heap_inuse_bytes":0,"container_usage_bytes":3017838592,"container_limit_bytes":9223372036854771712}}"#;
-    const RESULT: &str = r#"{"task_id":"task-add-1","proplet_id":"proplet-1","results":"30","error":null}"#;
+    const RESULT: &str =
+        r#"{"task_id":"task-add-1","proplet_id":"proplet-1","results":"30","error":null}"#;
     const FAILED: &str = r#"{"task_id":"task-bad-fn","proplet_id":"proplet-1","results":"","error":"Function 'mul' not found"}"#;
     const FL_RESULT: &str = r#"{"task_id":"t","results":{"task_id":"t","round_id":"round-1","proplet_id":"p","num_samples":1,"update_b64":"e30=","format":"f32-delta","metrics":{}},"error":null}"#;
 
     #[test]
     fn decodes_captured_proplet_messages() {
         let c = decode_discovery(CREATE.as_bytes()).expect("create");
-        assert_eq!(c.metadata.and_then(|m| m.total_memory_bytes), Some(25276502016));
+        assert_eq!(
+            c.metadata.and_then(|m| m.total_memory_bytes),
+            Some(25276502016)
+        );
         let a = decode_alive(ALIVE.as_bytes()).expect("alive");
         assert!(!a.is_offline());
         let m = decode_metrics(METRICS.as_bytes()).expect("metrics");
@@ -277,7 +281,15 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_errors() {
-        for bad in ["", "null", "[]", "{}", r#"{"proplet_id":""}"#, r#"{"proplet_id":7}"#, "\u{0}garbage"] {
+        for bad in [
+            "",
+            "null",
+            "[]",
+            "{}",
+            r#"{"proplet_id":""}"#,
+            r#"{"proplet_id":7}"#,
+            "\u{0}garbage",
+        ] {
             assert!(decode_alive(bad.as_bytes()).is_err(), "{bad:?}");
         }
         assert!(decode_result(br#"{"task_id":"  "}"#).is_err());

@@ -5,8 +5,8 @@ pub mod server;
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric family. Labels are bounded sets (controller, result, kind, outcome, resource, phase):
@@ -28,41 +28,77 @@ pub struct Metrics {
 fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new();
     let reconcile_total = IntCounterVec::new(
-        Opts::new("controller_runtime_reconcile_total", "Total number of reconciliations per controller"),
+        Opts::new(
+            "controller_runtime_reconcile_total",
+            "Total number of reconciliations per controller",
+        ),
         &["controller", "result"],
     )?;
     let reconcile_errors_total = IntCounterVec::new(
-        Opts::new("controller_runtime_reconcile_errors_total", "Total number of reconciliation errors per controller"),
+        Opts::new(
+            "controller_runtime_reconcile_errors_total",
+            "Total number of reconciliation errors per controller",
+        ),
         &["controller"],
     )?;
     let reconcile_time_seconds = HistogramVec::new(
-        HistogramOpts::new("controller_runtime_reconcile_time_seconds", "Length of time per reconciliation per controller")
-            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        HistogramOpts::new(
+            "controller_runtime_reconcile_time_seconds",
+            "Length of time per reconciliation per controller",
+        )
+        .buckets(vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
         &["controller"],
     )?;
     let mqtt_messages_total = IntCounterVec::new(
-        Opts::new("propeller_mqtt_messages_total", "MQTT messages received, by kind and outcome (ok, malformed, unknown_proplet, unknown_task, not_owned)"),
+        Opts::new(
+            "propeller_mqtt_messages_total",
+            "MQTT messages received, by kind and outcome (ok, malformed, unknown_proplet, unknown_task, not_owned)",
+        ),
         &["kind", "outcome"],
     )?;
     let mqtt_published_total = IntCounterVec::new(
-        Opts::new("propeller_mqtt_published_total", "MQTT messages published, by kind and outcome"),
+        Opts::new(
+            "propeller_mqtt_published_total",
+            "MQTT messages published, by kind and outcome",
+        ),
         &["kind", "outcome"],
     )?;
-    let mqtt_connected = IntGauge::new("propeller_mqtt_connected", "1 while the broker connection is up")?;
+    let mqtt_connected = IntGauge::new(
+        "propeller_mqtt_connected",
+        "1 while the broker connection is up",
+    )?;
     let api_writes_total = IntCounterVec::new(
-        Opts::new("propeller_api_writes_total", "Writes to the API server by resource and verb"),
+        Opts::new(
+            "propeller_api_writes_total",
+            "Writes to the API server by resource and verb",
+        ),
         &["resource", "verb"],
     )?;
     let task_dispatch_seconds = Histogram::with_opts(
-        HistogramOpts::new("propeller_task_dispatch_seconds", "Task creation to start message published")
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        HistogramOpts::new(
+            "propeller_task_dispatch_seconds",
+            "Task creation to start message published",
+        )
+        .buckets(vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]),
     )?;
     let task_completion_seconds = Histogram::with_opts(
-        HistogramOpts::new("propeller_task_completion_seconds", "Result received to status written")
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        HistogramOpts::new(
+            "propeller_task_completion_seconds",
+            "Result received to status written",
+        )
+        .buckets(vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]),
     )?;
     let proplets = IntGaugeVec::new(
-        Opts::new("propeller_proplets", "Proplets by phase, as last reconciled"),
+        Opts::new(
+            "propeller_proplets",
+            "Proplets by phase, as last reconciled",
+        ),
         &["phase"],
     )?;
     registry.register(Box::new(reconcile_total.clone()))?;
@@ -99,11 +135,15 @@ pub fn metrics() -> &'static Metrics {
 
 impl Metrics {
     pub fn mqtt_message(&self, kind: &str, outcome: &str) {
-        self.mqtt_messages_total.with_label_values(&[kind, outcome]).inc();
+        self.mqtt_messages_total
+            .with_label_values(&[kind, outcome])
+            .inc();
     }
 
     pub fn api_write(&self, resource: &str, verb: &str) {
-        self.api_writes_total.with_label_values(&[resource, verb]).inc();
+        self.api_writes_total
+            .with_label_values(&[resource, verb])
+            .inc();
     }
 
     /// The text exposition format.

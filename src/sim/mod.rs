@@ -1,0 +1,408 @@
+//! A simulated proplet, byte-compatible with the real Rust proplet on the wire (including its quirks:
+//! numeric inputs and starts without a module are dropped without an answer; starts for another proplet
+//! are ignored; a daemon answers at once with an empty result; nothing is published for a stop).
+pub mod wasm;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::mqtt::address;
+use crate::mqtt::topics::Channel;
+
+/// How one simulated proplet connects and behaves.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub address: String,
+    pub domain: String,
+    pub channel: String,
+    /// MQTT client id and username; `proplet_id` in every message.
+    pub client_id: String,
+    pub password: String,
+    pub liveliness_interval: Duration,
+    pub metrics_interval: Duration,
+    /// PROPLET_MANAGER_K8S_NAMESPACE of the real proplet.
+    pub namespace: String,
+    pub qos: u8,
+    pub faults: Faults,
+}
+
+impl SimConfig {
+    pub fn new(
+        address: &str,
+        domain: &str,
+        channel: &str,
+        client_id: &str,
+        password: &str,
+    ) -> Self {
+        SimConfig {
+            address: address.into(),
+            domain: domain.into(),
+            channel: channel.into(),
+            client_id: client_id.into(),
+            password: password.into(),
+            liveliness_interval: Duration::from_secs(10),
+            metrics_interval: Duration::from_secs(10),
+            namespace: "default".into(),
+            qos: 2,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Faults to inject.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Answer every task with an error.
+    pub fail_tasks: bool,
+    /// Extra time every task takes.
+    pub task_delay: Duration,
+}
+
+/// The start message as the real proplet's serde model reads it.
+#[derive(Deserialize)]
+struct ProletStart {
+    id: String,
+    name: String,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    image_url: Option<String>,
+    #[serde(default)]
+    inputs: Option<Vec<String>>,
+    #[serde(default)]
+    daemon: bool,
+    #[serde(default)]
+    broadcast: bool,
+    #[serde(default)]
+    proplet_id: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    monitoring_profile: Option<ProletMonitoringProfile>,
+}
+
+/// Every field required, `interval` in whole seconds: anything else fails the whole start.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct ProletMonitoringProfile {
+    enabled: bool,
+    interval: u64,
+    collect_cpu: bool,
+    collect_memory: bool,
+    collect_disk_io: bool,
+    collect_threads: bool,
+    collect_file_descriptors: bool,
+    export_to_mqtt: bool,
+    retain_history: bool,
+    history_size: u64,
+}
+
+#[derive(Deserialize)]
+struct ProletStop {
+    id: String,
+}
+
+/// Control of a running simulated proplet.
+pub struct SimHandle {
+    pub client_id: String,
+    heartbeats: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    /// Start messages received (including ignored ones), for tests.
+    pub starts_seen: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Stop messages received, for tests.
+    pub stops_seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl SimHandle {
+    /// Stops or resumes heartbeats while staying connected (a hung proplet).
+    pub fn set_heartbeats(&self, on: bool) {
+        self.heartbeats.store(on, Ordering::SeqCst);
+    }
+
+    /// Dies: the connection drops with no DISCONNECT and no last will (as a killed proplet).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Shuts down gracefully (DISCONNECT), as on SIGINT.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts a simulated proplet on the current runtime.
+pub fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
+    let addr = address::parse(&config.address).map_err(|e| anyhow::anyhow!(e))?;
+    if addr.tls {
+        anyhow::bail!("the simulator speaks plain MQTT only");
+    }
+    let mut opts = MqttOptions::new(&config.client_id, &addr.host, addr.port);
+    opts.set_credentials(&config.client_id, &config.password);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(10 * 1024 * 1024, 10 * 1024 * 1024);
+    let (client, eventloop) = AsyncClient::new(opts, 128);
+    let heartbeats = Arc::new(AtomicBool::new(true));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let starts_seen = Arc::new(Mutex::new(Vec::new()));
+    let stops_seen = Arc::new(Mutex::new(Vec::new()));
+    let proplet = Arc::new(Proplet {
+        config: config.clone(),
+        channel: Channel::new(&config.domain, &config.channel),
+        client,
+        qos: match config.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        },
+        running: Mutex::new(HashSet::new()),
+        aborted: Mutex::new(HashSet::new()),
+        starts_seen: Arc::clone(&starts_seen),
+        stops_seen: Arc::clone(&stops_seen),
+    });
+    let task = tokio::spawn(Arc::clone(&proplet).run(eventloop, Arc::clone(&heartbeats), stop_rx));
+    Ok(SimHandle {
+        client_id: config.client_id,
+        heartbeats,
+        stop: stop_tx,
+        task,
+        starts_seen,
+        stops_seen,
+    })
+}
+
+struct Proplet {
+    config: SimConfig,
+    channel: Channel,
+    client: AsyncClient,
+    qos: QoS,
+    running: Mutex<HashSet<String>>,
+    aborted: Mutex<HashSet<String>>,
+    starts_seen: Arc<Mutex<Vec<serde_json::Value>>>,
+    stops_seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proplet {
+    async fn run(
+        self: Arc<Self>,
+        mut eventloop: rumqttc::EventLoop,
+        heartbeats: Arc<AtomicBool>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // Like the real proplet: discovery first, then the subscriptions.
+        self.publish("control/proplet/create", self.discovery())
+            .await;
+        self.subscribe();
+        let mut alive = tokio::time::interval(self.config.liveliness_interval);
+        let mut metrics = tokio::time::interval(self.config.metrics_interval);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    let _ = self.client.disconnect().await;
+                    // Let the DISCONNECT go out.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                        while eventloop.poll().await.is_ok() {}
+                    }).await;
+                    return;
+                }
+                _ = alive.tick() => {
+                    if heartbeats.load(Ordering::SeqCst) {
+                        let msg = json!({"proplet_id": self.config.client_id, "status": "alive", "namespace": self.config.namespace});
+                        self.publish("control/proplet/alive", msg).await;
+                    }
+                }
+                _ = metrics.tick() => {
+                    if heartbeats.load(Ordering::SeqCst) {
+                        self.publish("control/proplet/metrics", self.metrics()).await;
+                    }
+                }
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = Duration::from_millis(200);
+                        if !ack.session_present {
+                            self.subscribe();
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let me = Arc::clone(&self);
+                        tokio::spawn(async move { me.on_message(&p.topic, &p.payload).await });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(client_id = %self.config.client_id, error = %e, "proplet-sim connection error");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    fn subscribe(&self) {
+        for suffix in [
+            "control/manager/start",
+            "control/manager/stop",
+            "control/manager/invoke",
+            "registry/server",
+        ] {
+            let _ = self
+                .client
+                .try_subscribe(self.channel.topic(suffix), self.qos);
+        }
+    }
+
+    async fn publish(&self, suffix: &str, payload: serde_json::Value) {
+        let topic = self.channel.topic(suffix);
+        if let Err(e) = self
+            .client
+            .publish(topic, self.qos, false, payload.to_string())
+            .await
+        {
+            warn!(client_id = %self.config.client_id, error = %e, "proplet-sim publish failed");
+        }
+    }
+
+    fn discovery(&self) -> serde_json::Value {
+        json!({
+            "proplet_id": self.config.client_id,
+            "namespace": self.config.namespace,
+            "metadata": {
+                "environment": "binary", "os": "linux", "hostname": "proplet-sim", "cpu_arch": std::env::consts::ARCH,
+                "total_memory_bytes": 1073741824u64, "proplet_version": "0.5.0-sim", "wasm_runtime": "wasmi-sim",
+            },
+        })
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        json!({
+            "proplet_id": self.config.client_id, "namespace": self.config.namespace,
+            "timestamp": {"secs_since_epoch": now.as_secs(), "nanos_since_epoch": now.subsec_nanos()},
+            "cpu_metrics": {"user_seconds": 0.01, "system_seconds": 0.02, "percent": 1.5},
+            "memory_metrics": {"rss_bytes": 19402752u64, "heap_alloc_bytes": 0, "heap_sys_bytes": 0, "heap_inuse_bytes": 0},
+        })
+    }
+
+    async fn on_message(&self, topic: &str, payload: &[u8]) {
+        if topic.contains("control/manager/start") {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload)
+                && let Ok(mut seen) = self.starts_seen.lock()
+            {
+                seen.push(v);
+            }
+            self.on_start(payload).await;
+        } else if topic.contains("control/manager/stop") {
+            match serde_json::from_slice::<ProletStop>(payload) {
+                Ok(stop) if !stop.id.is_empty() => {
+                    if let Ok(mut s) = self.stops_seen.lock() {
+                        s.push(stop.id.clone());
+                    }
+                    let was_running = self
+                        .running
+                        .lock()
+                        .map(|mut r| r.remove(&stop.id))
+                        .unwrap_or(false);
+                    if was_running {
+                        if let Ok(mut a) = self.aborted.lock() {
+                            a.insert(stop.id.clone());
+                        }
+                        info!(client_id = %self.config.client_id, task = %stop.id, "Task aborted");
+                    } else {
+                        warn!(client_id = %self.config.client_id, task = %stop.id, "stop for a task that is not running");
+                    }
+                }
+                _ => warn!(client_id = %self.config.client_id, "Failed to decode stop request"),
+            }
+        }
+    }
+
+    async fn on_start(&self, payload: &[u8]) {
+        let start: ProletStart = match serde_json::from_slice(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(client_id = %self.config.client_id, error = %e, "Failed to decode start request");
+                return;
+            }
+        };
+        if start.id.is_empty() || start.name.is_empty() {
+            warn!(client_id = %self.config.client_id, "start request without id or name");
+            return;
+        }
+        let file = start.file.unwrap_or_default();
+        let image_url = start.image_url.unwrap_or_default();
+        if file.is_empty() && image_url.is_empty() {
+            warn!(client_id = %self.config.client_id, "either file or image_url must be provided");
+            return;
+        }
+        if !start.broadcast
+            && let Some(target) = start.proplet_id.as_deref()
+            && target != self.config.client_id
+        {
+            return;
+        }
+        let fresh = self
+            .running
+            .lock()
+            .map(|mut r| r.insert(start.id.clone()))
+            .unwrap_or(false);
+        if !fresh {
+            debug!(client_id = %self.config.client_id, task = %start.id, "duplicate start ignored");
+            return;
+        }
+        let outcome = if start.daemon {
+            Ok(String::new())
+        } else {
+            if !self.config.faults.task_delay.is_zero() {
+                tokio::time::sleep(self.config.faults.task_delay).await;
+            }
+            if self.config.faults.fail_tasks {
+                Err("simulated failure".to_string())
+            } else if !file.is_empty() {
+                match base64::engine::general_purpose::STANDARD.decode(file.as_bytes()) {
+                    Ok(module) => {
+                        let name = start.name.clone();
+                        let inputs = start.inputs.unwrap_or_default();
+                        tokio::task::spawn_blocking(move || wasm::run(&module, &name, &inputs))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("task panicked: {e}")))
+                    }
+                    Err(e) => Err(format!("Failed to decode wasm file: {e}")),
+                }
+            } else {
+                Err(format!("proplet-sim cannot fetch {image_url:?}"))
+            }
+        };
+        let still_running = self
+            .running
+            .lock()
+            .map(|mut r| r.remove(&start.id))
+            .unwrap_or(false);
+        let aborted = self
+            .aborted
+            .lock()
+            .map(|mut a| a.remove(&start.id))
+            .unwrap_or(false);
+        if !still_running || aborted {
+            return;
+        }
+        let (results, error) = match outcome {
+            Ok(r) => (r, serde_json::Value::Null),
+            Err(e) => (String::new(), serde_json::Value::String(e)),
+        };
+        let msg = json!({"task_id": start.id, "proplet_id": self.config.client_id, "results": results, "error": error});
+        self.publish("control/proplet/results", msg).await;
+    }
+}
