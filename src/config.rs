@@ -134,6 +134,11 @@ pub struct OperatorConfig {
 }
 
 impl OperatorConfig {
+    /// Parses flags given as a list (the first item is the program name).
+    pub fn try_parse_from_args(args: &[&str]) -> Result<Self, clap::Error> {
+        <Self as Parser>::try_parse_from(args)
+    }
+
     /// The MQTT password from --client-key or --client-key-file (never logged).
     pub fn mqtt_password(&self) -> anyhow::Result<Option<String>> {
         if let Some(path) = &self.client_key_file {

@@ -37,10 +37,29 @@ where
     }
 }
 
-/// Runs until SIGINT/SIGTERM.
-pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
+/// Runs until SIGINT/SIGTERM, with the client from the environment (in-cluster or KUBECONFIG).
+pub async fn run(config: OperatorConfig) -> anyhow::Result<()> {
     crate::testbed::install_crypto_provider();
     let client = Client::try_default().await?;
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        info!("shutdown signal received");
+    };
+    run_with(client, config, shutdown).await
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run_with(
+    client: Client,
+    mut config: OperatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shutdown = futures::FutureExt::shared(futures::FutureExt::boxed(shutdown));
     let readiness = Readiness::default();
     if let Some(addr) = config.health_probe_bind_address.0 {
         let r = readiness.clone();
@@ -198,12 +217,15 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
         tokio::spawn(router::run(inbox, ctx, triggers));
     }
 
+    // The input streams end with the shutdown signal, so the controllers drain and return.
     let proplet_controller = Controller::for_stream(
-        UnboundedReceiverStream::new(proplet_main_rx).map(Ok),
+        UnboundedReceiverStream::new(proplet_main_rx)
+            .map(Ok)
+            .take_until(shutdown.clone()),
         proplet_store,
     )
-    .reconcile_on(UnboundedReceiverStream::new(proplet_trigger_rx))
-    .shutdown_on_signal()
+    .reconcile_on(UnboundedReceiverStream::new(proplet_trigger_rx).take_until(shutdown.clone()))
+    .graceful_shutdown_on(shutdown.clone())
     .run(
         controllers::proplet::reconcile,
         controllers::retry_after_error::<Proplet>("proplet"),
@@ -224,7 +246,17 @@ pub async fn run(mut config: OperatorConfig) -> anyhow::Result<()> {
     .for_each(|_| async {});
     readiness.set_ready();
     info!("controllers running");
-    tokio::join!(proplet_controller, task_controller);
+    let controllers = async { tokio::join!(proplet_controller, task_controller) };
+    tokio::pin!(controllers);
+    tokio::select! {
+        _ = &mut controllers => {}
+        _ = shutdown.clone() => {
+            // Let reconciles in flight finish, but do not wait for ever.
+            if tokio::time::timeout(std::time::Duration::from_secs(5), &mut controllers).await.is_err() {
+                warn!("controllers still busy 5 s after the shutdown signal; exiting anyway");
+            }
+        }
+    }
     if let Some(m) = &mqtt {
         m.disconnect().await;
     }

@@ -272,15 +272,23 @@ pub async fn install_crds(client: &Client) -> Result<()> {
     let crds = crate::api::all_crds();
     for crd in &crds {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        let result = match api.get_opt(&name).await? {
-            Some(existing) => {
-                let mut crd = crd.clone();
-                crd.metadata.resource_version = existing.metadata.resource_version;
-                api.replace(&name, &PostParams::default(), &crd).await
+        // Tests install concurrently: a conflict means someone else just wrote it; read and try again.
+        let mut attempts = 0;
+        loop {
+            let result = match api.get_opt(&name).await? {
+                Some(existing) => {
+                    let mut crd = crd.clone();
+                    crd.metadata.resource_version = existing.metadata.resource_version;
+                    api.replace(&name, &PostParams::default(), &crd).await
+                }
+                None => api.create(&PostParams::default(), crd).await,
+            };
+            match result {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if (e.code == 409) && attempts < 10 => attempts += 1,
+                Err(e) => return Err(e).with_context(|| format!("install CRD {name}")),
             }
-            None => api.create(&PostParams::default(), crd).await,
-        };
-        result.with_context(|| format!("install CRD {name}"))?;
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     for crd in &crds {

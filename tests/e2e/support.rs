@@ -1,0 +1,278 @@
+//! Runs the operator in-process against the test cluster with exactly the RBAC of kustomize/base (a
+//! ServiceAccount token from the TokenRequest API), a fresh mosquitto and a fresh namespace per test.
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use propeller_operator::api::{Proplet, Task};
+use propeller_operator::config::OperatorConfig;
+use propeller_operator::sim::{self, SimConfig, SimHandle};
+use propeller_operator::testbed::{self, Broker, TestCluster, install_crds, shared_cluster};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+pub const DOMAIN: &str = "dom-1";
+pub const CHANNEL: &str = "chan-1";
+
+pub struct Env {
+    pub cluster: &'static TestCluster,
+    /// Admin client for arranging and inspecting.
+    pub admin: Client,
+    pub ns: String,
+    pub broker: Broker,
+    stop: Option<oneshot::Sender<()>>,
+    operator: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The kustomize ClusterRole, verbatim.
+fn kustomize_cluster_role() -> anyhow::Result<ClusterRole> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/kustomize/base/rbac.yaml"
+    ))?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc)?;
+        if v["kind"] == "ClusterRole" {
+            return Ok(serde_json::from_value(v)?);
+        }
+    }
+    anyhow::bail!("kustomize/base/rbac.yaml has no ClusterRole")
+}
+
+/// A client that authenticates as the operator's ServiceAccount in `ns`, bound to the kustomize role.
+async fn operator_client(
+    cluster: &TestCluster,
+    admin: &Client,
+    ns: &str,
+) -> anyhow::Result<Client> {
+    let ssa = PatchParams::apply("e2e").force();
+    let role = kustomize_cluster_role()?;
+    Api::<ClusterRole>::all(admin.clone())
+        .patch("propeller-operator", &ssa, &Patch::Apply(&role))
+        .await?;
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "propeller-operator"}}))?;
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": format!("propeller-operator-{ns}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "propeller-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "propeller-operator", "namespace": ns}],
+    }))?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(
+            &format!("propeller-operator-{ns}"),
+            &ssa,
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    let req: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))?;
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request("propeller-operator", &PostParams::default(), &req)
+        .await?
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no token"))?;
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&cluster.kubeconfig)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    Ok(Client::try_from(config)?)
+}
+
+impl Env {
+    /// A namespace, a broker and the operator (restricted to the namespace) with `extra` flags.
+    pub async fn start(prefix: &str, extra: &[&str]) -> anyhow::Result<Env> {
+        let cluster = shared_cluster();
+        let admin = cluster.client().await?;
+        install_crds(&admin).await?;
+        let ns = cluster.namespace(&admin, prefix).await?;
+        let broker = testbed::start_broker()?;
+        let op_client = operator_client(cluster, &admin, &ns).await?;
+        let address = broker.address();
+        let client_id = format!("operator-{ns}");
+        let mut args = vec![
+            "propeller-operator",
+            "--mqtt-address",
+            &address,
+            "--client-id",
+            &broker.username,
+            "--client-key",
+            &broker.password,
+            "--mqtt-client-id",
+            &client_id,
+            "--domain-id",
+            DOMAIN,
+            "--channel-id",
+            CHANNEL,
+            "--watch-namespace",
+            &ns,
+            "--health-probe-bind-address",
+            "0",
+            "--last-seen-threshold",
+            "3s",
+            "--status-refresh",
+            "5s",
+        ];
+        args.extend_from_slice(extra);
+        let config = OperatorConfig::try_parse_from_args(&args)?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let operator = tokio::spawn(propeller_operator::run::run_with(
+            op_client,
+            config,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        Ok(Env {
+            cluster,
+            admin,
+            ns,
+            broker,
+            stop: Some(stop_tx),
+            operator: Some(operator),
+        })
+    }
+
+    /// Starts a simulated proplet with its own broker account.
+    pub async fn proplet(
+        &mut self,
+        client_id: &str,
+        tune: impl FnOnce(&mut SimConfig),
+    ) -> anyhow::Result<SimHandle> {
+        let key = format!("{client_id}-key");
+        self.broker.add_user(client_id, &key)?;
+        let mut c = SimConfig::new(&self.broker.address(), DOMAIN, CHANNEL, client_id, &key);
+        c.liveliness_interval = Duration::from_millis(500);
+        c.metrics_interval = Duration::from_secs(1);
+        c.namespace = self.ns.clone();
+        tune(&mut c);
+        sim::spawn(c)
+    }
+
+    /// Creates an object from JSON in the test namespace.
+    pub async fn create<K>(&self, value: Value) -> anyhow::Result<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let obj: K = serde_json::from_value(value)?;
+        Ok(Api::<K>::namespaced(self.admin.clone(), &self.ns)
+            .create(&PostParams::default(), &obj)
+            .await?)
+    }
+
+    pub fn tasks(&self) -> Api<Task> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    pub fn proplets(&self) -> Api<Proplet> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    /// Waits until `check` accepts the named object.
+    pub async fn wait_for<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        check: impl Fn(&K) -> bool,
+    ) -> anyhow::Result<K>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let last = std::sync::Mutex::new(None);
+        let found = testbed::wait_for(self.cluster, what, WAIT, || async {
+            let obj = api.get_opt(name).await.ok().flatten()?;
+            let ok = check(&obj);
+            if let Ok(mut l) = last.lock() {
+                *l = Some(format!("{obj:?}"));
+            }
+            ok.then_some(obj)
+        })
+        .await;
+        found.map_err(|e| {
+            let seen = last.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+            anyhow::anyhow!("{e}; last seen: {seen}")
+        })
+    }
+
+    /// A Running external Proplet named `name` for the simulated proplet `client_id`.
+    pub async fn external_proplet(
+        &self,
+        name: &str,
+        client_id: &str,
+        extra: Value,
+    ) -> anyhow::Result<Proplet> {
+        let mut spec = json!({
+            "type": "external",
+            "external": {"deviceType": "sim", "capabilities": ["wasm"]},
+            "connectionConfig": {"domainId": DOMAIN, "channelId": CHANNEL, "clientId": client_id,
+                                 "clientKey": format!("{client_id}-key"), "mqttAddress": self.broker.address()},
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        self.create::<Proplet>(json!({"metadata": {"name": name}, "spec": spec}))
+            .await
+    }
+
+    pub async fn publish_raw(&self, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+        let mut opts = rumqttc::MqttOptions::new(
+            format!("raw-{}", testbed::process::random_hex(3)?),
+            "127.0.0.1",
+            self.broker.port,
+        );
+        opts.set_credentials(&self.broker.username, &self.broker.password);
+        let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.to_vec())
+            .await?;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = el.poll().await {
+                    return;
+                }
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Stops the operator and deletes the namespace.
+    pub async fn finish(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(op) = self.operator.take() {
+            match tokio::time::timeout(Duration::from_secs(10), op).await {
+                Ok(Ok(r)) => r?,
+                Ok(Err(e)) => anyhow::bail!("operator task panicked: {e}"),
+                Err(_) => anyhow::bail!("operator did not stop within 10 s"),
+            }
+        }
+        let _ = Api::<ClusterRoleBinding>::all(self.admin.clone())
+            .delete(
+                &format!("propeller-operator-{}", self.ns),
+                &Default::default(),
+            )
+            .await;
+        self.cluster.delete_namespace(&self.admin, &self.ns).await;
+        Ok(())
+    }
+}
