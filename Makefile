@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint provision cluster-up cluster-down crds demo clean
+.PHONY: all build test lint provision cluster-up cluster-down crds demo dev-up dev-down clean
 
 all: build
 
@@ -21,7 +21,7 @@ lint:
 ## Unit, integration and e2e tests on a real kube-apiserver, etcd, kube-controller-manager and mosquitto.
 ## With E2E_KUBECONFIG=path they run against that cluster instead of a local one.
 test: provision lint
-	$(CARGO) test --all-targets -- --test-threads=2
+	$(CARGO) test --no-fail-fast --all-targets -- --test-threads=2
 
 cluster-up: provision
 	$(CARGO) run --quiet --bin testbed -- --dir $(TESTBED_DIR) up
@@ -35,6 +35,14 @@ cluster-down:
 demo: provision
 	$(CARGO) build --quiet --bins
 	bash e2e/demo.sh
+
+## Cluster + broker + CRDs + operator + PROPLETS simulated proplets (default 3), left running.
+dev-up: provision
+	$(CARGO) build --quiet --bins
+	bash e2e/dev.sh up
+
+dev-down:
+	bash e2e/dev.sh down
 
 ## Regenerates crds/ from the Rust types in src/api/ (a test fails when they differ).
 crds:

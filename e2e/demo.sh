@@ -27,7 +27,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== CRDs"
-kubectl apply --validate=false -f crds/ >/dev/null
+kubectl apply --validate=false -k crds/ >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
 echo "== operator (embedded broker on 127.0.0.1:$BROKER_PORT)"

@@ -90,7 +90,11 @@ fn up(dir: &Path) -> Result<()> {
     fs::write(&env_path, env)?;
     restrict(&env_path)?;
     let mut pids = cp.release();
-    pids.extend(broker.release());
+    if let Some(pid) = broker.release() {
+        // Scripts reload the broker's password file with SIGHUP after adding users.
+        fs::write(dir.join("mosquitto.pid"), format!("{pid}\n"))?;
+        pids.push(pid);
+    }
     fs::write(
         pid_file(&dir),
         pids.iter()

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# `make dev-up` / `make dev-down`: the test bed's cluster and mosquitto, the CRDs, the operator built from
+# this tree and PROPLETS simulated proplets (default 3) registered as external Proplets in `default`, all
+# left running in the background. Connection details are appended to .testbed/env.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=.testbed
+BIN=target/debug
+DOMAIN=dev-domain
+CHANNEL=dev-channel
+PROPLETS=${PROPLETS:-3}
+
+stop_dev() {
+  if [ -f "$DIR/dev.pids" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done < "$DIR/dev.pids"
+    rm -f "$DIR/dev.pids"
+  fi
+}
+
+case "${1:-}" in
+up)
+  "$BIN/testbed" --dir "$DIR" up
+  stop_dev
+  set -a; . "$DIR/env"; set +a
+  kubectl apply --validate=false -k crds/ >/dev/null
+  kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  ids=()
+  for i in $(seq "$PROPLETS"); do
+    id="dev-proplet-$i"; ids+=("$id")
+    mosquitto_passwd -b "$DIR/mosquitto/passwd" "$id" "$id-key"
+  done
+  kill -HUP "$(cat "$DIR/mosquitto.pid")"
+  sleep 0.3
+  probe=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$BIN/propeller-operator" --mqtt-address "$MQTT_ADDRESS" --client-id "$MQTT_USERNAME" \
+    --client-key "$MQTT_PASSWORD" --domain-id "$DOMAIN" --channel-id "$CHANNEL" \
+    --health-probe-bind-address "127.0.0.1:$probe" >"$DIR/operator.log" 2>&1 &
+  echo $! >> "$DIR/dev.pids"
+  for id in "${ids[@]}"; do
+    "$BIN/proplet-sim" --mqtt-address "$MQTT_ADDRESS" --domain-id "$DOMAIN" --channel-id "$CHANNEL" \
+      --client-ids "$id" --password "$id-key" >>"$DIR/proplet-sim.log" 2>&1 &
+    echo $! >> "$DIR/dev.pids"
+    kubectl apply -f - >/dev/null <<YAML
+apiVersion: propeller.propeller.abstractmachines.fr/v1
+kind: Proplet
+metadata: {name: $id, namespace: default}
+spec:
+  type: external
+  external: {deviceType: proplet-sim, capabilities: [wasm]}
+  connectionConfig: {domainId: $DOMAIN, channelId: $CHANNEL, clientId: $id, clientKey: $id-key, mqttAddress: "$MQTT_ADDRESS"}
+YAML
+  done
+  sed -i '/^DEV_/d;/^OPERATOR_METRICS_URL=/d' "$DIR/env"
+  {
+    echo "DEV_DOMAIN_ID=$DOMAIN"
+    echo "DEV_CHANNEL_ID=$CHANNEL"
+    echo "DEV_PROPLETS=$(IFS=,; echo "${ids[*]}")"
+    echo "OPERATOR_METRICS_URL=http://127.0.0.1:$probe/metrics"
+  } >> "$DIR/env"
+  kubectl wait --for=jsonpath='{.status.phase}'=Running proplet --all -n default --timeout=60s >/dev/null
+  kubectl get proplets -n default
+  echo "dev: up. set -a; . $DIR/env; set +a   (operator log: $DIR/operator.log)"
+  ;;
+down)
+  stop_dev
+  if [ -f "$DIR/env" ]; then
+    set -a; . "$DIR/env"; set +a
+    kubectl delete proplets,tasks --all -n default --wait=false >/dev/null 2>&1 || true
+  fi
+  "$BIN/testbed" --dir "$DIR" down
+  ;;
+*) echo "usage: e2e/dev.sh up|down"; exit 2 ;;
+esac
