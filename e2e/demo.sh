@@ -19,9 +19,10 @@ PROBE_PORT=$(free_port)
 LOGS="$DIR/demo"; mkdir -p "$LOGS"
 pids=()
 cleanup() {
+  # Delete while the operator still runs: the Task's finalizer needs it.
+  kubectl delete --ignore-not-found --timeout=20s -f examples/task-addition.yaml -f examples/proplet-external.yaml >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  kubectl delete --ignore-not-found -f examples/task-addition.yaml -f examples/proplet-external.yaml >/dev/null 2>&1 || true
   if [ "$started_cluster" = 1 ] && [ "${KEEP_CLUSTER:-0}" != 1 ]; then "$BIN/testbed" --dir "$DIR" down >/dev/null; fi
 }
 trap cleanup EXIT
