@@ -9,6 +9,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("conflict (stale view; retrying): {0}")]
+    Conflict(String),
     #[error("{0} has no namespace")]
     NoNamespace(String),
 }

@@ -61,13 +61,15 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let shutdown = futures::FutureExt::shared(futures::FutureExt::boxed(shutdown));
     let readiness = Readiness::default();
+    // Background loops end with the operator (tests run several operators in one process).
+    let mut background = Vec::new();
     if let Some(addr) = config.health_probe_bind_address.0 {
         let r = readiness.clone();
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             if let Err(e) = server::serve(addr, r).await {
                 error!(error = %e, "the metrics/probe server stopped");
             }
-        });
+        }));
     }
 
     if let Some(addr) = config.embedded_broker {
@@ -112,6 +114,7 @@ pub async fn run_with(
         liveness: Liveness::default(),
         results: PendingResults::default(),
         recorder: Recorder::new(client.clone(), reporter),
+        started: std::time::Instant::now(),
     });
 
     let (proplet_main_tx, proplet_main_rx) = mpsc::unbounded_channel::<Proplet>();
@@ -125,7 +128,7 @@ pub async fn run_with(
         let api = api::<Proplet>(&client, &ns);
         let task_trigger = task_trigger_tx.clone();
         let default_channel = config.default_channel();
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             let stream =
                 reflector::reflector(proplet_writer, watcher(api, watcher::Config::default()))
                     .default_backoff();
@@ -167,7 +170,7 @@ pub async fn run_with(
                     }
                 }
             }
-        });
+        }));
     }
     // Tasks: store + index, then the Task controller; the proplet a task sits on recounts its tasks.
     {
@@ -175,7 +178,7 @@ pub async fn run_with(
         let api = api::<Task>(&client, &ns);
         let proplet_trigger = proplet_trigger_tx.clone();
         let task_trigger = task_trigger_tx.clone();
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             let stream =
                 reflector::reflector(task_writer, watcher(api, watcher::Config::default()))
                     .default_backoff();
@@ -206,7 +209,7 @@ pub async fn run_with(
                     }
                 }
             }
-        });
+        }));
     }
     if let Some(inbox) = inbox {
         let ctx = Arc::clone(&ctx);
@@ -214,7 +217,7 @@ pub async fn run_with(
             proplets: proplet_trigger_tx.clone(),
             tasks: task_trigger_tx.clone(),
         };
-        tokio::spawn(router::run(inbox, ctx, triggers));
+        background.push(tokio::spawn(router::run(inbox, ctx, triggers)));
     }
 
     // The input streams end with the shutdown signal, so the controllers drain and return.
@@ -256,6 +259,9 @@ pub async fn run_with(
                 warn!("controllers still busy 5 s after the shutdown signal; exiting anyway");
             }
         }
+    }
+    for task in background {
+        task.abort();
     }
     if let Some(m) = &mqtt {
         m.disconnect().await;

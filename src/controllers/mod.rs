@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Patch, PatchParams};
+
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
@@ -43,6 +44,8 @@ pub struct Context {
     pub liveness: Liveness,
     pub results: PendingResults,
     pub recorder: Recorder,
+    /// When this operator started: until a heartbeat threshold has passed, silence proves nothing.
+    pub started: Instant,
 }
 
 impl Context {
@@ -71,8 +74,10 @@ impl Context {
     }
 }
 
-/// Server-side applies `status` to the status subresource of `obj`.
-pub async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<()>
+/// Replaces the status of `obj`, only if `obj` is still the newest version (a JSON patch that tests the
+/// resourceVersion): a decision made on a stale view fails with [`Error::Conflict`] instead of acting twice.
+/// Returns the object as written.
+pub async fn apply_status<K>(client: &Client, obj: &K, status: &impl Serialize) -> Result<K>
 where
     K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
@@ -83,19 +88,35 @@ where
         .namespace()
         .ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
     let api: Api<K> = Api::namespaced(client.clone(), &ns);
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
+        {"op": "add", "path": "/status", "value": status},
+    ]))?;
+    let written = api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await
+        .map_err(|e| match conflict(e) {
+            Error::Conflict(m) => Error::Conflict(format!(
+                "status of {} at resourceVersion {:?}: {m}",
+                obj.name_any(),
+                obj.resource_version()
+            )),
+            other => other,
+        })?;
     metrics().api_write(&K::plural(&()), "patch_status");
-    Ok(())
+    Ok(written)
+}
+
+/// A failed precondition (stale resourceVersion) as [`Error::Conflict`].
+pub fn conflict(e: kube::Error) -> Error {
+    match &e {
+        kube::Error::Api(s) if s.code == 409 || s.code == 422 => Error::Conflict(s.message.clone()),
+        _ => Error::Kube(e),
+    }
 }
 
 /// A result and when it arrived.
@@ -165,11 +186,15 @@ where
 }
 
 /// Back-off after an error: the next try comes in a while, not at once.
-pub fn retry_after_error<K>(
+pub fn retry_after_error<K: Resource>(
     controller: &'static str,
 ) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
-        let _ = &obj;
+        if let Error::Conflict(msg) = err {
+            // Our view was stale; the watch is about to deliver the newer version.
+            tracing::info!(controller, object = %obj.as_ref().name_any(), %msg, "stale view; retrying");
+            return Action::requeue(Duration::from_millis(200));
+        }
         warn!(controller, error = %err, "reconcile failed; retrying in 5s");
         Action::requeue(Duration::from_secs(5))
     }

@@ -93,8 +93,13 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     let last_seen = observed.last_seen.or(old.last_seen.as_ref().map(|t| t.0));
     let now = Timestamp::now();
     let age = last_seen.map(|t| now.duration_since(t).unsigned_abs());
+    // Right after a (re)start no heartbeat has been heard yet: keep the recorded phase for one threshold
+    // instead of declaring every proplet Offline.
+    let warming_up = observed.last_seen.is_none() && ctx.started.elapsed() < threshold;
     let phase = if observed.offline {
         PropletPhase::Offline
+    } else if warming_up && old.phase.is_some() {
+        old.phase.unwrap_or_default()
     } else {
         match age {
             None => PropletPhase::Initializing,
@@ -249,6 +254,11 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
 
+    if warming_up {
+        return Ok(Action::requeue(
+            threshold.saturating_sub(ctx.started.elapsed()) + Duration::from_millis(100),
+        ));
+    }
     // Wake up when the proplet would go Offline, and to refresh lastSeen.
     Ok(match (phase, age) {
         (PropletPhase::Running, Some(a)) => {

@@ -41,10 +41,25 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
     }
     let uid = task.uid().unwrap_or_default();
 
-    // Results first: they may arrive before our own write of `running` is back from the watch.
+    // Results first: they may arrive before our own write of `running` is back from the watch, so a
+    // task that does not look active is read afresh before its result is judged late.
     let pending = ctx.results.peek(&uid);
     if !pending.is_empty() {
-        return record_results(&task, &ctx, status, pending).await;
+        let current = if task.phase().is_active() {
+            Some((*task).clone())
+        } else {
+            fresh(&ctx, &task).await?
+        };
+        return match current {
+            Some(t) => {
+                let status = t.status.clone().unwrap_or_default();
+                record_results(&t, &ctx, status, pending).await
+            }
+            None => {
+                ctx.results.done(&uid, pending.len());
+                Ok(Action::await_change())
+            }
+        };
     }
 
     if let Err(msg) = validate(&task) {
@@ -52,14 +67,8 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
     }
 
     match task.phase() {
-        TaskPhase::Pending => {
-            // Status may lag our own writes (watch latency): dispatch only from a fresh read.
-            let fresh = fresh(&ctx, &task).await?;
-            match fresh.as_ref().map(|t| t.phase()) {
-                Some(TaskPhase::Pending) => dispatch(&task, &ctx).await,
-                _ => Ok(Action::await_change()),
-            }
-        }
+        // A stale view cannot dispatch twice: the assignment is written (resourceVersion-checked) first.
+        TaskPhase::Pending => dispatch(&task, &ctx).await,
         TaskPhase::Scheduled => {
             // Assigned but maybe not published (operator restarted in between): publish again; a proplet
             // ignores a start for a task id it is already running.
@@ -401,11 +410,42 @@ async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> 
         &msg,
         g,
     );
-    apply_status(&ctx.client, task, &status).await?;
+    mark_running(task, ctx, &status).await?;
     info!(task = %task.name_any(), proplet = %name, "task dispatched");
     ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg)
         .await;
     Ok(Action::requeue(timeout_of(task, ctx)))
+}
+
+/// Records `running` after the start went out. The start is not sent again when this write meets a
+/// newer version of the Task (another writer touched it): the write is retried on a fresh read as long as
+/// the Task still holds the same assignment.
+async fn mark_running(task: &Task, ctx: &Context, running: &TaskStatus) -> Result<()> {
+    let mut current = task.clone();
+    for _ in 0..5 {
+        match apply_status(&ctx.client, &current, running).await {
+            Ok(_) => return Ok(()),
+            Err(crate::error::Error::Conflict(_)) => {
+                let Some(fresh) = fresh(ctx, task).await? else {
+                    return Ok(());
+                };
+                let before = task.status.clone().unwrap_or_default();
+                let now_st = fresh.status.clone().unwrap_or_default();
+                let same = fresh.phase() == TaskPhase::Scheduled
+                    && now_st.assigned_client_id == before.assigned_client_id
+                    && now_st.attempts == before.attempts;
+                if !same {
+                    return Ok(());
+                }
+                current = fresh;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(crate::error::Error::Conflict(format!(
+        "could not record {} as running",
+        task.name_any()
+    )))
 }
 
 async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) -> Result<Action> {
@@ -439,7 +479,7 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
         }
         return Ok(Action::requeue(WAIT_FOR_PROPLET));
     }
-    ensure_finalizer(task, ctx).await?;
+    let task = &ensure_finalizer(task, ctx).await?;
     let start = start_request(task, None);
     let Some(mqtt) = &ctx.mqtt else {
         return Ok(Action::await_change());
@@ -682,7 +722,7 @@ async fn record_results(
     for (result, received) in &pending {
         last_received = Some(*received);
         if !task.phase().is_active() && !broadcast {
-            info!(task = %task.name_any(), "ignoring a result for a task that is not running");
+            info!(task = %task.name_any(), phase = task.phase().as_str(), rv = ?task.resource_version(), "ignoring a result for a task that is not running");
             continue;
         }
         let from = result.proplet_id.clone();
@@ -834,24 +874,26 @@ fn summary(status: &TaskStatus) -> String {
     format!("result: {short}")
 }
 
-async fn ensure_finalizer(task: &Task, ctx: &Context) -> Result<()> {
+/// Adds the finalizer; returns the task as written (its new resourceVersion matters for the next write).
+async fn ensure_finalizer(task: &Task, ctx: &Context) -> Result<Task> {
     if task.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+        return Ok(task.clone());
     }
     let ns = task.namespace().unwrap_or_default();
     let mut finalizers = task.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
     let patch =
         json!({"metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()}});
-    Api::<Task>::namespaced(ctx.client.clone(), &ns)
+    let written = Api::<Task>::namespaced(ctx.client.clone(), &ns)
         .patch(
             &task.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await?;
+        .await
+        .map_err(super::conflict)?;
     metrics().api_write("tasks", "patch");
-    Ok(())
+    Ok(written)
 }
 
 /// Sends a stop for a running task (bounded: the MQTT queue either takes it or the publish times out).

@@ -72,6 +72,7 @@ pub struct MqttClient {
     timeout: Duration,
     subscriptions: Arc<Mutex<BTreeSet<String>>>,
     connected: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
 }
 
 fn qos(level: u8) -> QoS {
@@ -108,13 +109,20 @@ impl MqttClient {
             timeout: settings.timeout,
             subscriptions: Arc::new(Mutex::new(BTreeSet::new())),
             connected: Arc::new(AtomicBool::new(false)),
+            closing: Arc::new(AtomicBool::new(false)),
         };
         let loop_handle = handle.clone();
         let address = settings.address.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
             loop {
-                match eventloop.poll().await {
+                let event = eventloop.poll().await;
+                if loop_handle.closing.load(Ordering::SeqCst) {
+                    loop_handle.connected.store(false, Ordering::SeqCst);
+                    debug!("MQTT client closed");
+                    return;
+                }
+                match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         info!(%address, "MQTT connected");
                         backoff = Duration::from_millis(250);
@@ -207,8 +215,10 @@ impl MqttClient {
         }
     }
 
+    /// Disconnects and stops reconnecting.
     pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.disconnect()).await;
     }
 }
 

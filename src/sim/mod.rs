@@ -116,7 +116,7 @@ pub struct SimHandle {
     heartbeats: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    /// Start messages received (including ignored ones), for tests.
+    /// Start messages received (including ignored ones, not counting broker redeliveries), for tests.
     pub starts_seen: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Stop messages received, for tests.
     pub stops_seen: Arc<Mutex<Vec<String>>>,
@@ -236,7 +236,7 @@ impl Proplet {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let me = Arc::clone(&self);
-                        tokio::spawn(async move { me.on_message(&p.topic, &p.payload).await });
+                        tokio::spawn(async move { me.on_message(&p.topic, &p.payload, p.dup).await });
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -296,9 +296,11 @@ impl Proplet {
         })
     }
 
-    async fn on_message(&self, topic: &str, payload: &[u8]) {
+    /// `redelivery`: the broker's DUP flag (a QoS 1 message sent again after a reconnect).
+    async fn on_message(&self, topic: &str, payload: &[u8], redelivery: bool) {
         if topic.contains("control/manager/start") {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload)
+                && !redelivery
                 && let Ok(mut seen) = self.starts_seen.lock()
             {
                 seen.push(v);

@@ -560,3 +560,69 @@ async fn k8s_proplet_gets_a_deployment_with_the_right_env() -> anyhow::Result<()
     assert_ne!(p.phase(), PropletPhase::Running);
     env.finish().await
 }
+
+#[tokio::test]
+async fn a_restarted_operator_publishes_an_assigned_task_once() -> anyhow::Result<()> {
+    let mut env = Env::start("restart", &[]).await?;
+    let sim = env.proplet("c1", |_| {}).await?;
+    env.external_proplet("p1", "c1", json!({})).await?;
+    running_proplet(&env, "p1").await?;
+    env.stop_operator().await?;
+    // The state an operator leaves when it dies after persisting the assignment, before publishing.
+    env.create::<Task>(json!({"metadata": {"name": "crash"},
+        "spec": {"name": "x", "functionName": "add", "file": ADD, "inputs": ["20", "22"]}}))
+        .await?;
+    let status = json!({"apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Task",
+        "status": {"phase": "scheduled", "assignedProplet": "p1", "assignedClientId": "c1", "attempts": 1, "conditions": []}});
+    env.tasks()
+        .patch_status(
+            "crash",
+            &kube::api::PatchParams::apply("e2e-crash").force(),
+            &kube::api::Patch::Apply(&status),
+        )
+        .await?;
+    env.resume_operator();
+    let t = env
+        .wait_for(
+            &env.tasks(),
+            "crash",
+            "completion after the restart",
+            |t: &Task| phase(t) == TaskPhase::Completed,
+        )
+        .await?;
+    assert_eq!(t.status.and_then(|s| s.results), Some(json!("42")));
+    let starts = sim
+        .starts_seen
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        starts.len(),
+        1,
+        "published exactly once after the restart: {starts:?}"
+    );
+    sim.shutdown().await;
+    env.finish().await
+}
+
+#[tokio::test]
+async fn a_broker_restart_is_survived() -> anyhow::Result<()> {
+    let mut env = Env::start("broker-restart", &[]).await?;
+    let sim = env.proplet("c1", |_| {}).await?;
+    env.external_proplet("p1", "c1", json!({})).await?;
+    running_proplet(&env, "p1").await?;
+    env.broker.restart()?;
+    // Operator and proplet reconnect; the operator's subscriptions are back (clean session).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.create::<Task>(json!({"metadata": {"name": "after-restart"},
+        "spec": {"name": "x", "functionName": "add", "file": ADD, "inputs": ["1", "41"]}}))
+        .await?;
+    let t = env
+        .wait_for(&env.tasks(), "after-restart", "completion", |t: &Task| {
+            phase(t) == TaskPhase::Completed
+        })
+        .await?;
+    assert_eq!(t.status.and_then(|s| s.results), Some(json!("42")));
+    sim.shutdown().await;
+    env.finish().await
+}

@@ -26,6 +26,8 @@ pub struct Env {
     pub broker: Broker,
     stop: Option<oneshot::Sender<()>>,
     operator: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    op_client: Client,
+    config: OperatorConfig,
 }
 
 /// The kustomize ClusterRole, verbatim.
@@ -95,6 +97,11 @@ async fn operator_client(
 impl Env {
     /// A namespace, a broker and the operator (restricted to the namespace) with `extra` flags.
     pub async fn start(prefix: &str, extra: &[&str]) -> anyhow::Result<Env> {
+        // RUST_LOG=propeller_operator=debug shows the operator's log with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let cluster = shared_cluster();
         let admin = cluster.client().await?;
         install_crds(&admin).await?;
@@ -128,22 +135,49 @@ impl Env {
         ];
         args.extend_from_slice(extra);
         let config = OperatorConfig::try_parse_from_args(&args)?;
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let operator = tokio::spawn(propeller_operator::run::run_with(
-            op_client,
-            config,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
-        Ok(Env {
+        let mut env = Env {
             cluster,
             admin,
             ns,
             broker,
-            stop: Some(stop_tx),
-            operator: Some(operator),
-        })
+            stop: None,
+            operator: None,
+            op_client,
+            config,
+        };
+        env.start_operator();
+        Ok(env)
+    }
+
+    fn start_operator(&mut self) {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        self.operator = Some(tokio::spawn(propeller_operator::run::run_with(
+            self.op_client.clone(),
+            self.config.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        )));
+        self.stop = Some(stop_tx);
+    }
+
+    /// Stops the operator (as a crash or a rollout would); `resume_operator` starts a fresh one.
+    pub async fn stop_operator(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(op) = self.operator.take() {
+            match tokio::time::timeout(Duration::from_secs(10), op).await {
+                Ok(Ok(r)) => r?,
+                Ok(Err(e)) => anyhow::bail!("operator task panicked: {e}"),
+                Err(_) => anyhow::bail!("operator did not stop within 10 s"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resume_operator(&mut self) {
+        self.start_operator();
     }
 
     /// Starts a simulated proplet with its own broker account.
@@ -256,16 +290,7 @@ impl Env {
 
     /// Stops the operator and deletes the namespace.
     pub async fn finish(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(op) = self.operator.take() {
-            match tokio::time::timeout(Duration::from_secs(10), op).await {
-                Ok(Ok(r)) => r?,
-                Ok(Err(e)) => anyhow::bail!("operator task panicked: {e}"),
-                Err(_) => anyhow::bail!("operator did not stop within 10 s"),
-            }
-        }
+        self.stop_operator().await?;
         let _ = Api::<ClusterRoleBinding>::all(self.admin.clone())
             .delete(
                 &format!("propeller-operator-{}", self.ns),
