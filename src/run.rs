@@ -113,6 +113,7 @@ pub async fn run_with(
         task_index: TaskIndex::default(),
         liveness: Liveness::default(),
         results: PendingResults::default(),
+        task_metrics: controllers::TaskMetricsBuffer::default(),
         recorder: Recorder::new(client.clone(), reporter),
         started: std::time::Instant::now(),
     });

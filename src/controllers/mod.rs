@@ -43,6 +43,7 @@ pub struct Context {
     pub task_index: TaskIndex,
     pub liveness: Liveness,
     pub results: PendingResults,
+    pub task_metrics: TaskMetricsBuffer,
     pub recorder: Recorder,
     /// When this operator started: until a heartbeat threshold has passed, silence proves nothing.
     pub started: Instant,
@@ -155,6 +156,51 @@ impl PendingResults {
             if v.is_empty() {
                 m.remove(uid);
             }
+        }
+    }
+}
+
+/// The latest task_metrics sample of each running task, written to status at most every
+/// `--status-refresh` (keyed by Task UID).
+#[derive(Clone, Default)]
+pub struct TaskMetricsBuffer {
+    inner: Arc<Mutex<HashMap<String, (crate::api::common::ResourceMetrics, Option<Instant>)>>>,
+}
+
+impl TaskMetricsBuffer {
+    /// Stores a sample; true when it is due for writing.
+    pub fn offer(
+        &self,
+        uid: &str,
+        sample: crate::api::common::ResourceMetrics,
+        every: Duration,
+    ) -> bool {
+        let Ok(mut m) = self.inner.lock() else {
+            return false;
+        };
+        let entry = m.entry(uid.to_string()).or_insert((sample.clone(), None));
+        entry.0 = sample;
+        entry.1.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    /// The sample to write now, if one is due; marks it written.
+    pub fn take_due(
+        &self,
+        uid: &str,
+        every: Duration,
+    ) -> Option<crate::api::common::ResourceMetrics> {
+        let mut m = self.inner.lock().ok()?;
+        let entry = m.get_mut(uid)?;
+        if entry.1.is_some_and(|t| t.elapsed() < every) {
+            return None;
+        }
+        entry.1 = Some(Instant::now());
+        Some(entry.0.clone())
+    }
+
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.remove(uid);
         }
     }
 }

@@ -57,6 +57,9 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
             }
             None => {
                 ctx.results.done(&uid, pending.len());
+                if !status.phase.is_some_and(TaskPhase::is_active) {
+                    ctx.task_metrics.forget(&uid);
+                }
                 Ok(Action::await_change())
             }
         };
@@ -857,6 +860,9 @@ async fn record_results(
         }
     }
     ctx.results.done(&uid, pending.len());
+    if !status.phase.is_some_and(TaskPhase::is_active) {
+        ctx.task_metrics.forget(&uid);
+    }
     Ok(if task.phase().is_active() || changed {
         Action::requeue(Duration::from_millis(100))
     } else {

@@ -85,7 +85,6 @@ struct ProletStart {
     #[serde(default)]
     proplet_id: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     monitoring_profile: Option<ProletMonitoringProfile>,
 }
 
@@ -364,9 +363,15 @@ impl Proplet {
             debug!(client_id = %self.config.client_id, task = %start.id, "duplicate start ignored");
             return;
         }
-        let outcome = if start.daemon {
-            Ok(String::new())
-        } else {
+        let monitor = start
+            .monitoring_profile
+            .as_ref()
+            .filter(|m| m.enabled && m.export_to_mqtt)
+            .map(|m| Duration::from_secs(m.interval.max(1)));
+        let work = async {
+            if start.daemon {
+                return Ok(String::new());
+            }
             if !self.config.faults.task_delay.is_zero() {
                 tokio::time::sleep(self.config.faults.task_delay).await;
             }
@@ -386,6 +391,26 @@ impl Proplet {
             } else {
                 Err(format!("proplet-sim cannot fetch {image_url:?}"))
             }
+        };
+        // While the task runs, task_metrics every profile interval (as the real proplet samples them).
+        let ticker = async {
+            let Some(every) = monitor else {
+                return std::future::pending::<()>().await;
+            };
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let msg = json!({"task_id": start.id, "proplet_id": self.config.client_id,
+                    "metrics": {"cpu_percent": 3.5, "memory_bytes": 52428800u64, "memory_percent": 0.6,
+                                "disk_read_bytes": 0, "disk_write_bytes": 0, "uptime_seconds": 1,
+                                "thread_count": 9, "file_descriptor_count": 31},
+                    "aggregated": null});
+                self.publish("control/proplet/task_metrics", msg).await;
+            }
+        };
+        let outcome = tokio::select! {
+            o = work => o,
+            _ = ticker => Err("unreachable".to_string()),
         };
         let still_running = self
             .running
