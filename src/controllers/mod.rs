@@ -164,8 +164,11 @@ impl PendingResults {
 /// `--status-refresh` (keyed by Task UID).
 #[derive(Clone, Default)]
 pub struct TaskMetricsBuffer {
-    inner: Arc<Mutex<HashMap<String, (crate::api::common::ResourceMetrics, Option<Instant>)>>>,
+    inner: Arc<Mutex<HashMap<String, BufferedMetrics>>>,
 }
+
+/// A sample and when a sample of that task was last written.
+type BufferedMetrics = (crate::api::common::ResourceMetrics, Option<Instant>);
 
 impl TaskMetricsBuffer {
     /// Stores a sample; true when it is due for writing.
