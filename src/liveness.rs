@@ -8,6 +8,9 @@ use jiff::Timestamp;
 use crate::api::common::ResourceMetrics;
 use crate::api::proplet::PropletMetadata;
 
+/// Bound on entries for proplets nobody has registered.
+pub const MAX_UNKNOWN: usize = 100_000;
+
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
     /// Last heartbeat (operator receive time).
@@ -80,6 +83,18 @@ impl Liveness {
             entry.metadata = Some(metadata);
             Change::Transition
         }
+    }
+
+    /// Keeps discovery data of a proplet that has no Proplet (yet), without counting it as a heartbeat;
+    /// at most [`MAX_UNKNOWN`] such entries, so a flood of fake ids cannot grow memory without bound.
+    pub fn remember_discovery(&self, client_id: &str, metadata: PropletMetadata) {
+        let Ok(mut map) = self.inner.lock() else {
+            return;
+        };
+        if !map.contains_key(client_id) && map.len() >= MAX_UNKNOWN {
+            return;
+        }
+        map.entry(client_id.to_string()).or_default().metadata = Some(metadata);
     }
 
     pub fn metrics(&self, client_id: &str, metrics: ResourceMetrics) {

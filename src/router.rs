@@ -65,6 +65,11 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
             Ok(m) => {
                 let md = metadata(m.metadata.unwrap_or_default(), m.namespace);
+                // Discovery is sent once, at proplet start-up, often before its Proplet is created:
+                // keep it (bounded) so the Proplet shows it whenever it appears.
+                if ctx.ownership.owns_client(&m.proplet_id) {
+                    ctx.liveness.remember_discovery(&m.proplet_id, md.clone());
+                }
                 with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
                     if ctx.liveness.discovery(&m.proplet_id, md) == Change::Transition {
                         let _ = triggers.proplets.send(r);
@@ -116,14 +121,29 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         },
         Inbound::TaskMetrics => match wire::decode_task_metrics(payload) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
-            Ok(m) => {
-                let outcome = if ctx.task_index.by_uid(&m.task_id).is_some() {
-                    "ok"
-                } else {
-                    "unknown_task"
-                };
-                metrics().mqtt_message(kind.as_str(), outcome);
-            }
+            Ok(m) => match ctx.task_index.by_uid(&m.task_id) {
+                None => {
+                    metrics().mqtt_message(kind.as_str(), "unknown_task");
+                    debug!(topic = %msg.topic, task_id = %m.task_id, "task metrics for an unknown task");
+                }
+                Some(t) => {
+                    metrics().mqtt_message(kind.as_str(), "ok");
+                    let sample = m.metrics.unwrap_or_default();
+                    let snapshot = ResourceMetrics {
+                        timestamp: Some(crate::controllers::now()),
+                        cpu_milli_percent: sample.cpu_percent.map(|p| (p * 1000.0) as i64),
+                        memory_milli_percent: sample.memory_percent.map(|p| (p * 1000.0) as i64),
+                        memory_bytes: sample.memory_bytes.map(|b| b.min(i64::MAX as u64) as i64),
+                    };
+                    // Wake the controller only when a write is due (at most every --status-refresh).
+                    if ctx
+                        .task_metrics
+                        .offer(&m.task_id, snapshot, ctx.config.status_refresh.0)
+                    {
+                        let _ = triggers.tasks.send(t);
+                    }
+                }
+            },
         },
     }
 }

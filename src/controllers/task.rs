@@ -57,9 +57,7 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
             }
             None => {
                 ctx.results.done(&uid, pending.len());
-                if !status.phase.is_some_and(TaskPhase::is_active) {
-                    ctx.task_metrics.forget(&uid);
-                }
+                ctx.task_metrics.forget(&uid);
                 Ok(Action::await_change())
             }
         };
@@ -334,7 +332,8 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         .client()
         .unwrap_or_default()
         .to_string();
-    ensure_finalizer(task, ctx).await?;
+    // The finalizer write changes the resourceVersion: the assignment is written on top of it.
+    let task = ensure_finalizer(task, ctx).await?;
     status.phase = Some(TaskPhase::Scheduled);
     status.assigned_proplet = Some(proplet.name_any());
     status.assigned_client_id = Some(client_id.clone());
@@ -352,9 +351,7 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         &msg,
         g,
     );
-    apply_status(&ctx.client, task, &status).await?;
-    let mut scheduled = task.clone();
-    scheduled.status = Some(status);
+    let scheduled = apply_status(&ctx.client, &task, &status).await?;
     publish_and_mark_running(&scheduled, ctx).await
 }
 
@@ -673,6 +670,11 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
                 .await;
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
+    }
+    let uid = task.uid().unwrap_or_default();
+    if let Some(sample) = ctx.task_metrics.take_due(&uid, ctx.config.status_refresh.0) {
+        status.latest_metrics = Some(sample);
+        apply_status(&ctx.client, task, &status).await?;
     }
     Ok(Action::requeue(
         timeout - elapsed + Duration::from_millis(200),

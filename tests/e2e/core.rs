@@ -626,3 +626,57 @@ async fn a_broker_restart_is_survived() -> anyhow::Result<()> {
     sim.shutdown().await;
     env.finish().await
 }
+
+#[tokio::test]
+async fn task_metrics_reach_the_status_while_running() -> anyhow::Result<()> {
+    let mut env = Env::start("task-metrics", &[]).await?;
+    let sim = env
+        .proplet("c1", |c| c.faults.task_delay = Duration::from_secs(8))
+        .await?;
+    env.external_proplet("p1", "c1", json!({})).await?;
+    running_proplet(&env, "p1").await?;
+    env.create::<Task>(json!({"metadata": {"name": "watched"},
+        "spec": {"name": "x", "functionName": "add", "file": ADD, "inputs": ["1", "1"],
+                 "monitoringProfile": {"enabled": true, "exportToMqtt": true, "interval": "1s", "collectCpu": true}}}))
+        .await?;
+    let t = env
+        .wait_for(
+            &env.tasks(),
+            "watched",
+            "task metrics in status",
+            |t: &Task| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| s.latest_metrics.as_ref())
+                    .is_some()
+            },
+        )
+        .await?;
+    let st = t.status.unwrap_or_default();
+    assert_eq!(
+        st.phase,
+        Some(TaskPhase::Running),
+        "written while the task runs"
+    );
+    let m = st.latest_metrics.unwrap_or_default();
+    assert_eq!(m.cpu_milli_percent, Some(3500));
+    assert_eq!(m.memory_bytes, Some(52428800));
+    // The start carried a complete monitoring profile with a whole-second interval.
+    let starts = sim
+        .starts_seen
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let profile = starts
+        .first()
+        .map(|s| s["monitoring_profile"].clone())
+        .unwrap_or_default();
+    assert_eq!(profile["interval"], 1);
+    assert_eq!(profile["collect_memory"], false);
+    env.wait_for(&env.tasks(), "watched", "completion", |t: &Task| {
+        phase(t) == TaskPhase::Completed
+    })
+    .await?;
+    sim.shutdown().await;
+    env.finish().await
+}
