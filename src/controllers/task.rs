@@ -266,36 +266,32 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
             return Ok(Action::await_change());
         }
         Err(skip) => {
-            status.phase = Some(TaskPhase::Skipped);
-            status.finished_at = Some(now());
-            set_condition(
-                &mut status.conditions,
-                "Completed",
-                ConditionStatus::False,
-                "Skipped",
-                &skip,
-                g,
-            );
-            apply_status(&ctx.client, task, &status).await?;
-            ctx.event(task, EventType::Normal, "Skipped", "Schedule", skip)
-                .await;
+            let end = Ending {
+                phase: TaskPhase::Skipped,
+                reason: "Skipped",
+                event: Some((EventType::Normal, "Schedule")),
+                error: false,
+            };
+            end_task(task, ctx, status, end, skip).await?;
             return Ok(Action::await_change());
         }
     }
 
     let Some(_) = &ctx.mqtt else {
-        status.phase = Some(TaskPhase::Failed);
-        status.finished_at = Some(now());
-        status.error = Some("MQTT is not configured (--mqtt-address)".into());
-        set_condition(
-            &mut status.conditions,
-            "Completed",
-            ConditionStatus::False,
-            "MQTTNotConfigured",
-            "MQTT is not configured (--mqtt-address)",
-            g,
-        );
-        apply_status(&ctx.client, task, &status).await?;
+        let end = Ending {
+            phase: TaskPhase::Failed,
+            reason: "MQTTNotConfigured",
+            event: None,
+            error: true,
+        };
+        end_task(
+            task,
+            ctx,
+            status,
+            end,
+            "MQTT is not configured (--mqtt-address)".into(),
+        )
+        .await?;
         return Ok(Action::await_change());
     };
 
@@ -353,6 +349,44 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
     );
     let scheduled = apply_status(&ctx.client, &task, &status).await?;
     publish_and_mark_running(&scheduled, ctx).await
+}
+
+/// How a task ends without a result: its phase, the Completed condition's reason, and the Event.
+struct Ending {
+    phase: TaskPhase,
+    reason: &'static str,
+    /// Event type and action, if the ending deserves an Event.
+    event: Option<(EventType, &'static str)>,
+    /// Whether the message also goes to `status.error`.
+    error: bool,
+}
+
+async fn end_task(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    end: Ending,
+    msg: String,
+) -> Result<Task> {
+    status.phase = Some(end.phase);
+    status.finished_at = Some(now());
+    if end.error {
+        status.error = Some(msg.clone());
+    }
+    let g = task.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        "Completed",
+        ConditionStatus::False,
+        end.reason,
+        &msg,
+        g,
+    );
+    let written = apply_status(&ctx.client, task, &status).await?;
+    if let Some((type_, action)) = end.event {
+        ctx.event(task, type_, end.reason, action, msg).await;
+    }
+    Ok(written)
 }
 
 /// The channel a proplet listens on.
@@ -597,7 +631,6 @@ fn timeout_of(task: &Task, ctx: &Context) -> Duration {
 }
 
 async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
-    let g = task.metadata.generation;
     let mut status = task.status.clone().unwrap_or_default();
     let timeout = timeout_of(task, ctx);
     let elapsed = status
@@ -623,20 +656,13 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
             format!("no result within {}s", timeout.as_secs())
         };
         stop(task, ctx, &status).await;
-        status.phase = Some(TaskPhase::Failed);
-        status.finished_at = Some(now());
-        status.error = Some(msg.clone());
-        set_condition(
-            &mut status.conditions,
-            "Completed",
-            ConditionStatus::False,
-            "Timeout",
-            &msg,
-            g,
-        );
-        apply_status(&ctx.client, task, &status).await?;
-        ctx.event(task, EventType::Warning, "Timeout", "Watch", msg)
-            .await;
+        let end = Ending {
+            phase: TaskPhase::Failed,
+            reason: "Timeout",
+            event: Some((EventType::Warning, "Watch")),
+            error: true,
+        };
+        end_task(task, ctx, status, end, msg).await?;
         return Ok(Action::await_change());
     }
     if task.spec.broadcast != Some(true) {
@@ -655,19 +681,13 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
             _ => None,
         };
         if let Some(why) = gone {
-            status.phase = Some(TaskPhase::Interrupted);
-            status.finished_at = Some(now());
-            set_condition(
-                &mut status.conditions,
-                "Completed",
-                ConditionStatus::False,
-                "Interrupted",
-                &why,
-                g,
-            );
-            apply_status(&ctx.client, task, &status).await?;
-            ctx.event(task, EventType::Warning, "Interrupted", "Watch", why)
-                .await;
+            let end = Ending {
+                phase: TaskPhase::Interrupted,
+                reason: "Interrupted",
+                event: Some((EventType::Warning, "Watch")),
+                error: false,
+            };
+            end_task(task, ctx, status, end, why).await?;
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
     }
