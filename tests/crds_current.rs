@@ -60,3 +60,38 @@ fn every_crd_is_namespaced_with_status_and_category() {
         );
     }
 }
+
+/// `kubectl explain` has something to say about every field.
+#[test]
+fn every_field_has_a_description() {
+    fn walk(kind: &str, path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+        if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+            for (name, sub) in props {
+                let here = format!("{path}.{name}");
+                if !["apiVersion", "kind", "metadata"].contains(&name.as_str())
+                    && sub.get("description").is_none()
+                {
+                    missing.push(format!("{kind}{here}"));
+                }
+                walk(kind, &here, sub, missing);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            walk(kind, &format!("{path}[]"), items, missing);
+        }
+    }
+    let mut missing = Vec::new();
+    for crd in all_crds() {
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+        walk(
+            &crd.spec.names.kind,
+            "",
+            &schema["openAPIV3Schema"],
+            &mut missing,
+        );
+    }
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
+}

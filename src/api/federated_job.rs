@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, any_json};
 
+/// A federated-learning experiment.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "propeller.propeller.abstractmachines.fr",
@@ -39,7 +40,9 @@ pub struct FederatedJobSpec {
     pub k_of_n: i64,
     /// Seconds a round may take.
     pub timeout_seconds: i64,
+    /// How many rounds to run.
     pub rounds: RoundsSpec,
+    /// How updates are combined.
     pub aggregator: AggregatorSpec,
 }
 
@@ -55,6 +58,7 @@ pub struct Participant {
 pub struct RoundsSpec {
     /// Number of rounds.
     pub total: i64,
+    /// Round strategy (e.g. sequential).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
 }
@@ -64,25 +68,32 @@ pub struct RoundsSpec {
 pub struct AggregatorSpec {
     /// Aggregation algorithm, e.g. fedavg.
     pub algorithm: String,
+    /// Algorithm settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub config: Option<serde_json::Value>,
 }
 
+/// Progress of the experiment.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FederatedJobStatus {
     /// Pending, Running, Completed or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The round in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_round: Option<i64>,
+    /// Rounds completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_rounds: Option<i64>,
+    /// Ready and progress conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// State of each participant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub participants: Vec<ParticipantStatus>,
+    /// The latest aggregated model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregated_model_ref: Option<String>,
 }
@@ -90,9 +101,12 @@ pub struct FederatedJobStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ParticipantStatus {
+    /// Proplet name or clientId.
     pub proplet_id: String,
+    /// The participant's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// When its last update arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<Time>,
 }

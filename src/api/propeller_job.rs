@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::common::Condition;
 use super::task::TaskSpec;
 
+/// A batch of Tasks and how they run.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "propeller.propeller.abstractmachines.fr",
@@ -57,30 +58,41 @@ pub enum JobPhase {
     Failed,
 }
 
+/// Progress of the job.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PropellerJobStatus {
     /// Pending, Running, Completed or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<JobPhase>,
+    /// When the job started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_time: Option<Time>,
+    /// When the operator first saw the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<Time>,
+    /// Last status change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+    /// Tasks in the job (spec.tasks and spec.taskRefs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_count: Option<i64>,
+    /// Tasks completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_count: Option<i64>,
+    /// Tasks failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_count: Option<i64>,
+    /// Tasks skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_count: Option<i64>,
+    /// Tasks interrupted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted_count: Option<i64>,
+    /// Running, Completed, Failed, Ready.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

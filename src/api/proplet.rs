@@ -130,38 +130,52 @@ pub struct PropletEnvConfig {
     /// Port of the proplet's /metrics and /health (PROPLET_METRICS_PORT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_port: Option<i32>,
+    /// Serve /metrics on the proplet (PROPLET_METRICS_ENABLED).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_enabled: Option<bool>,
     /// Path of an external Wasm runtime; an explicit empty string forces the built-in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_wasm_runtime: Option<String>,
+    /// Hardware abstraction layer (PROPLET_HAL_ENABLED).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hal_enabled: Option<bool>,
+    /// Outgoing HTTP for tasks (PROPLET_HTTP_ENABLED).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_enabled: Option<bool>,
+    /// USB access for tasks (PROPLET_USB_ENABLED).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usb_enabled: Option<bool>,
+    /// OpenTelemetry collector URL (PROPLET_OTEL_URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otel_url: Option<String>,
+    /// Trace sampling ratio (PROPLET_TRACE_RATIO).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_ratio: Option<String>,
     /// Comma-separated tags reported in discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<String>,
+    /// Where the proplet is (PROPLET_LOCATION).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// Free-text description (PROPLET_DESCRIPTION).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Key broker service for confidential tasks (PROPLET_KBS_URI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kbs_uri: Option<String>,
+    /// Attestation agent configuration file (PROPLET_AA_CONFIG_PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aa_config_path: Option<String>,
+    /// CA certificate file for a TLS broker (PROPLET_MQTT_TLS_CA_CERT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_tls_ca_cert: Option<String>,
+    /// Client certificate file (PROPLET_MQTT_TLS_CLIENT_CERT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_tls_client_cert: Option<String>,
+    /// Client key file (PROPLET_MQTT_TLS_CLIENT_KEY).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_tls_client_key: Option<String>,
+    /// Skip broker certificate checks (PROPLET_MQTT_TLS_INSECURE_SKIP_VERIFY).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_tls_insecure_skip_verify: Option<bool>,
 }
@@ -321,6 +335,8 @@ pub struct PropletStatus {
     /// The proplet's clientId (for `kubectl get -o wide` and selectors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// Resources the proplet offers (from spec.resources).
+    /// Resources the proplet offers (from spec.resources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available_resources: Option<AvailableResources>,
     /// Replicas of a k8s proplet's Deployment.
@@ -331,6 +347,7 @@ pub struct PropletStatus {
     pub metadata: Option<PropletMetadata>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_metrics: Option<ResourceMetrics>,
+    /// metadata.generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
@@ -338,10 +355,13 @@ pub struct PropletStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AvailableResources {
+    /// CPU, e.g. 500m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
+    /// Memory, e.g. 128Mi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// Other resources by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<BTreeMap<String, String>>,
 }
@@ -349,7 +369,9 @@ pub struct AvailableResources {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct K8sStatus {
+    /// Ready pods of the Deployment.
     pub ready_replicas: i32,
+    /// Available pods of the Deployment.
     pub available_replicas: i32,
 }
 
@@ -357,26 +379,37 @@ pub struct K8sStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PropletMetadata {
+    /// Description the proplet reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Tags the proplet reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
+    /// Location the proplet reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// The proplet's IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// docker, binary or embedded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// Operating system.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os: Option<String>,
+    /// Host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// CPU architecture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_arch: Option<String>,
+    /// Total memory of the host in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_memory_bytes: Option<i64>,
+    /// Proplet version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proplet_version: Option<String>,
+    /// Wasm runtime (wasmtime-internal or an external runtime path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm_runtime: Option<String>,
     /// The namespace the proplet reports (PROPLET_MANAGER_K8S_NAMESPACE).

@@ -200,26 +200,34 @@ pub struct ResourceRequirements {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MonitoringProfile {
+    /// Monitor the task's resource use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Sampling interval as a duration (e.g. 10s); proplets receive whole seconds (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
+    /// Sample CPU use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collect_cpu: Option<bool>,
+    /// Sample memory use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collect_memory: Option<bool>,
+    /// Sample disk I/O.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collect_disk_io: Option<bool>,
+    /// Sample the thread count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collect_threads: Option<bool>,
+    /// Sample open file descriptors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collect_file_descriptors: Option<bool>,
     /// Publish samples as task_metrics over MQTT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_to_mqtt: Option<bool>,
+    /// Keep past samples on the proplet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain_history: Option<bool>,
+    /// How many past samples the proplet keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_size: Option<i64>,
 }
@@ -277,13 +285,16 @@ pub struct TaskStatus {
     /// MQTT clientId of that proplet (the `proplet_id` on the wire).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_client_id: Option<String>,
+    /// When the operator first saw the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<Time>,
+    /// Last status change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
     /// When the start message was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// When the task reached a final phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
     /// Next cron tick, for scheduled tasks.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, any_json};
 
+/// One round: a Task per participant, aggregated once k of n updates arrived.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "propeller.propeller.abstractmachines.fr",
@@ -26,17 +27,22 @@ use super::common::{Condition, any_json};
 pub struct TrainingRoundSpec {
     /// e.g. round-1.
     pub round_id: String,
+    /// The FederatedJob this round belongs to.
     pub federated_job_ref: LocalRef,
     /// The model this round starts from.
     pub model_ref: String,
+    /// The FL client module.
     pub task_wasm_image: String,
     /// Proplet names or clientIds.
     pub participants: Vec<String>,
+    /// Training hyperparameters (HYPERPARAMS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub hyperparams: Option<serde_json::Value>,
+    /// Updates needed to aggregate.
     #[serde(rename = "kOfN")]
     pub k_of_n: i64,
+    /// Seconds the round may take.
     pub timeout_seconds: i64,
 }
 
@@ -47,24 +53,32 @@ pub struct LocalRef {
     pub name: String,
 }
 
+/// Progress of the round.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingRoundStatus {
     /// Pending, Running, Aggregating, Completed or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// When the round started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the round ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_time: Option<Time>,
+    /// State of each participant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub participants: Vec<RoundParticipant>,
+    /// Updates received so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updates_received: Option<i64>,
+    /// Updates needed (kOfN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updates_required: Option<i64>,
+    /// The aggregated model of this round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregated_model_ref: Option<String>,
+    /// Ready and progress conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
@@ -72,11 +86,15 @@ pub struct TrainingRoundStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoundParticipant {
+    /// Proplet name or clientId.
     pub proplet_id: String,
+    /// The participant's Task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_ref: Option<ObjectReference>,
+    /// The participant's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// Whether its update arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_received: Option<bool>,
 }
