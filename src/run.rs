@@ -59,6 +59,7 @@ pub async fn run_with(
     mut config: OperatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    crate::testbed::install_crypto_provider();
     let shutdown = futures::FutureExt::shared(futures::FutureExt::boxed(shutdown));
     let readiness = Readiness::default();
     // Background loops end with the operator (tests run several operators in one process).

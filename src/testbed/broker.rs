@@ -20,12 +20,36 @@ pub struct Broker {
     users: BTreeMap<String, String>,
     lifetime: Lifetime,
     proc: Option<Proc>,
+    /// A second, TLS listener (same users), when started with [`Broker::start_tls`].
+    pub tls: Option<TlsListener>,
+}
+
+/// The TLS listener: its port and the CA that signed its certificate.
+pub struct TlsListener {
+    pub port: u16,
+    pub ca_cert: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
 }
 
 const PORT_ATTEMPTS: usize = 5;
 
 impl Broker {
+    /// Like [`Broker::start`], plus a TLS listener (`ssl://127.0.0.1:PORT`) with its own CA.
+    pub fn start_tls(dir: &Path, lifetime: Lifetime) -> Result<Broker> {
+        let pki = super::cluster::Pki::create(&dir.join("pki"))?;
+        Broker::start_with(dir, lifetime, Some(pki))
+    }
+
     pub fn start(dir: &Path, lifetime: Lifetime) -> Result<Broker> {
+        Broker::start_with(dir, lifetime, None)
+    }
+
+    fn start_with(
+        dir: &Path,
+        lifetime: Lifetime,
+        pki: Option<super::cluster::Pki>,
+    ) -> Result<Broker> {
         fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let username = "propeller".to_string();
@@ -38,11 +62,20 @@ impl Broker {
             users: BTreeMap::from([(username, password)]),
             lifetime,
             proc: None,
+            tls: None,
         };
         broker.write_password_file()?;
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             broker.port = free_port()?;
+            if let Some(pki) = &pki {
+                broker.tls = Some(TlsListener {
+                    port: free_port()?,
+                    ca_cert: pki.ca_cert.clone(),
+                    cert: pki.server_cert.clone(),
+                    key: pki.server_key.clone(),
+                });
+            }
             match broker.launch() {
                 Ok(()) => return Ok(broker),
                 Err(e) => {
@@ -152,6 +185,18 @@ impl Broker {
                 pw = self.dir.join("passwd").display()
             ),
         )?;
+        if let Some(tls) = &self.tls {
+            let mut f = fs::OpenOptions::new().append(true).open(&conf)?;
+            use std::io::Write;
+            writeln!(
+                f,
+                "listener {} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}",
+                tls.port,
+                tls.ca_cert.display(),
+                tls.cert.display(),
+                tls.key.display()
+            )?;
+        }
         let mut cmd = Command::new("mosquitto");
         cmd.arg("-c").arg(&conf);
         let proc = Proc::spawn(

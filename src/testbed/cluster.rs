@@ -334,17 +334,17 @@ fn base64_std(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// The cluster's certificates: a CA, the API server's serving certificate for 127.0.0.1 and localhost,
-/// and the service-account signing key.
-struct Pki {
-    ca_cert: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    sa_key: PathBuf,
+/// Certificates: a CA, a serving certificate for 127.0.0.1 and localhost (the API server's, or the
+/// broker's TLS listener's), and a service-account signing key.
+pub struct Pki {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub sa_key: PathBuf,
 }
 
 impl Pki {
-    fn create(dir: &Path) -> Result<Pki> {
+    pub fn create(dir: &Path) -> Result<Pki> {
         fs::create_dir_all(dir)?;
         let p = |f: &str| dir.join(f);
         let ext = p("server.ext");

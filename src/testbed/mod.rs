@@ -221,6 +221,11 @@ pub fn start_broker() -> Result<Broker> {
     Broker::start(&next_dir("mosquitto"), Lifetime::Attached)
 }
 
+/// A fresh mosquitto with a plain and a TLS listener.
+pub fn start_tls_broker() -> Result<Broker> {
+    Broker::start_tls(&next_dir("mosquitto"), Lifetime::Attached)
+}
+
 /// Polls `f` until it yields `Some`, failing after `timeout` with `what` and, for a local cluster, the state
 /// of its processes.
 pub async fn wait_for<T, F, Fut>(

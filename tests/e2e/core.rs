@@ -680,3 +680,28 @@ async fn task_metrics_reach_the_status_while_running() -> anyhow::Result<()> {
     sim.shutdown().await;
     env.finish().await
 }
+
+#[tokio::test]
+async fn the_operator_reaches_the_broker_over_tls() -> anyhow::Result<()> {
+    let mut env = Env::start_tls("tls").await?;
+    let sim = env.proplet("c1", |_| {}).await?;
+    env.external_proplet("p1", "c1", json!({})).await?;
+    running_proplet(&env, "p1").await?;
+    env.create::<Task>(json!({"metadata": {"name": "over-tls"},
+        "spec": {"name": "x", "functionName": "add", "file": ADD, "inputs": ["21", "21"]}}))
+        .await?;
+    let t = env
+        .wait_for(&env.tasks(), "over-tls", "completion", |t: &Task| {
+            phase(t) == TaskPhase::Completed
+        })
+        .await?;
+    assert_eq!(t.status.and_then(|s| s.results), Some(json!("42")));
+    let log = std::fs::read_to_string(env.broker.dir.join("mosquitto.log"))?;
+    let tls_port = env.broker.tls.as_ref().map(|t| t.port).unwrap_or_default();
+    assert!(
+        log.contains(&format!("port {tls_port}")),
+        "the operator connected on the TLS listener"
+    );
+    sim.shutdown().await;
+    env.finish().await
+}

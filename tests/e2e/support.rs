@@ -97,6 +97,15 @@ async fn operator_client(
 impl Env {
     /// A namespace, a broker and the operator (restricted to the namespace) with `extra` flags.
     pub async fn start(prefix: &str, extra: &[&str]) -> anyhow::Result<Env> {
+        Env::start_with(prefix, extra, false).await
+    }
+
+    /// The operator talks to the broker over TLS (its CA from the test bed); proplets stay on plain MQTT.
+    pub async fn start_tls(prefix: &str) -> anyhow::Result<Env> {
+        Env::start_with(prefix, &[], true).await
+    }
+
+    async fn start_with(prefix: &str, extra: &[&str], tls: bool) -> anyhow::Result<Env> {
         // RUST_LOG=propeller_operator=debug shows the operator's log with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -106,9 +115,19 @@ impl Env {
         let admin = cluster.client().await?;
         install_crds(&admin).await?;
         let ns = cluster.namespace(&admin, prefix).await?;
-        let broker = testbed::start_broker()?;
+        let broker = if tls {
+            testbed::start_tls_broker()?
+        } else {
+            testbed::start_broker()?
+        };
         let op_client = operator_client(cluster, &admin, &ns).await?;
-        let address = broker.address();
+        let (address, ca) = match &broker.tls {
+            Some(t) => (
+                format!("ssl://127.0.0.1:{}", t.port),
+                t.ca_cert.display().to_string(),
+            ),
+            None => (broker.address(), String::new()),
+        };
         let client_id = format!("operator-{ns}");
         let mut args = vec![
             "propeller-operator",
@@ -133,6 +152,9 @@ impl Env {
             "--status-refresh",
             "5s",
         ];
+        if tls {
+            args.extend_from_slice(&["--mqtt-ca-cert", &ca]);
+        }
         args.extend_from_slice(extra);
         let config = OperatorConfig::try_parse_from_args(&args)?;
         let mut env = Env {
