@@ -622,6 +622,16 @@ pub fn start_request(task: &Task, client_id: Option<&str>) -> StartRequest {
     }
 }
 
+/// The clientIds that have answered a broadcast.
+fn answered(status: &TaskStatus) -> Vec<String> {
+    status
+        .results
+        .as_ref()
+        .and_then(Value::as_object)
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 fn timeout_of(task: &Task, ctx: &Context) -> Duration {
     task.spec
         .timeout_seconds
@@ -640,12 +650,7 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
         .unwrap_or_default();
     if elapsed >= timeout {
         let msg = if task.spec.broadcast == Some(true) {
-            let answered: Vec<String> = status
-                .results
-                .as_ref()
-                .and_then(Value::as_object)
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default();
+            let answered = answered(&status);
             let missing: Vec<&String> = status
                 .broadcast_targets
                 .iter()
@@ -809,12 +814,7 @@ async fn record_results(
         break;
     }
     if broadcast && changed {
-        let answered: Vec<String> = status
-            .results
-            .as_ref()
-            .and_then(Value::as_object)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+        let answered = answered(&status);
         if status
             .broadcast_targets
             .iter()
