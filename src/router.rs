@@ -67,7 +67,10 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                 let md = metadata(m.metadata.unwrap_or_default(), m.namespace);
                 // Discovery is sent once, at proplet start-up, often before its Proplet is created:
                 // keep it (bounded) so the Proplet shows it whenever it appears.
-                if ctx.ownership.owns_client(&m.proplet_id) {
+                // (Only for unknown proplets: for a known one, `discovery` below must see the change.)
+                if ctx.ownership.owns_client(&m.proplet_id)
+                    && proplet_for(ctx, &channel, &m.proplet_id).is_none()
+                {
                     ctx.liveness.remember_discovery(&m.proplet_id, md.clone());
                 }
                 with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {

@@ -149,7 +149,12 @@ pub async fn run_with(
                 | watcher::Event::InitApply(p)
                 | watcher::Event::Delete(p) = &ev
                 {
-                    if !matches!(ev, watcher::Event::Delete(_)) {
+                    if matches!(ev, watcher::Event::Delete(_)) {
+                        // Heartbeat state of a deleted Proplet would otherwise stay for ever.
+                        if let Some(client) = p.spec.connection_config.client() {
+                            ctx.liveness.forget(client);
+                        }
+                    } else {
                         let _ = proplet_main_tx.send(p.clone());
                     }
                     for t in tasks_affected_by(&ctx, p) {

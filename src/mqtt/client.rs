@@ -157,10 +157,6 @@ impl MqttClient {
         Ok((handle, rx))
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
-    }
-
     /// Publishes JSON. Queued while disconnected; fails when the queue stays full for the timeout.
     pub async fn publish_json<T: Serialize>(
         &self,
