@@ -42,6 +42,15 @@ impl std::str::FromStr for BindAddress {
     }
 }
 
+/// Where tasks on k8s proplets run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum K8sTaskBackend {
+    /// A Kubernetes Job per task, running the Wasm runner.
+    Job,
+    /// An MQTT start message, as for external proplets.
+    Mqtt,
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "propeller-operator",
@@ -113,6 +122,18 @@ pub struct OperatorConfig {
     #[arg(long, default_value_t = 3)]
     pub max_task_attempts: i32,
 
+    /// How tasks placed on `type: k8s` proplets run: `job` (a Kubernetes Job running the Wasm runner
+    /// image) or `mqtt` (a start message to the proplet pods, like external proplets).
+    #[arg(long, env = "K8S_TASK_BACKEND", value_enum, default_value_t = K8sTaskBackend::Job)]
+    pub k8s_task_backend: K8sTaskBackend,
+    /// Image of the Wasm runner used by the job backend (built from images/wasm-runner/Dockerfile).
+    #[arg(
+        long,
+        env = "WASM_RUNNER_IMAGE",
+        default_value = "ghcr.io/absmach/propeller-operator/wasm-runner:0.1.0"
+    )]
+    pub wasm_runner_image: String,
+
     /// Namespace to watch (empty: all).
     #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,
@@ -179,6 +200,10 @@ mod tests {
         assert_eq!(c.mqtt_timeout.0, Duration::from_secs(90));
         assert_eq!(c.health_probe_bind_address.0.map(|a| a.port()), Some(8181));
         assert_eq!(c.mqtt_qos, 1);
+        assert_eq!(c.k8s_task_backend, K8sTaskBackend::Job);
+        let c = OperatorConfig::try_parse_from(["op", "--k8s-task-backend=mqtt"]).expect("parses");
+        assert_eq!(c.k8s_task_backend, K8sTaskBackend::Mqtt);
+        assert!(OperatorConfig::try_parse_from(["op", "--k8s-task-backend=pod"]).is_err());
     }
 
     #[test]

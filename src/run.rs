@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -14,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{error, info, warn};
 
 use crate::api::{Proplet, Task};
-use crate::config::OperatorConfig;
+use crate::config::{K8sTaskBackend, OperatorConfig};
 use crate::controllers::{self, Context, PendingResults};
 use crate::indexes::{PropletIndex, TaskIndex};
 use crate::liveness::Liveness;
@@ -99,6 +100,7 @@ pub async fn run_with(
     let ns = config.watch_namespace.clone();
     let (proplet_store, proplet_writer) = reflector::store::<Proplet>();
     let (task_store, task_writer) = reflector::store::<Task>();
+    let (job_store, job_writer) = reflector::store::<Job>();
     let reporter = Reporter {
         controller: "propeller-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -110,6 +112,7 @@ pub async fn run_with(
         ownership: Ownership::single(),
         proplets: proplet_store.clone(),
         tasks: task_store.clone(),
+        jobs: job_store,
         proplet_index: PropletIndex::default(),
         task_index: TaskIndex::default(),
         liveness: Liveness::default(),
@@ -218,6 +221,31 @@ pub async fn run_with(
             }
         }));
     }
+    // Jobs of the job backend: their changes wake the Task that owns them.
+    if config.k8s_task_backend == K8sTaskBackend::Job {
+        let api = api::<Job>(&client, &ns);
+        let task_trigger = task_trigger_tx.clone();
+        let selector =
+            watcher::Config::default().labels(crate::controllers::job_backend::MANAGED_SELECTOR);
+        background.push(tokio::spawn(async move {
+            let stream = reflector::reflector(job_writer, watcher(api, selector)).default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        warn!(error = %e, "Job watch error");
+                        continue;
+                    }
+                };
+                if let watcher::Event::Apply(j) | watcher::Event::Delete(j) = &ev
+                    && let Some(t) = owning_task(j)
+                {
+                    let _ = task_trigger.send(t);
+                }
+            }
+        }));
+    }
     if let Some(inbox) = inbox {
         let ctx = Arc::clone(&ctx);
         let triggers = Triggers {
@@ -275,6 +303,14 @@ pub async fn run_with(
     }
     info!("stopped");
     Ok(())
+}
+
+fn owning_task(j: &Job) -> Option<ObjectRef<Task>> {
+    let owner = j
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Task" && o.api_version.starts_with(crate::api::GROUP))?;
+    Some(ObjectRef::new(&owner.name).within(&j.namespace()?))
 }
 
 fn assigned_proplet(t: &Task) -> Option<ObjectRef<Proplet>> {

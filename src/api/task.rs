@@ -124,6 +124,11 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub timeout_seconds: Option<i64>,
+    /// Job backend only (tasks on k8s proplets): how many times the runner pod is retried before the Job
+    /// fails. Default: 0 with restartPolicy Never, otherwise the operator's --max-task-attempts minus one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 20))]
+    pub backoff_limit: Option<i32>,
 }
 
 fn default_priority() -> i32 {
@@ -320,6 +325,9 @@ pub struct TaskStatus {
     /// Latest task metrics reported by the proplet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_metrics: Option<ResourceMetrics>,
+    /// The Kubernetes Job running the task (job backend, k8s proplets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
     /// metadata.generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

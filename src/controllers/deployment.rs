@@ -208,10 +208,7 @@ pub fn desired(p: &Proplet, k8s: &K8sSpec) -> std::result::Result<Deployment, St
 /// Content hash of the desired spec, so an unchanged desired state costs no write. (Another operator
 /// build may hash differently; that costs one re-apply.)
 fn content_hash(text: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    format!("{:016x}", h.finish())
+    format!("{:016x}", crate::naming::stable_hash(text))
 }
 
 /// Creates or updates the Deployment (and the Secret for a literal key) when they differ from the

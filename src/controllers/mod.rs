@@ -1,5 +1,6 @@
 //! One reconciler per kind, sharing a [`Context`].
 pub mod deployment;
+pub mod job_backend;
 pub mod proplet;
 pub mod selection;
 pub mod task;
@@ -39,6 +40,8 @@ pub struct Context {
     pub ownership: Ownership,
     pub proplets: Store<Proplet>,
     pub tasks: Store<Task>,
+    /// Jobs of the job backend (empty when the backend is mqtt).
+    pub jobs: Store<k8s_openapi::api::batch::v1::Job>,
     pub proplet_index: PropletIndex,
     pub task_index: TaskIndex,
     pub liveness: Liveness,

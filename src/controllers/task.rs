@@ -1,5 +1,6 @@
-//! Task controller (MQTT path): choose a proplet, persist the assignment, publish the start, then record
-//! the result; time out tasks that never answer, and reschedule tasks whose proplet went away.
+//! Task controller: choose a proplet, persist the assignment, publish the start (or, for k8s proplets on
+//! the job backend, hand over to [`job_backend`]), then record the result; time out tasks that never
+//! answer, and reschedule tasks whose proplet went away.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,13 +13,14 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Context, apply_status, measured, now, selection};
+use super::{Context, apply_status, job_backend, measured, now, selection};
 use crate::api::common::{ConditionStatus, set_condition};
-use crate::api::proplet::{Proplet, PropletPhase};
-use crate::api::task::{RunIf, Task, TaskPhase, TaskStatus};
+use crate::api::proplet::{Proplet, PropletPhase, PropletType};
+use crate::api::task::{PreferredPropletType, RunIf, Task, TaskPhase, TaskStatus};
+use crate::config::K8sTaskBackend;
 use crate::error::Result;
 use crate::mqtt::topics::Channel;
-use crate::mqtt::wire::{StartRequest, StopRequest, WireMonitoringProfile};
+use crate::mqtt::wire::{StartRequest, StopRequest, TaskResult, WireMonitoringProfile};
 use crate::telemetry::metrics;
 
 pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finalizer";
@@ -64,7 +66,7 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
     }
 
     if let Err(msg) = validate(&task) {
-        return invalid_spec(&task, &ctx, status, &msg).await;
+        return refuse(&task, &ctx, status, "InvalidSpec", &msg).await;
     }
 
     match task.phase() {
@@ -81,6 +83,7 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
                 _ => Ok(Action::await_change()),
             }
         }
+        TaskPhase::Running if status.job_name.is_some() => job_backend::watch(&task, &ctx).await,
         TaskPhase::Running => watch_running(&task, &ctx).await,
         TaskPhase::Interrupted => retry_interrupted(&task, &ctx).await,
         TaskPhase::Completed | TaskPhase::Failed | TaskPhase::Skipped => Ok(Action::await_change()),
@@ -161,10 +164,13 @@ pub fn validate(task: &Task) -> std::result::Result<(), String> {
     Ok(())
 }
 
-async fn invalid_spec(
+/// Leaves the task pending with `Ready=False` and `reason` (an invalid spec, or one this operator cannot
+/// run as configured): an Event and a log line on the transition, nothing until the spec changes.
+pub(super) async fn refuse(
     task: &Task,
     ctx: &Context,
     mut status: TaskStatus,
+    reason: &str,
     msg: &str,
 ) -> Result<Action> {
     let old = status.clone();
@@ -175,7 +181,7 @@ async fn invalid_spec(
         &mut status.conditions,
         "Ready",
         ConditionStatus::False,
-        "InvalidSpec",
+        reason,
         msg,
         g,
     );
@@ -184,12 +190,12 @@ async fn invalid_spec(
         ctx.event(
             task,
             EventType::Warning,
-            "InvalidSpec",
+            reason,
             "Validate",
             msg.to_string(),
         )
         .await;
-        warn!(task = %task.name_any(), error = %msg, "invalid Task spec");
+        warn!(task = %task.name_any(), %reason, error = %msg, "Task refused");
     }
     Ok(Action::await_change())
 }
@@ -299,7 +305,28 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         return dispatch_broadcast(task, ctx, status).await;
     }
 
-    let proplets = ctx.proplets.state();
+    // On the job backend, a task that cannot run as a Job may only go to external proplets.
+    let job_backend = ctx.config.k8s_task_backend == K8sTaskBackend::Job;
+    let not_a_job = job_backend
+        .then(|| job_backend::unsupported(task))
+        .flatten();
+    if let Some(why) = &not_a_job
+        && task.spec.preferred_proplet_type == PreferredPropletType::K8s
+    {
+        return refuse(task, ctx, status, "UnsupportedOnJobBackend", why).await;
+    }
+    let pinned = task
+        .spec
+        .proplet_selector
+        .as_ref()
+        .and_then(|s| s.proplet_id.as_deref())
+        .is_some_and(|id| !id.is_empty());
+    let proplets: Vec<Arc<Proplet>> = ctx
+        .proplets
+        .state()
+        .into_iter()
+        .filter(|p| not_a_job.is_none() || pinned || p.spec.type_ != PropletType::K8s)
+        .collect();
     let chosen = selection::select(task, &proplets, |p| {
         super::proplet::active_task_count(ctx, p)
     });
@@ -322,6 +349,12 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
             return Ok(Action::requeue(WAIT_FOR_PROPLET));
         }
     };
+    if job_backend && proplet.spec.type_ == PropletType::K8s {
+        if let Some(why) = &not_a_job {
+            return refuse(task, ctx, status, "UnsupportedOnJobBackend", why).await;
+        }
+        return job_backend::dispatch(task, ctx, status, &proplet).await;
+    }
     let client_id = proplet
         .spec
         .connection_config
@@ -352,16 +385,16 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
 }
 
 /// How a task ends without a result: its phase, the Completed condition's reason, and the Event.
-struct Ending {
-    phase: TaskPhase,
-    reason: &'static str,
+pub(super) struct Ending {
+    pub phase: TaskPhase,
+    pub reason: &'static str,
     /// Event type and action, if the ending deserves an Event.
-    event: Option<(EventType, &'static str)>,
+    pub event: Option<(EventType, &'static str)>,
     /// Whether the message also goes to `status.error`.
-    error: bool,
+    pub error: bool,
 }
 
-async fn end_task(
+pub(super) async fn end_task(
     task: &Task,
     ctx: &Context,
     mut status: TaskStatus,
@@ -632,7 +665,7 @@ fn answered(status: &TaskStatus) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn timeout_of(task: &Task, ctx: &Context) -> Duration {
+pub(super) fn timeout_of(task: &Task, ctx: &Context) -> Duration {
     task.spec
         .timeout_seconds
         .filter(|s| *s > 0)
@@ -717,6 +750,7 @@ async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Action> {
     status.phase = Some(TaskPhase::Pending);
     status.assigned_proplet = None;
     status.assigned_client_id = None;
+    status.job_name = None;
     status.started_at = None;
     status.finished_at = None;
     let msg = format!(
@@ -782,34 +816,7 @@ async fn record_results(
             warn!(task = %task.name_any(), %from, %assigned, "ignoring a result from a proplet the task is not assigned to");
             continue;
         }
-        status.finished_at = Some(now());
-        status.results = Some(result.results.clone());
-        match result.failure() {
-            Some(err) => {
-                status.phase = Some(TaskPhase::Failed);
-                status.error = Some(err.to_string());
-                set_condition(
-                    &mut status.conditions,
-                    "Completed",
-                    ConditionStatus::False,
-                    "Failed",
-                    err,
-                    g,
-                );
-            }
-            None => {
-                status.phase = Some(TaskPhase::Completed);
-                status.error = None;
-                set_condition(
-                    &mut status.conditions,
-                    "Completed",
-                    ConditionStatus::True,
-                    "Succeeded",
-                    "the proplet returned a result",
-                    g,
-                );
-            }
-        }
+        settle(&mut status, result, g);
         changed = true;
         break;
     }
@@ -862,24 +869,7 @@ async fn record_results(
                 .task_completion_seconds
                 .observe(received.elapsed().as_secs_f64());
         }
-        match status.phase {
-            Some(TaskPhase::Completed) => {
-                ctx.event(
-                    task,
-                    EventType::Normal,
-                    "Completed",
-                    "Result",
-                    summary(&status),
-                )
-                .await
-            }
-            Some(TaskPhase::Failed) => {
-                let err = status.error.clone().unwrap_or_default();
-                ctx.event(task, EventType::Warning, "Failed", "Result", err)
-                    .await
-            }
-            _ => {}
-        }
+        announce(task, ctx, &status).await;
     }
     ctx.results.done(&uid, pending.len());
     if !status.phase.is_some_and(TaskPhase::is_active) {
@@ -890,6 +880,60 @@ async fn record_results(
     } else {
         Action::await_change()
     })
+}
+
+/// Records one task's result (from a proplet or a Job's runner): completed, or failed with its error.
+pub(super) fn settle(status: &mut TaskStatus, result: &TaskResult, g: Option<i64>) {
+    status.finished_at = Some(now());
+    status.results = Some(result.results.clone());
+    match result.failure() {
+        Some(err) => {
+            status.phase = Some(TaskPhase::Failed);
+            status.error = Some(err.to_string());
+            set_condition(
+                &mut status.conditions,
+                "Completed",
+                ConditionStatus::False,
+                "Failed",
+                err,
+                g,
+            );
+        }
+        None => {
+            status.phase = Some(TaskPhase::Completed);
+            status.error = None;
+            set_condition(
+                &mut status.conditions,
+                "Completed",
+                ConditionStatus::True,
+                "Succeeded",
+                "the task returned a result",
+                g,
+            );
+        }
+    }
+}
+
+/// The Event for a task that just completed or failed.
+pub(super) async fn announce(task: &Task, ctx: &Context, status: &TaskStatus) {
+    match status.phase {
+        Some(TaskPhase::Completed) => {
+            ctx.event(
+                task,
+                EventType::Normal,
+                "Completed",
+                "Result",
+                summary(status),
+            )
+            .await
+        }
+        Some(TaskPhase::Failed) => {
+            let err = status.error.clone().unwrap_or_default();
+            ctx.event(task, EventType::Warning, "Failed", "Result", err)
+                .await
+        }
+        _ => {}
+    }
 }
 
 fn summary(status: &TaskStatus) -> String {

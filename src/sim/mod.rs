@@ -1,7 +1,7 @@
 //! A simulated proplet, byte-compatible with the real Rust proplet on the wire (including its quirks:
 //! numeric inputs and starts without a module are dropped without an answer; starts for another proplet
 //! are ignored; a daemon answers at once with an empty result; nothing is published for a stop).
-pub mod wasm;
+use crate::wasm;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -382,9 +382,11 @@ impl Proplet {
                     Ok(module) => {
                         let name = start.name.clone();
                         let inputs = start.inputs.unwrap_or_default();
-                        tokio::task::spawn_blocking(move || wasm::run(&module, &name, &inputs))
-                            .await
-                            .unwrap_or_else(|e| Err(format!("task panicked: {e}")))
+                        tokio::task::spawn_blocking(move || {
+                            wasm::export::run(&module, &name, &inputs)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(format!("task panicked: {e}")))
                     }
                     Err(e) => Err(format!("Failed to decode wasm file: {e}")),
                 }

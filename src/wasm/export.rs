@@ -1,33 +1,47 @@
-//! Runs a Wasm export the way the real proplet does: inputs parsed by the export's parameter types, the
-//! first result rendered as text, `main`/`run`/`_start` as fallbacks when the named export is missing.
-use wasmi::{Engine, Linker, Module, Store, Val, ValType};
+//! Calls a core-module export the way the real proplet does: inputs parsed by the export's parameter
+//! types, the first result rendered as text, `main`/`run`/`_start` as fallbacks when the export is missing.
+use wasmi::{AsContextMut, Engine, Instance, Linker, Module, Store, Val, ValType};
 
 const FALLBACKS: [&str; 3] = ["main", "run", "_start"];
 
 /// The result string, or the proplet's error message.
 pub fn run(module: &[u8], function: &str, inputs: &[String]) -> Result<String, String> {
     let engine = Engine::default();
-    let module =
-        Module::new(&engine, module).map_err(|e| format!("Failed to compile module: {e}"))?;
+    let module = compile(&engine, module)?;
     let mut store = Store::new(&engine, ());
     let linker = <Linker<()>>::new(&engine);
     let instance = linker
         .instantiate_and_start(&mut store, &module)
         .map_err(|e| format!("Failed to instantiate module: {e}"))?;
+    call(&mut store, &instance, function, inputs)
+}
+
+pub(crate) fn compile(engine: &Engine, module: &[u8]) -> Result<Module, String> {
+    Module::new(engine, module).map_err(|e| format!("Failed to compile module: {e}"))
+}
+
+/// Calls `function` (or a fallback) with `inputs` parsed by its parameter types.
+pub(crate) fn call<T>(
+    mut store: impl AsContextMut<Data = T>,
+    instance: &Instance,
+    function: &str,
+    inputs: &[String],
+) -> Result<String, String> {
+    let store = &mut store;
     let func = instance
-        .get_func(&store, function)
-        .or_else(|| FALLBACKS.iter().find_map(|f| instance.get_func(&store, f)));
+        .get_func(&*store, function)
+        .or_else(|| FALLBACKS.iter().find_map(|f| instance.get_func(&*store, f)));
     let Some(func) = func else {
         let available: Vec<String> = instance
-            .exports(&store)
-            .filter(|e| e.ty(&store).func().is_some())
+            .exports(&*store)
+            .filter(|e| e.ty(&*store).func().is_some())
             .map(|e| e.name().to_string())
             .collect();
         return Err(format!(
             "Function '{function}' not found, and fallbacks {FALLBACKS:?} also not found in module exports. Available function exports: {available:?}"
         ));
     };
-    let ty = func.ty(&store);
+    let ty = func.ty(&*store);
     let params = ty.params();
     if params.len() != inputs.len() {
         return Err(format!(
@@ -53,7 +67,7 @@ pub fn run(module: &[u8], function: &str, inputs: &[String]) -> Result<String, S
         .iter()
         .map(|t| Val::default_for_ty(*t))
         .collect();
-    func.call(&mut store, &args, &mut results)
+    func.call(&mut *store, &args, &mut results)
         .map_err(|e| format!("Function execution failed: {e}"))?;
     Ok(match results.first() {
         Some(Val::I32(v)) => v.to_string(),
