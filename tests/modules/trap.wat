@@ -1,0 +1,4 @@
+;; boom() traps.
+(module
+  (func (export "boom") (result i32)
+    unreachable))
