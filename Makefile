@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint provision cluster-up cluster-down crds demo dev-up dev-down clean
+.PHONY: all build test lint provision cluster-up cluster-down crds demo dev-up dev-down clean images
 
 all: build
 
@@ -50,3 +50,11 @@ crds:
 
 clean: cluster-down
 	$(CARGO) clean
+
+## Container images (operator and Wasm runner) where docker or podman exists; see images/Dockerfile.
+ENGINE ?= $(shell command -v docker || command -v podman)
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+images:
+	@test -n "$(ENGINE)" || { echo "images: no docker or podman on this machine"; exit 1; }
+	$(ENGINE) build -f images/Dockerfile --target operator -t propeller-operator:$(VERSION) .
+	$(ENGINE) build -f images/Dockerfile --target wasm-runner -t ghcr.io/absmach/propeller-operator/wasm-runner:$(VERSION) .

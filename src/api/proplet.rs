@@ -89,6 +89,9 @@ pub struct K8sSpec {
     /// Proplet settings, passed as PROPLET_* environment variables in the units the proplet parses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<PropletEnvConfig>,
+    /// Node labels the proplet pods, and the Jobs of tasks placed on this proplet, are scheduled by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn default_replicas() -> i32 {

@@ -189,6 +189,10 @@ pub fn desired(p: &Proplet, k8s: &K8sSpec) -> std::result::Result<Deployment, St
             },
         },
     });
+    let mut spec = spec;
+    if let Some(selector) = k8s.node_selector.as_ref().filter(|s| !s.is_empty()) {
+        spec["template"]["spec"]["nodeSelector"] = json!(selector);
+    }
     let hash = content_hash(&spec.to_string());
     let dep = json!({
         "apiVersion": "apps/v1",

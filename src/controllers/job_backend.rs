@@ -152,6 +152,13 @@ pub fn plan(
         .map(|(k, v)| json!({"name": k, "value": v}))
         .collect();
 
+    // Tasks run where their proplet's pods may run.
+    let node_selector = proplet
+        .spec
+        .k8s
+        .as_ref()
+        .and_then(|k| k.node_selector.clone())
+        .unwrap_or_default();
     let mut resources = BTreeMap::new();
     if let Some(r) = &task.spec.resource_requirements {
         if let Some(cpu) = &r.cpu {
@@ -217,6 +224,7 @@ pub fn plan(
                         },
                     }],
                     "volumes": volumes,
+                    "nodeSelector": node_selector,
                 },
             },
         },
@@ -522,7 +530,7 @@ mod tests {
         serde_json::from_value(json!({
             "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Proplet",
             "metadata": {"name": "pool", "namespace": "ns", "uid": "p-1"},
-            "spec": {"type": "k8s", "k8s": {"image": "img"},
+            "spec": {"type": "k8s", "k8s": {"image": "img", "nodeSelector": {"pool": "edge"}},
                      "connectionConfig": {"mqttAddress": "tcp://m:1883", "domainId": "d", "channelId": "c", "clientId": "cid", "clientKey": "secret"}},
         }))
         .expect("proplet")
@@ -555,6 +563,10 @@ mod tests {
         assert_eq!(job["spec"]["activeDeadlineSeconds"], 600);
         let pod = &job["spec"]["template"]["spec"];
         assert_eq!(pod["restartPolicy"], "OnFailure");
+        assert_eq!(
+            pod["nodeSelector"]["pool"], "edge",
+            "runs where the proplet runs"
+        );
         let c = &pod["containers"][0];
         assert_eq!(c["image"], "runner:1");
         let args: Vec<&str> = c["args"]
