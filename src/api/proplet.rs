@@ -421,6 +421,15 @@ pub struct PropletMetadata {
 }
 
 impl Proplet {
+    /// The MQTT clientId (empty when the spec has none, which validation reports).
+    pub fn client_id(&self) -> String {
+        self.spec
+            .connection_config
+            .client()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub fn phase(&self) -> PropletPhase {
         self.status
             .as_ref()

@@ -96,12 +96,7 @@ pub fn plan(
     let owner = task
         .controller_owner_ref(&())
         .ok_or(("InvalidSpec", "the Task has no uid yet".to_string()))?;
-    let client_id = proplet
-        .spec
-        .connection_config
-        .client()
-        .unwrap_or_default()
-        .to_string();
+    let client_id = proplet.client_id();
     let start = start_request(task, Some(&client_id));
     let labels = json!({
         "app.kubernetes.io/name": "propeller-task",
@@ -272,12 +267,7 @@ pub async fn dispatch(
     )
     .await?;
 
-    let client_id = proplet
-        .spec
-        .connection_config
-        .client()
-        .unwrap_or_default()
-        .to_string();
+    let client_id = proplet.client_id();
     status.phase = Some(TaskPhase::Running);
     status.assigned_proplet = Some(proplet.name_any());
     status.assigned_client_id = Some(client_id);
@@ -419,6 +409,21 @@ pub fn runner_result(pods: &[Pod]) -> Option<TaskResult> {
     found.pop().map(|(_, _, r)| r)
 }
 
+/// The label selector of a Job's pods (the Job controller's `controller-uid`).
+pub fn pod_selector(job: &Job) -> String {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .and_then(|s| s.match_labels.as_ref())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_else(|| format!("job-name={}", job.name_any()))
+}
+
 /// A running Job-backed task: waits for the Job to end, then records the runner's result.
 pub async fn watch(task: &Task, ctx: &Context) -> Result<Action> {
     let mut status = task.status.clone().unwrap_or_default();
@@ -447,18 +452,7 @@ pub async fn watch(task: &Task, ctx: &Context) -> Result<Action> {
             timeout_of(task, ctx) + std::time::Duration::from_secs(30),
         ));
     }
-    let selector = job
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .and_then(|s| s.match_labels.as_ref())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_else(|| format!("job-name={name}"));
+    let selector = pod_selector(&job);
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default().labels(&selector))
         .await?;

@@ -59,12 +59,7 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
-    let client_id = p
-        .spec
-        .connection_config
-        .client()
-        .unwrap_or_default()
-        .to_string();
+    let client_id = p.client_id();
     if !ctx.ownership.owns_client(&client_id) {
         return Ok(Action::await_change());
     }

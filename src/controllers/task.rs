@@ -355,12 +355,7 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         }
         return job_backend::dispatch(task, ctx, status, &proplet).await;
     }
-    let client_id = proplet
-        .spec
-        .connection_config
-        .client()
-        .unwrap_or_default()
-        .to_string();
+    let client_id = proplet.client_id();
     // The finalizer write changes the resourceVersion: the assignment is written on top of it.
     let task = ensure_finalizer(task, ctx).await?;
     status.phase = Some(TaskPhase::Scheduled);

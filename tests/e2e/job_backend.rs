@@ -16,6 +16,7 @@ use propeller_operator::api::proplet::PropletPhase;
 use propeller_operator::api::task::TaskPhase;
 use propeller_operator::api::{Proplet, Task};
 use propeller_operator::config::OperatorConfig;
+use propeller_operator::controllers::job_backend::pod_selector;
 use propeller_operator::testbed;
 use serde_json::{Value, json};
 
@@ -48,24 +49,10 @@ async fn k8s_pool(env: &mut Env, name: &str) -> anyhow::Result<propeller_operato
     Ok(sim)
 }
 
-fn selector_of(job: &Job) -> String {
-    job.spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .and_then(|s| s.match_labels.as_ref())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
-}
-
 /// The Job's pods that have not terminated yet (created by the Job controller).
 async fn waiting_pod(env: &Env, job: &Job) -> anyhow::Result<Pod> {
     let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
-    let selector = selector_of(job);
+    let selector = pod_selector(job);
     testbed::wait_for(
         env.cluster,
         &format!("a pending pod of Job {}", job.name_any()),
@@ -282,7 +269,7 @@ async fn a_task_on_a_k8s_proplet_runs_as_a_job() -> anyhow::Result<()> {
         .delete("addition", &DeleteParams::background())
         .await?;
     let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
-    let selector = selector_of(&job);
+    let selector = pod_selector(&job);
     testbed::wait_for(
         env.cluster,
         "the Job, its pods and the ConfigMap to be deleted",
