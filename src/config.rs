@@ -121,12 +121,20 @@ pub struct OperatorConfig {
     /// Dispatches of one task (first run plus reschedules after interruptions).
     #[arg(long, default_value_t = 3)]
     pub max_task_attempts: i32,
+    /// Tasks a proplet runs at once unless its spec.maxConcurrentTasks says otherwise; 0: unlimited.
+    /// Tasks over the limit wait, highest spec.priority first, then oldest.
+    #[arg(long, env = "MAX_TASKS_PER_PROPLET", default_value_t = 0)]
+    pub max_tasks_per_proplet: u32,
+    /// Accepted for compatibility with the later upstream operator: placement always takes the least
+    /// loaded fitting proplet, and waiting tasks always go by priority.
+    #[arg(long, value_parser = ["round-robin", "priority"], default_value = "round-robin")]
+    pub scheduler: String,
 
     /// How tasks placed on `type: k8s` proplets run: `job` (a Kubernetes Job running the Wasm runner
     /// image) or `mqtt` (a start message to the proplet pods, like external proplets).
     #[arg(long, env = "K8S_TASK_BACKEND", value_enum, default_value_t = K8sTaskBackend::Job)]
     pub k8s_task_backend: K8sTaskBackend,
-    /// Image of the Wasm runner used by the job backend (built from images/wasm-runner/Dockerfile).
+    /// Image of the Wasm runner used by the job backend (built from images/Dockerfile).
     #[arg(
         long,
         env = "WASM_RUNNER_IMAGE",
@@ -193,6 +201,7 @@ mod tests {
             "--api-key=k",
             "--channel-id=c",
             "--mqtt-timeout=1m30s",
+            "--scheduler=priority",
         ])
         .expect("parses");
         assert_eq!(c.domain_id, "d");

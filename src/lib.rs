@@ -11,6 +11,7 @@ pub mod naming;
 pub mod router;
 pub mod run;
 pub mod runner;
+pub mod scheduling;
 pub mod sharding;
 pub mod sim;
 pub mod telemetry;

@@ -212,9 +212,14 @@ pub async fn run_with(
                     if let Some(p) = assigned_proplet(t) {
                         let _ = proplet_trigger.send(p);
                     }
-                    if t.phase().is_terminal() {
+                    let gone = matches!(ev, watcher::Event::Delete(_));
+                    if t.phase().is_terminal() || gone {
                         for d in dependents(&ctx, t) {
                             let _ = task_trigger.send(d);
+                        }
+                        // A slot may have freed: the capacity queue of the namespace moves.
+                        for q in queued(&ctx, t) {
+                            let _ = task_trigger.send(q);
                         }
                     }
                 }
@@ -336,6 +341,17 @@ fn tasks_affected_by(ctx: &Context, p: &Proplet) -> Vec<ObjectRef<Task>> {
                         == Some(name.as_str()))
         })
         .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+/// Tasks waiting for room on a proplet in `t`'s namespace.
+fn queued(ctx: &Context, t: &Task) -> Vec<ObjectRef<Task>> {
+    let ns = t.namespace();
+    ctx.tasks
+        .state()
+        .iter()
+        .filter(|q| q.namespace() == ns && crate::scheduling::is_queued(q))
+        .map(|q| ObjectRef::from_obj(q.as_ref()))
         .collect()
 }
 

@@ -47,6 +47,11 @@ pub struct PropletSpec {
     pub resources: Option<BTreeMap<String, IntOrString>>,
     /// Broker connection and identity.
     pub connection_config: ConnectionConfig,
+    /// Tasks this proplet runs at once (scheduled or running); more wait, highest priority first. Unset:
+    /// the operator's --max-tasks-per-proplet (default unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_tasks: Option<i32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

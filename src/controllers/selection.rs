@@ -9,10 +9,13 @@ use crate::api::task::{PreferredPropletType, Task};
 
 /// Picks a proplet for `task` among `proplets` (any namespace; only the task's own is considered), or
 /// says why none fits.
+/// `admit` says whether a proplet has room for the task now (capacity and priority, see
+/// [`crate::scheduling`]).
 pub fn select(
     task: &Task,
     proplets: &[Arc<Proplet>],
     load: impl Fn(&Proplet) -> i64,
+    admit: impl Fn(&Proplet) -> Result<(), String>,
 ) -> Result<Arc<Proplet>, String> {
     let ns = task.namespace();
     let local: Vec<&Arc<Proplet>> = proplets.iter().filter(|p| p.namespace() == ns).collect();
@@ -25,6 +28,12 @@ pub fn select(
                 .iter()
                 .find(|p| p.spec.connection_config.client() == Some(id))
         });
+        if let Some(Err(why)) = pinned
+            .filter(|p| p.phase() == PropletPhase::Running)
+            .map(|p| admit(p))
+        {
+            return Err(format!("the pinned proplet {id} is {why}"));
+        }
         return match pinned {
             None => Err(format!(
                 "no Proplet named {id:?} or with clientId {id:?} in this namespace"
@@ -44,7 +53,7 @@ pub fn select(
     let mut rejected = Vec::new();
     let mut candidates: Vec<(i64, String, &Arc<Proplet>)> = Vec::new();
     for p in local {
-        match fits(task, p) {
+        match fits(task, p).and_then(|()| admit(p)) {
             Ok(()) => candidates.push((load(p), p.name_any(), p)),
             Err(why) => rejected.push(format!("{}: {why}", p.name_any())),
         }
@@ -57,6 +66,26 @@ pub fn select(
             rejected.truncate(5);
             Err(format!("no proplet matches: {}", rejected.join("; ")))
         }
+    }
+}
+
+/// Whether `task` could be placed on `p` (its pin or its selector), ignoring capacity.
+pub fn could_use(task: &Task, p: &Proplet) -> bool {
+    if task.namespace() != p.namespace() {
+        return false;
+    }
+    match task
+        .spec
+        .proplet_selector
+        .as_ref()
+        .and_then(|s| s.proplet_id.as_deref())
+        .filter(|s| !s.is_empty())
+    {
+        Some(id) => {
+            (p.name_any() == id || p.spec.connection_config.client() == Some(id))
+                && p.phase() == PropletPhase::Running
+        }
+        None => fits(task, p).is_ok(),
     }
 }
 
@@ -129,18 +158,51 @@ mod tests {
     }
 
     #[test]
+    fn a_proplet_without_room_is_skipped() {
+        let ps = vec![
+            proplet("a", "ca", "Running", json!({})),
+            proplet("b", "cb", "Running", json!({})),
+        ];
+        let full_a = |p: &Proplet| {
+            if p.name_any() == "a" {
+                Err("busy (1/1 tasks)".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        assert_eq!(
+            select(&task(json!({})), &ps, |_| 0, full_a).map(|p| p.name_any()),
+            Ok("b".into())
+        );
+        let e = select(&task(json!({"propletId": "a"})), &ps, |_| 0, full_a).expect_err("full");
+        assert!(e.contains("busy"), "{e}");
+        assert!(could_use(&task(json!({"propletId": "cb"})), &ps[1]));
+        assert!(!could_use(&task(json!({"propletId": "cb"})), &ps[0]));
+    }
+
+    #[test]
     fn pinned_by_name_or_client_id() {
         let ps = vec![proplet("p1", "client-1", "Running", json!({}))];
-        assert!(select(&task(json!({"propletId": "p1"})), &ps, |_| 0).is_ok());
-        assert!(select(&task(json!({"propletId": "client-1"})), &ps, |_| 0).is_ok());
-        let e = select(&task(json!({"propletId": "nope"})), &ps, |_| 0).expect_err("unknown");
+        assert!(select(&task(json!({"propletId": "p1"})), &ps, |_| 0, |_| Ok(())).is_ok());
+        assert!(
+            select(
+                &task(json!({"propletId": "client-1"})),
+                &ps,
+                |_| 0,
+                |_| Ok(())
+            )
+            .is_ok()
+        );
+        let e = select(&task(json!({"propletId": "nope"})), &ps, |_| 0, |_| Ok(()))
+            .expect_err("unknown");
         assert!(e.contains("nope"));
     }
 
     #[test]
     fn pinned_offline_proplet_is_refused() {
         let ps = vec![proplet("p1", "c1", "Offline", json!({}))];
-        let e = select(&task(json!({"propletId": "p1"})), &ps, |_| 0).expect_err("offline");
+        let e =
+            select(&task(json!({"propletId": "p1"})), &ps, |_| 0, |_| Ok(())).expect_err("offline");
         assert!(e.contains("Offline"));
     }
 
@@ -153,11 +215,11 @@ mod tests {
         ];
         let load = |p: &Proplet| if p.name_any() == "a" { 2 } else { 1 };
         assert_eq!(
-            select(&task(json!({})), &ps, load).map(|p| p.name_any()),
+            select(&task(json!({})), &ps, load, |_| Ok(())).map(|p| p.name_any()),
             Ok("b".into())
         );
         assert_eq!(
-            select(&task(json!({})), &ps, |_| 0).map(|p| p.name_any()),
+            select(&task(json!({})), &ps, |_| 0, |_| Ok(())).map(|p| p.name_any()),
             Ok("a".into())
         );
     }
@@ -179,7 +241,7 @@ mod tests {
                 json!({"external": {"deviceType": "jetson", "capabilities": ["gpu"]}}),
             ),
         ];
-        let pick = |sel| select(&task(sel), &ps, |_| 0).map(|p| p.name_any());
+        let pick = |sel| select(&task(sel), &ps, |_| 0, |_| Ok(())).map(|p| p.name_any());
         assert_eq!(
             pick(json!({"matchDeviceTypes": ["jetson"]})),
             Ok("x".into())

@@ -21,6 +21,7 @@ use crate::config::K8sTaskBackend;
 use crate::error::Result;
 use crate::mqtt::topics::Channel;
 use crate::mqtt::wire::{StartRequest, StopRequest, TaskResult, WireMonitoringProfile};
+use crate::scheduling;
 use crate::telemetry::metrics;
 
 pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finalizer";
@@ -327,23 +328,42 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         .into_iter()
         .filter(|p| not_a_job.is_none() || pinned || p.spec.type_ != PropletType::K8s)
         .collect();
-    let chosen = selection::select(task, &proplets, |p| {
-        super::proplet::active_task_count(ctx, p)
-    });
+    let all_tasks = ctx.tasks.state();
+    let held_back = std::cell::Cell::new(false);
+    let admit = |p: &Proplet| {
+        let limit = scheduling::limit(p, ctx.config.max_tasks_per_proplet);
+        let active = super::proplet::active_task_count(ctx, p);
+        let verdict = scheduling::admit(task, p, limit, active, &all_tasks, selection::could_use);
+        held_back.set(held_back.get() || verdict.is_err());
+        verdict
+    };
+    let chosen = selection::select(
+        task,
+        &proplets,
+        |p| super::proplet::active_task_count(ctx, p),
+        admit,
+    );
     let proplet = match chosen {
         Ok(p) => p,
         Err(why) => {
+            // Held back by capacity: the task waits its turn (a finishing task wakes it).
+            // A fixed message: a queue position in it would cost a write whenever the queue moves.
+            let (reason, why) = if held_back.get() {
+                (scheduling::QUEUED, scheduling::QUEUED_MESSAGE.to_string())
+            } else {
+                ("NoProplet", why)
+            };
             set_condition(
                 &mut status.conditions,
                 "Scheduled",
                 ConditionStatus::False,
-                "NoProplet",
+                reason,
                 &why,
                 g,
             );
             if status != old {
                 apply_status(&ctx.client, task, &status).await?;
-                ctx.event(task, EventType::Normal, "NoProplet", "Schedule", why)
+                ctx.event(task, EventType::Normal, reason, "Schedule", why)
                     .await;
             }
             return Ok(Action::requeue(WAIT_FOR_PROPLET));
