@@ -125,6 +125,11 @@ pub struct OperatorConfig {
     /// Tasks over the limit wait, highest spec.priority first, then oldest.
     #[arg(long, env = "MAX_TASKS_PER_PROPLET", default_value_t = 0)]
     pub max_tasks_per_proplet: u32,
+    /// Bytes of module per registry/server chunk (a proplet accepts MQTT packets up to 10 MiB; base64
+    /// adds a third).
+    #[arg(long, env = "REGISTRY_CHUNK_SIZE", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=4 * 1024 * 1024))]
+    pub registry_chunk_size: u32,
     /// Accepted for compatibility with the later upstream operator: placement always takes the least
     /// loaded fitting proplet, and waiting tasks always go by priority.
     #[arg(long, value_parser = ["round-robin", "priority"], default_value = "round-robin")]

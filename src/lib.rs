@@ -8,6 +8,7 @@ pub mod indexes;
 pub mod liveness;
 pub mod mqtt;
 pub mod naming;
+pub mod registry;
 pub mod router;
 pub mod run;
 pub mod runner;

@@ -19,6 +19,7 @@ use crate::telemetry::metrics;
 pub struct Triggers {
     pub proplets: mpsc::UnboundedSender<ObjectRef<Proplet>>,
     pub tasks: mpsc::UnboundedSender<ObjectRef<Task>>,
+    pub registry: crate::registry::RegistryQueue,
 }
 
 pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: Triggers) {
@@ -121,6 +122,16 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                     let _ = triggers.tasks.send(t);
                 }
             },
+        },
+        Inbound::RegistryRequest => match wire::decode_registry_request(payload) {
+            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Ok(r) => {
+                metrics().mqtt_message(kind.as_str(), "ok");
+                triggers.registry.offer(crate::registry::Request {
+                    channel,
+                    app_name: r.app_name.trim().to_string(),
+                });
+            }
         },
         Inbound::TaskMetrics => match wire::decode_task_metrics(payload) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),

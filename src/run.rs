@@ -118,6 +118,7 @@ pub async fn run_with(
         liveness: Liveness::default(),
         results: PendingResults::default(),
         task_metrics: controllers::TaskMetricsBuffer::default(),
+        module_misses: crate::registry::ModuleMisses::default(),
         recorder: Recorder::new(client.clone(), reporter),
         started: std::time::Instant::now(),
     });
@@ -252,10 +253,13 @@ pub async fn run_with(
         }));
     }
     if let Some(inbox) = inbox {
+        let (registry, worker) = crate::registry::spawn(Arc::clone(&ctx), task_trigger_tx.clone());
+        background.push(worker);
         let ctx = Arc::clone(&ctx);
         let triggers = Triggers {
             proplets: proplet_trigger_tx.clone(),
             tasks: task_trigger_tx.clone(),
+            registry,
         };
         background.push(tokio::spawn(router::run(inbox, ctx, triggers)));
     }

@@ -47,6 +47,8 @@ pub struct Context {
     pub liveness: Liveness,
     pub results: PendingResults,
     pub task_metrics: TaskMetricsBuffer,
+    /// Tasks whose module a proplet asked for and the registry does not hold.
+    pub module_misses: crate::registry::ModuleMisses,
     pub recorder: Recorder,
     /// When this operator started: until a heartbeat threshold has passed, silence proves nothing.
     pub started: Instant,

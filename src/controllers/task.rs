@@ -745,6 +745,32 @@ async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
         }
     }
     let uid = task.uid().unwrap_or_default();
+    if let Some(app_name) = ctx.module_misses.take(&uid) {
+        let msg = format!(
+            "a proplet asked for module {app_name:?}, which the cluster does not hold (no Task with this \
+             imageUrl and a spec.file, no ConfigMap labelled {}=true annotated {}={app_name:?}); the \
+             proplet gives up after its own timeout",
+            crate::registry::MODULE_LABEL,
+            crate::registry::MODULE_NAME_ANNOTATION,
+        );
+        let g = task.metadata.generation;
+        if set_condition(
+            &mut status.conditions,
+            "ModuleFound",
+            ConditionStatus::False,
+            "ModuleNotFound",
+            &msg,
+            g,
+        ) {
+            if let Err(e) = apply_status(&ctx.client, task, &status).await {
+                ctx.module_misses.record(&uid, &app_name);
+                return Err(e);
+            }
+            ctx.event(task, EventType::Warning, "ModuleNotFound", "Fetch", msg)
+                .await;
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
     if let Some(sample) = ctx.task_metrics.take_due(&uid, ctx.config.status_refresh.0) {
         status.latest_metrics = Some(sample);
         apply_status(&ctx.client, task, &status).await?;

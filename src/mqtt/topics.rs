@@ -32,6 +32,10 @@ impl Channel {
         self.topic(STOP)
     }
 
+    pub fn registry_server(&self) -> String {
+        self.topic(REGISTRY_SERVER)
+    }
+
     /// The filters the operator subscribes to for this channel.
     pub fn subscriptions(&self) -> Vec<String> {
         INBOUND.iter().map(|k| self.topic(k.suffix())).collect()
@@ -46,6 +50,8 @@ impl fmt::Display for Channel {
 
 pub const START: &str = "control/manager/start";
 pub const STOP: &str = "control/manager/stop";
+/// Where module chunks go, for every proplet on the channel.
+pub const REGISTRY_SERVER: &str = "registry/server";
 
 /// Messages proplets send to the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,14 +61,17 @@ pub enum Inbound {
     Metrics,
     Results,
     TaskMetrics,
+    /// A proplet asks for a module by name.
+    RegistryRequest,
 }
 
-pub const INBOUND: [Inbound; 5] = [
+pub const INBOUND: [Inbound; 6] = [
     Inbound::Create,
     Inbound::Alive,
     Inbound::Metrics,
     Inbound::Results,
     Inbound::TaskMetrics,
+    Inbound::RegistryRequest,
 ];
 
 impl Inbound {
@@ -73,6 +82,7 @@ impl Inbound {
             Inbound::Metrics => "control/proplet/metrics",
             Inbound::Results => "control/proplet/results",
             Inbound::TaskMetrics => "control/proplet/task_metrics",
+            Inbound::RegistryRequest => "registry/proplet",
         }
     }
 
@@ -84,6 +94,7 @@ impl Inbound {
             Inbound::Metrics => "metrics",
             Inbound::Results => "results",
             Inbound::TaskMetrics => "task_metrics",
+            Inbound::RegistryRequest => "registry",
         }
     }
 }

@@ -200,6 +200,22 @@ pub struct TaskMetricSample {
 }
 
 /// Why an inbound payload was dropped.
+/// `registry/proplet`: a proplet asks for the module named by a task's `image_url`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RegistryRequest {
+    pub app_name: String,
+}
+
+/// `registry/server`: one piece of a module; a proplet reassembles `total_chunks` distinct indices.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RegistryChunk {
+    pub app_name: String,
+    pub chunk_idx: usize,
+    pub total_chunks: usize,
+    /// Standard base64 of the chunk's bytes.
+    pub data: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("payload is not JSON of the expected shape: {0}")]
@@ -237,6 +253,12 @@ pub fn decode_metrics(payload: &[u8]) -> Result<PropletMetrics, DecodeError> {
 pub fn decode_result(payload: &[u8]) -> Result<TaskResult, DecodeError> {
     let m: TaskResult = serde_json::from_slice(payload)?;
     non_empty(&m.task_id, "task_id")?;
+    Ok(m)
+}
+
+pub fn decode_registry_request(payload: &[u8]) -> Result<RegistryRequest, DecodeError> {
+    let m: RegistryRequest = serde_json::from_slice(payload)?;
+    non_empty(&m.app_name, "app_name")?;
     Ok(m)
 }
 

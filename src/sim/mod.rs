@@ -1,9 +1,10 @@
 //! A simulated proplet, byte-compatible with the real Rust proplet on the wire (including its quirks:
 //! numeric inputs and starts without a module are dropped without an answer; starts for another proplet
-//! are ignored; a daemon answers at once with an empty result; nothing is published for a stop).
+//! are ignored; a daemon answers at once with an empty result; nothing is published for a stop; a module
+//! named by a registry `image_url` is asked for on `registry/proplet` and polled for every 5 s, up to 60 s).
 use crate::wasm;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::mqtt::address;
 use crate::mqtt::topics::Channel;
+use crate::mqtt::wire::RegistryChunk;
 
 /// How one simulated proplet connects and behaves.
 #[derive(Clone, Debug)]
@@ -33,6 +35,10 @@ pub struct SimConfig {
     pub namespace: String,
     pub qos: u8,
     pub faults: Faults,
+    /// How often a task waiting for registry chunks looks for a complete module (real proplet: 5 s).
+    pub registry_poll: Duration,
+    /// How long it waits for them before failing the task (real proplet: 60 s).
+    pub registry_timeout: Duration,
 }
 
 impl SimConfig {
@@ -54,6 +60,8 @@ impl SimConfig {
             namespace: "default".into(),
             qos: 2,
             faults: Faults::default(),
+            registry_poll: Duration::from_secs(5),
+            registry_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -166,6 +174,7 @@ pub fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
         },
         running: Mutex::new(HashSet::new()),
         aborted: Mutex::new(HashSet::new()),
+        modules: Mutex::new(HashMap::new()),
         starts_seen: Arc::clone(&starts_seen),
         stops_seen: Arc::clone(&stops_seen),
     });
@@ -180,6 +189,18 @@ pub fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
     })
 }
 
+/// Chunks of one module: the total stays what the first chunk said; duplicates are ignored.
+struct Assembly {
+    total: usize,
+    parts: BTreeMap<usize, Vec<u8>>,
+}
+
+impl Assembly {
+    fn complete(&self) -> Option<Vec<u8>> {
+        (self.parts.len() == self.total).then(|| self.parts.values().flatten().copied().collect())
+    }
+}
+
 struct Proplet {
     config: SimConfig,
     channel: Channel,
@@ -187,6 +208,8 @@ struct Proplet {
     qos: QoS,
     running: Mutex<HashSet<String>>,
     aborted: Mutex<HashSet<String>>,
+    /// Registry chunks by app_name, as the real proplet reassembles them.
+    modules: Mutex<HashMap<String, Assembly>>,
     starts_seen: Arc<Mutex<Vec<serde_json::Value>>>,
     stops_seen: Arc<Mutex<Vec<String>>>,
 }
@@ -305,6 +328,8 @@ impl Proplet {
                 seen.push(v);
             }
             self.on_start(payload).await;
+        } else if topic.ends_with("registry/server") {
+            self.on_chunk(payload);
         } else if topic.contains("control/manager/stop") {
             match serde_json::from_slice::<ProletStop>(payload) {
                 Ok(stop) if !stop.id.is_empty() => {
@@ -326,6 +351,48 @@ impl Proplet {
                     }
                 }
                 _ => warn!(client_id = %self.config.client_id, "Failed to decode stop request"),
+            }
+        }
+    }
+
+    fn on_chunk(&self, payload: &[u8]) {
+        let Ok(chunk) = serde_json::from_slice::<RegistryChunk>(payload) else {
+            warn!(client_id = %self.config.client_id, "Failed to decode registry chunk");
+            return;
+        };
+        let Ok(data) = base64::engine::general_purpose::STANDARD.decode(chunk.data.as_bytes())
+        else {
+            warn!(client_id = %self.config.client_id, "registry chunk is not base64");
+            return;
+        };
+        if let Ok(mut modules) = self.modules.lock() {
+            let a = modules.entry(chunk.app_name).or_insert_with(|| Assembly {
+                total: chunk.total_chunks,
+                parts: BTreeMap::new(),
+            });
+            if a.total == chunk.total_chunks && chunk.chunk_idx < a.total {
+                a.parts.entry(chunk.chunk_idx).or_insert(data);
+            }
+        }
+    }
+
+    /// Asks the registry for `app_name` and waits for all its chunks, like the real proplet.
+    async fn fetch_from_registry(&self, app_name: &str) -> Result<Vec<u8>, String> {
+        self.publish("registry/proplet", json!({"app_name": app_name}))
+            .await;
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.config.registry_poll).await;
+            let ready = self
+                .modules
+                .lock()
+                .ok()
+                .and_then(|m| m.get(app_name).and_then(Assembly::complete));
+            if let Some(module) = ready {
+                return Ok(module);
+            }
+            if started.elapsed() >= self.config.registry_timeout {
+                return Err("Timeout waiting for binary chunks".into());
             }
         }
     }
@@ -377,8 +444,17 @@ impl Proplet {
             }
             if self.config.faults.fail_tasks {
                 Err("simulated failure".to_string())
-            } else if !file.is_empty() {
-                match base64::engine::general_purpose::STANDARD.decode(file.as_bytes()) {
+            } else {
+                let module = if !file.is_empty() {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(file.as_bytes())
+                        .map_err(|e| format!("Failed to decode wasm file: {e}"))
+                } else if image_url.starts_with("http://") || image_url.starts_with("https://") {
+                    Err(format!("proplet-sim cannot fetch {image_url:?}"))
+                } else {
+                    self.fetch_from_registry(&image_url).await
+                };
+                match module {
                     Ok(module) => {
                         let name = start.name.clone();
                         let inputs = start.inputs.unwrap_or_default();
@@ -388,10 +464,8 @@ impl Proplet {
                         .await
                         .unwrap_or_else(|e| Err(format!("task panicked: {e}")))
                     }
-                    Err(e) => Err(format!("Failed to decode wasm file: {e}")),
+                    Err(e) => Err(e),
                 }
-            } else {
-                Err(format!("proplet-sim cannot fetch {image_url:?}"))
             }
         };
         // While the task runs, task_metrics every profile interval (as the real proplet samples them).

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub task_dispatch_seconds: Histogram,
     pub task_completion_seconds: Histogram,
     pub proplets: IntGaugeVec,
+    pub registry_requests_total: IntCounterVec,
+    pub discovery_total: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -101,6 +103,23 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["phase"],
     )?;
+    let registry_requests_total = IntCounterVec::new(
+        Opts::new(
+            "propeller_registry_requests_total",
+            "Module requests on registry/proplet, by outcome (served, not_found, error, dropped, duplicate, \
+             other_replica)",
+        ),
+        &["outcome"],
+    )?;
+    let discovery_total = IntCounterVec::new(
+        Opts::new(
+            "propeller_discovery_total",
+            "Discovery messages of unknown proplets, by outcome (created, exists, limit, dropped, error)",
+        ),
+        &["outcome"],
+    )?;
+    registry.register(Box::new(registry_requests_total.clone()))?;
+    registry.register(Box::new(discovery_total.clone()))?;
     registry.register(Box::new(reconcile_total.clone()))?;
     registry.register(Box::new(reconcile_errors_total.clone()))?;
     registry.register(Box::new(reconcile_time_seconds.clone()))?;
@@ -123,6 +142,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         task_dispatch_seconds,
         task_completion_seconds,
         proplets,
+        registry_requests_total,
+        discovery_total,
     })
 }
 

@@ -75,3 +75,130 @@ async fn waiting_tasks_go_by_priority_then_age() -> anyhow::Result<()> {
     sim.shutdown().await;
     env.finish().await
 }
+
+/// `ADD` padded with a custom section to `size` bytes or more, so that it takes several chunks.
+fn padded_add(size: usize) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine as _;
+    let mut module = base64::engine::general_purpose::STANDARD.decode(ADD)?;
+    let payload = size.saturating_sub(module.len());
+    let mut section = vec![3u8];
+    section.extend_from_slice(b"pad");
+    section.resize(section.len() + payload, 0);
+    module.push(0); // custom section id
+    let mut n = section.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            module.push(byte);
+            break;
+        }
+        module.push(byte | 0x80);
+    }
+    module.extend(section);
+    Ok(module)
+}
+
+fn condition_reason(t: &Task, type_: &str) -> Option<String> {
+    t.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?
+        .reason
+        .clone()
+}
+
+#[tokio::test]
+async fn registry_modules_are_served_in_chunks() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut env = Env::start("registry", &["--registry-chunk-size=1024"]).await?;
+    // The real proplet polls every 5 s for up to 60 s; the simulated one is told to poll every 200 ms and
+    // give up after 3 s, to keep the test short.
+    let sim = env
+        .proplet("reg-1", |c| {
+            c.registry_poll = Duration::from_millis(200);
+            c.registry_timeout = Duration::from_secs(3);
+        })
+        .await?;
+    env.external_proplet("reg", "reg-1", json!({})).await?;
+    env.wait_for(&env.proplets(), "reg", "reg Running", |p| {
+        p.phase() == propeller_operator::api::proplet::PropletPhase::Running
+    })
+    .await?;
+
+    // A module stored by name in a ConfigMap, 3 KiB: three chunks of 1 KiB.
+    let module = padded_add(3000)?;
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "add-module",
+                     "labels": {"propeller.propeller.abstractmachines.fr/module": "true"},
+                     "annotations": {"propeller.propeller.abstractmachines.fr/module-name": "registry.example/add.wasm:1"}},
+        "binaryData": {"module.wasm": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &module)},
+    }))?;
+    kube::Api::<ConfigMap>::namespaced(env.admin.clone(), &env.ns)
+        .create(&Default::default(), &cm)
+        .await?;
+    let by_name = |name: &str, image: &str| {
+        json!({"metadata": {"name": name},
+               "spec": {"name": name, "functionName": "add", "imageUrl": image, "inputs": [40, 2],
+                        "propletSelector": {"propletId": "reg"}}})
+    };
+    env.create::<Task>(by_name("from-configmap", "registry.example/add.wasm:1"))
+        .await?;
+    // A Task carrying the module inline under a registry name serves other tasks asking for that name.
+    env.create::<Task>(json!({"metadata": {"name": "holder"},
+        "spec": {"name": "holder", "functionName": "add", "file": ADD, "imageUrl": "registry.example/inline:2",
+                 "inputs": [1, 1], "propletSelector": {"propletId": "reg"}}}))
+        .await?;
+    env.create::<Task>(by_name("from-task", "registry.example/inline:2"))
+        .await?;
+    env.create::<Task>(by_name("missing", "registry.example/nope:9"))
+        .await?;
+    for name in ["from-configmap", "from-task"] {
+        let t = env
+            .wait_for(
+                &env.tasks(),
+                name,
+                &format!("{name} completed"),
+                |t: &Task| t.phase().is_terminal(),
+            )
+            .await?;
+        let st = t.status.clone().unwrap_or_default();
+        assert_eq!(
+            (t.phase(), st.results),
+            (TaskPhase::Completed, Some(json!("42"))),
+            "{name}: {:?}",
+            st.error
+        );
+    }
+    // The unknown module: a condition at once, then the proplet's own timeout error.
+    let t = env
+        .wait_for(&env.tasks(), "missing", "ModuleNotFound", |t: &Task| {
+            condition_reason(t, "ModuleFound").as_deref() == Some("ModuleNotFound")
+        })
+        .await?;
+    assert_eq!(t.phase(), TaskPhase::Running);
+    let t = env
+        .wait_for(&env.tasks(), "missing", "missing failed", |t: &Task| {
+            t.phase() == TaskPhase::Failed
+        })
+        .await?;
+    let error = t.status.and_then(|s| s.error).unwrap_or_default();
+    assert!(
+        error.contains("Timeout waiting for binary chunks"),
+        "{error}"
+    );
+    let served = propeller_operator::telemetry::metrics()
+        .registry_requests_total
+        .with_label_values(&["served"])
+        .get();
+    assert!(served >= 2, "served {served}");
+    // 3 chunks of 1 KiB for the ConfigMap's module, 1 for the inline one.
+    let chunks = propeller_operator::telemetry::metrics()
+        .mqtt_published_total
+        .with_label_values(&["registry_chunk", "ok"])
+        .get();
+    assert!(chunks >= 4, "published {chunks} chunks");
+    sim.shutdown().await;
+    env.finish().await
+}
