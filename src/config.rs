@@ -147,6 +147,33 @@ pub struct OperatorConfig {
     )]
     pub wasm_runner_image: String,
 
+    /// Create an external Proplet for every unknown proplet that announces itself on
+    /// `control/proplet/create` (on the default channel or any channel a Proplet uses).
+    #[arg(long, env = "AUTO_DISCOVER_PROPLETS", default_value_t = false)]
+    pub auto_discover_proplets: bool,
+    /// Namespace of discovered Proplets (default: --watch-namespace, else "default").
+    #[arg(long, env = "DISCOVERY_NAMESPACE", default_value = "")]
+    pub discovery_namespace: String,
+    /// Secret (in the discovery namespace) that discovered Proplets reference for their key; the
+    /// operator records the reference and never reads or copies the key.
+    #[arg(
+        long,
+        env = "DISCOVERY_SECRET",
+        default_value = "discovered-proplet-keys"
+    )]
+    pub discovery_secret: String,
+    /// Key in that Secret; `{clientId}` is replaced by the proplet's clientId.
+    #[arg(long, env = "DISCOVERY_SECRET_KEY", default_value = "{clientId}")]
+    pub discovery_secret_key: String,
+    /// Most discovered Proplets that may exist at once; further announcements are refused (a metric, an
+    /// Event, a log line).
+    #[arg(long, env = "DISCOVERY_MAX_PROPLETS", default_value_t = 100)]
+    pub discovery_max_proplets: usize,
+    /// Most Proplets created by discovery per second; announcements wait in a bounded queue.
+    #[arg(long, env = "DISCOVERY_RATE", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub discovery_rate: u32,
+
     /// Namespace to watch (empty: all).
     #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,
@@ -181,6 +208,24 @@ impl OperatorConfig {
             return Ok(Some(key.trim_end_matches(['\n', '\r']).to_string()));
         }
         Ok((!self.client_key.is_empty()).then(|| self.client_key.clone()))
+    }
+
+    /// Where discovered Proplets go; an error when the operator would not see them.
+    pub fn discovery_namespace(&self) -> anyhow::Result<String> {
+        let ns = match (
+            self.discovery_namespace.as_str(),
+            self.watch_namespace.as_str(),
+        ) {
+            ("", "") => "default".to_string(),
+            ("", watched) => watched.to_string(),
+            (ns, "") => ns.to_string(),
+            (ns, watched) if ns == watched => ns.to_string(),
+            (ns, watched) => anyhow::bail!(
+                "--discovery-namespace {ns} is not the watched namespace {watched}: discovered \
+                 Proplets would never be seen"
+            ),
+        };
+        Ok(ns)
     }
 
     pub fn default_channel(&self) -> Option<crate::mqtt::topics::Channel> {
@@ -218,6 +263,17 @@ mod tests {
         let c = OperatorConfig::try_parse_from(["op", "--k8s-task-backend=mqtt"]).expect("parses");
         assert_eq!(c.k8s_task_backend, K8sTaskBackend::Mqtt);
         assert!(OperatorConfig::try_parse_from(["op", "--k8s-task-backend=pod"]).is_err());
+        let ns = |args: &[&str]| {
+            OperatorConfig::try_parse_from_args(args)
+                .map_err(|e| anyhow::anyhow!(e))
+                .and_then(|c| c.discovery_namespace())
+        };
+        assert_eq!(ns(&["op"]).ok().as_deref(), Some("default"));
+        assert_eq!(
+            ns(&["op", "--watch-namespace=w"]).ok().as_deref(),
+            Some("w")
+        );
+        assert!(ns(&["op", "--watch-namespace=w", "--discovery-namespace=d"]).is_err());
     }
 
     #[test]

@@ -41,7 +41,15 @@ impl PropletMaps {
         if let Some((client, _)) = self.channel_of.remove(r)
             && self.by_client.get(&client) == Some(r)
         {
-            self.by_client.remove(&client);
+            // Another Proplet may claim the same clientId (e.g. a discovered one and a declared one).
+            match self.channel_of.iter().find(|(_, (c, _))| c == &client) {
+                Some((other, _)) => {
+                    self.by_client.insert(client, other.clone());
+                }
+                None => {
+                    self.by_client.remove(&client);
+                }
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 pub mod api;
 pub mod config;
 pub mod controllers;
+pub mod discovery;
 pub mod embedded_broker;
 pub mod error;
 pub mod indexes;

@@ -20,6 +20,8 @@ pub struct Triggers {
     pub proplets: mpsc::UnboundedSender<ObjectRef<Proplet>>,
     pub tasks: mpsc::UnboundedSender<ObjectRef<Task>>,
     pub registry: crate::registry::RegistryQueue,
+    /// Set with --auto-discover-proplets.
+    pub discovery: Option<crate::discovery::DiscoveryQueue>,
 }
 
 pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: Triggers) {
@@ -73,6 +75,15 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                     && proplet_for(ctx, &channel, &m.proplet_id).is_none()
                 {
                     ctx.liveness.remember_discovery(&m.proplet_id, md.clone());
+                    // Unknown anywhere (not merely on another channel): a candidate for discovery.
+                    if let Some(d) = &triggers.discovery
+                        && ctx.proplet_index.by_client(&m.proplet_id).is_none()
+                    {
+                        d.offer(crate::discovery::Announcement {
+                            channel: channel.clone(),
+                            client_id: m.proplet_id.clone(),
+                        });
+                    }
                 }
                 with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
                     if ctx.liveness.discovery(&m.proplet_id, md) == Change::Transition {

@@ -62,6 +62,11 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     crate::testbed::install_crypto_provider();
     let shutdown = futures::FutureExt::shared(futures::FutureExt::boxed(shutdown));
+    // Configuration errors before anything starts.
+    let discovery_namespace = config
+        .auto_discover_proplets
+        .then(|| config.discovery_namespace())
+        .transpose()?;
     let readiness = Readiness::default();
     // Background loops end with the operator (tests run several operators in one process).
     let mut background = Vec::new();
@@ -155,11 +160,18 @@ pub async fn run_with(
                 {
                     if matches!(ev, watcher::Event::Delete(_)) {
                         // Heartbeat state of a deleted Proplet would otherwise stay for ever.
-                        if let Some(client) = p.spec.connection_config.client() {
+                        // (Unless another Proplet claims the clientId, e.g. a declared twin.)
+                        if let Some(client) = p.spec.connection_config.client()
+                            && ctx.proplet_index.by_client(client).is_none()
+                        {
                             ctx.liveness.forget(client);
                         }
                     } else {
                         let _ = proplet_main_tx.send(p.clone());
+                        // A discovered Proplet for the same clientId steps aside (see its controller).
+                        for twin in discovered_twins(&ctx, p) {
+                            let _ = proplet_main_tx.send(twin);
+                        }
                     }
                     for t in tasks_affected_by(&ctx, p) {
                         let _ = task_trigger.send(t);
@@ -255,11 +267,20 @@ pub async fn run_with(
     if let Some(inbox) = inbox {
         let (registry, worker) = crate::registry::spawn(Arc::clone(&ctx), task_trigger_tx.clone());
         background.push(worker);
+        let discovery = if let Some(namespace) = discovery_namespace {
+            info!(%namespace, limit = config.discovery_max_proplets, "proplet auto-discovery on");
+            let (queue, worker) = crate::discovery::spawn(Arc::clone(&ctx), namespace);
+            background.push(worker);
+            Some(queue)
+        } else {
+            None
+        };
         let ctx = Arc::clone(&ctx);
         let triggers = Triggers {
             proplets: proplet_trigger_tx.clone(),
             tasks: task_trigger_tx.clone(),
             registry,
+            discovery,
         };
         background.push(tokio::spawn(router::run(inbox, ctx, triggers)));
     }
@@ -345,6 +366,21 @@ fn tasks_affected_by(ctx: &Context, p: &Proplet) -> Vec<ObjectRef<Task>> {
                         == Some(name.as_str()))
         })
         .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+/// Discovered Proplets with the clientId of `p`, when `p` was declared by someone.
+fn discovered_twins(ctx: &Context, p: &Proplet) -> Vec<Proplet> {
+    use crate::discovery::is_discovered;
+    if is_discovered(p) {
+        return Vec::new();
+    }
+    let client = p.client_id();
+    ctx.proplets
+        .state()
+        .iter()
+        .filter(|q| is_discovered(q) && q.client_id() == client)
+        .map(|q| (**q).clone())
         .collect()
 }
 

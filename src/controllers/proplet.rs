@@ -6,9 +6,9 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
 
 use super::{Context, apply_status, deployment, measured};
 use crate::api::common::{ConditionStatus, set_condition};
@@ -17,6 +17,8 @@ use crate::api::proplet::{
 };
 use crate::error::Result;
 use crate::mqtt::address;
+use crate::telemetry::metrics;
+use tracing::info;
 
 const HISTORY: usize = 10;
 
@@ -54,6 +56,43 @@ pub fn validate(p: &Proplet) -> std::result::Result<(), String> {
     }
 }
 
+/// For a discovered Proplet: a Proplet someone declared for the same clientId.
+fn declared_twin(p: &Proplet, ctx: &Context) -> Option<String> {
+    use crate::discovery::is_discovered as discovered;
+    if !discovered(p) {
+        return None;
+    }
+    let client = p.client_id();
+    ctx.proplets
+        .state()
+        .iter()
+        .find(|q| {
+            !discovered(q) && q.client_id() == client && q.metadata.deletion_timestamp.is_none()
+        })
+        .map(|q| format!("{}/{}", q.namespace().unwrap_or_default(), q.name_any()))
+}
+
+/// A discovered Proplet steps aside for a declared one (the proplet announced itself before its Proplet
+/// was created): it is deleted, so that one clientId has one Proplet.
+async fn give_way(p: &Proplet, ctx: &Context, declared: &str) -> Result<Action> {
+    let ns = p.namespace().unwrap_or_default();
+    let msg = format!(
+        "Proplet {declared} declares the same clientId: this discovered Proplet is deleted"
+    );
+    info!(proplet = %p.name_any(), %declared, "discovered Proplet replaced by a declared one");
+    ctx.event(p, EventType::Normal, "ReplacedByDeclared", "Discover", msg)
+        .await;
+    match Api::<Proplet>::namespaced(ctx.client.clone(), &ns)
+        .delete(&p.name_any(), &Default::default())
+        .await
+    {
+        Ok(_) => metrics().api_write("proplets", "delete"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
 pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     measured("proplet", reconcile_inner(p, ctx)).await
 }
@@ -71,6 +110,9 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
 
     if let Err(msg) = validate(&p) {
         return invalid_spec(&p, &ctx, status, &old, &msg).await;
+    }
+    if let Some(declared) = declared_twin(&p, &ctx) {
+        return give_way(&p, &ctx, &declared).await;
     }
 
     // The Deployment of a k8s proplet.

@@ -202,3 +202,188 @@ async fn registry_modules_are_served_in_chunks() -> anyhow::Result<()> {
     sim.shutdown().await;
     env.finish().await
 }
+
+/// A Running external Proplet: once it is Running, the operator is subscribed to the default channel.
+/// Declared (and seen by the operator) before its proplet starts, so it is never discovered.
+async fn anchor(env: &mut Env) -> anyhow::Result<propeller_operator::sim::SimHandle> {
+    env.external_proplet("anchor", "anchor-1", json!({}))
+        .await?;
+    env.wait_for(&env.proplets(), "anchor", "anchor seen", |p| {
+        p.status.is_some()
+    })
+    .await?;
+    let sim = env.proplet("anchor-1", |_| {}).await?;
+    env.wait_for(&env.proplets(), "anchor", "anchor Running", |p| {
+        p.phase() == propeller_operator::api::proplet::PropletPhase::Running
+    })
+    .await?;
+    Ok(sim)
+}
+
+const DISCOVERED: &str = "propeller.propeller.abstractmachines.fr/discovered=true";
+
+#[tokio::test]
+async fn a_discovered_proplet_appears_and_runs_a_task() -> anyhow::Result<()> {
+    use crate::support::{CHANNEL, DOMAIN};
+    use propeller_operator::api::Proplet;
+    let mut env = Env::start("discover", &["--auto-discover-proplets"]).await?;
+    let anchor = anchor(&mut env).await?;
+    let sim = env.proplet("disc-1", |_| {}).await?;
+    let p = env
+        .wait_for(
+            &env.proplets(),
+            "discovered-disc-1",
+            "the discovered Proplet Running",
+            |p: &Proplet| p.phase() == propeller_operator::api::proplet::PropletPhase::Running,
+        )
+        .await?;
+    let v = serde_json::to_value(&p)?;
+    assert_eq!(
+        v["metadata"]["labels"]["propeller.propeller.abstractmachines.fr/discovered"],
+        "true"
+    );
+    let cc = &v["spec"]["connectionConfig"];
+    assert_eq!(cc["domainId"], DOMAIN);
+    assert_eq!(cc["channelId"], CHANNEL);
+    assert_eq!(cc["clientId"], "disc-1");
+    assert_eq!(
+        cc["clientKeySecretRef"],
+        json!({"name": "discovered-proplet-keys", "key": "disc-1"})
+    );
+    assert!(cc.get("clientKey").is_none());
+    assert_eq!(v["status"]["metadata"]["hostname"], "proplet-sim");
+
+    env.create::<Task>(json!({"metadata": {"name": "on-discovered"},
+        "spec": {"name": "on-discovered", "functionName": "add", "file": ADD, "inputs": [40, 2],
+                 "propletSelector": {"propletId": "discovered-disc-1"}}}))
+        .await?;
+    let t = env
+        .wait_for(
+            &env.tasks(),
+            "on-discovered",
+            "the task to end",
+            |t: &Task| t.phase().is_terminal(),
+        )
+        .await?;
+    assert_eq!(
+        t.status.and_then(|s| s.results),
+        Some(json!("42")),
+        "the discovered proplet ran the task"
+    );
+
+    // Announcing again only refreshes the metadata.
+    let again = json!({"proplet_id": "disc-1", "namespace": env.ns,
+                       "metadata": {"hostname": "renamed-host", "os": "linux"}});
+    env.publish_raw(
+        &format!("m/{DOMAIN}/c/{CHANNEL}/control/proplet/create"),
+        again.to_string().as_bytes(),
+    )
+    .await?;
+    env.wait_for(
+        &env.proplets(),
+        "discovered-disc-1",
+        "the new metadata",
+        |p: &Proplet| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.metadata.as_ref())
+                .and_then(|m| m.hostname.as_deref())
+                == Some("renamed-host")
+        },
+    )
+    .await?;
+    let discovered = env
+        .proplets()
+        .list(&kube::api::ListParams::default().labels(DISCOVERED))
+        .await?;
+    assert_eq!(discovered.items.len(), 1);
+
+    // A proplet that announced itself before its Proplet was declared: the discovered one steps aside.
+    let late = env.proplet("late-1", |_| {}).await?;
+    env.wait_for(
+        &env.proplets(),
+        "discovered-late-1",
+        "late-1 discovered",
+        |_| true,
+    )
+    .await?;
+    env.external_proplet("late", "late-1", json!({})).await?;
+    propeller_operator::testbed::wait_for(
+        env.cluster,
+        "discovered-late-1 to be deleted",
+        crate::support::WAIT,
+        || async {
+            env.proplets()
+                .get_opt("discovered-late-1")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await?;
+    env.wait_for(&env.proplets(), "late", "late Running", |p: &Proplet| {
+        p.phase() == propeller_operator::api::proplet::PropletPhase::Running
+    })
+    .await?;
+    late.shutdown().await;
+    sim.shutdown().await;
+    anchor.shutdown().await;
+    env.finish().await
+}
+
+#[tokio::test]
+async fn a_discovery_flood_stops_at_the_bound() -> anyhow::Result<()> {
+    use crate::support::{CHANNEL, DOMAIN, WAIT};
+    let mut env = Env::start(
+        "flood",
+        &[
+            "--auto-discover-proplets",
+            "--discovery-max-proplets=3",
+            "--discovery-rate=50",
+        ],
+    )
+    .await?;
+    let anchor = anchor(&mut env).await?;
+    let limit_before = propeller_operator::telemetry::metrics()
+        .discovery_total
+        .with_label_values(&["limit"])
+        .get();
+    let topic = format!("m/{DOMAIN}/c/{CHANNEL}/control/proplet/create");
+    for i in 0..20 {
+        let msg = json!({"proplet_id": format!("fake-{i}"), "namespace": env.ns, "metadata": {}});
+        env.publish_raw(&topic, msg.to_string().as_bytes()).await?;
+    }
+    // Every announcement past the bound is refused, with an Event on the namespace.
+    propeller_operator::testbed::wait_for(env.cluster, "17 refusals", WAIT, || async {
+        let refused = propeller_operator::telemetry::metrics()
+            .discovery_total
+            .with_label_values(&["limit"])
+            .get()
+            - limit_before;
+        (refused >= 17).then_some(())
+    })
+    .await?;
+    let discovered = env
+        .proplets()
+        .list(&kube::api::ListParams::default().labels(DISCOVERED))
+        .await?;
+    assert_eq!(discovered.items.len(), 3);
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(env.admin.clone(), &env.ns);
+    let reasons: Vec<Option<String>> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.as_deref() == Some("DiscoveryLimitReached")),
+        "{reasons:?}"
+    );
+    anchor.shutdown().await;
+    env.finish().await
+}
