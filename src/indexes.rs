@@ -138,3 +138,37 @@ impl TaskIndex {
         self.inner.read().ok()?.by_uid.get(uid).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn proplet(name: &str, client: &str) -> Proplet {
+        serde_json::from_value(json!({
+            "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Proplet",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"type": "external", "external": {},
+                     "connectionConfig": {"domainId": "d", "channelId": "c", "clientId": client,
+                                          "clientKey": "k", "mqttAddress": "tcp://b:1883"}},
+        }))
+        .expect("proplet")
+    }
+
+    #[test]
+    fn a_client_claimed_twice_survives_the_removal_of_one_claim() {
+        let index = PropletIndex::default();
+        let declared = proplet("declared", "c-1");
+        let discovered = proplet("discovered-c-1", "c-1");
+        index.apply(&watcher::Event::Apply(declared.clone()));
+        index.apply(&watcher::Event::Apply(discovered.clone()));
+        index.apply(&watcher::Event::Delete(discovered));
+        assert_eq!(
+            index.by_client("c-1").map(|r| r.name),
+            Some("declared".to_string())
+        );
+        index.apply(&watcher::Event::Delete(declared));
+        assert!(index.by_client("c-1").is_none());
+        assert_eq!(index.channels().len(), 0);
+    }
+}
