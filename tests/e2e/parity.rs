@@ -12,16 +12,6 @@ use crate::support::Env;
 /// The addition module of the real proplet's repository (export `add`).
 const ADD: &str = "AGFzbQEAAAABBwFgAn9/AX8DAgEABwcBA2FkZAAACgkBBwAgACABags=";
 
-fn scheduled_reason(t: &Task) -> Option<String> {
-    t.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Scheduled")?
-        .reason
-        .clone()
-}
-
 #[tokio::test]
 async fn waiting_tasks_go_by_priority_then_age() -> anyhow::Result<()> {
     let mut env = Env::start("priority", &[]).await?;
@@ -50,7 +40,7 @@ async fn waiting_tasks_go_by_priority_then_age() -> anyhow::Result<()> {
     }
     let low = env
         .wait_for(&env.tasks(), "low", "low queued", |t: &Task| {
-            scheduled_reason(t).as_deref() == Some("Queued")
+            condition_reason(t, "Scheduled").as_deref() == Some("Queued")
         })
         .await?;
     assert_eq!(low.phase(), TaskPhase::Pending);
