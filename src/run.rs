@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{error, info, warn};
 
-use crate::api::{Proplet, Task};
+use crate::api::{PropellerJob, Proplet, Task};
 use crate::config::{K8sTaskBackend, OperatorConfig};
 use crate::controllers::{self, Context, PendingResults};
 use crate::indexes::{PropletIndex, TaskIndex};
@@ -106,6 +106,7 @@ pub async fn run_with(
     let (proplet_store, proplet_writer) = reflector::store::<Proplet>();
     let (task_store, task_writer) = reflector::store::<Task>();
     let (job_store, job_writer) = reflector::store::<Job>();
+    let (pjob_store, pjob_writer) = reflector::store::<PropellerJob>();
     let reporter = Reporter {
         controller: "propeller-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -132,6 +133,8 @@ pub async fn run_with(
     let (task_main_tx, task_main_rx) = mpsc::unbounded_channel::<Task>();
     let (proplet_trigger_tx, proplet_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Proplet>>();
     let (task_trigger_tx, task_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Task>>();
+    let (pjob_trigger_tx, pjob_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<PropellerJob>>();
+    let (pjob_main_tx, pjob_main_rx) = mpsc::unbounded_channel::<PropellerJob>();
 
     // Proplets: store + index + subscriptions, then the Proplet controller and the tasks that care.
     {
@@ -201,6 +204,8 @@ pub async fn run_with(
         let api = api::<Task>(&client, &ns);
         let proplet_trigger = proplet_trigger_tx.clone();
         let task_trigger = task_trigger_tx.clone();
+        let pjob_trigger = pjob_trigger_tx.clone();
+        let pjobs = pjob_store.clone();
         background.push(tokio::spawn(async move {
             let stream =
                 reflector::reflector(task_writer, watcher(api, watcher::Config::default()))
@@ -225,6 +230,9 @@ pub async fn run_with(
                     if let Some(p) = assigned_proplet(t) {
                         let _ = proplet_trigger.send(p);
                     }
+                    for j in jobs_counting(&pjobs, t) {
+                        let _ = pjob_trigger.send(j);
+                    }
                     let gone = matches!(ev, watcher::Event::Delete(_));
                     if t.phase().is_terminal() || gone {
                         for d in dependents(&ctx, t) {
@@ -235,6 +243,25 @@ pub async fn run_with(
                             let _ = task_trigger.send(q);
                         }
                     }
+                }
+            }
+        }));
+    }
+    // PropellerJobs: store, then their controller.
+    {
+        let api = api::<PropellerJob>(&client, &ns);
+        background.push(tokio::spawn(async move {
+            let stream =
+                reflector::reflector(pjob_writer, watcher(api, watcher::Config::default()))
+                    .default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(j) | watcher::Event::InitApply(j)) => {
+                        let _ = pjob_main_tx.send(j);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "PropellerJob watch error"),
                 }
             }
         }));
@@ -312,9 +339,23 @@ pub async fn run_with(
         Arc::clone(&ctx),
     )
     .for_each(|_| async {});
+    let pjob_controller = Controller::for_stream(
+        UnboundedReceiverStream::new(pjob_main_rx)
+            .map(Ok)
+            .take_until(shutdown.clone()),
+        pjob_store,
+    )
+    .reconcile_on(UnboundedReceiverStream::new(pjob_trigger_rx).take_until(shutdown.clone()))
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        controllers::propeller_job::reconcile,
+        controllers::retry_after_error::<PropellerJob>("propellerjob"),
+        Arc::clone(&ctx),
+    )
+    .for_each(|_| async {});
     readiness.set_ready();
     info!("controllers running");
-    let controllers = async { tokio::join!(proplet_controller, task_controller) };
+    let controllers = async { tokio::join!(proplet_controller, task_controller, pjob_controller) };
     tokio::pin!(controllers);
     tokio::select! {
         _ = &mut controllers => {}
@@ -333,6 +374,26 @@ pub async fn run_with(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The PropellerJobs a task counts for: its owner, and those naming it in taskRefs.
+fn jobs_counting(jobs: &reflector::Store<PropellerJob>, t: &Task) -> Vec<ObjectRef<PropellerJob>> {
+    let ns = t.namespace();
+    let name = t.name_any();
+    let mut out: Vec<ObjectRef<PropellerJob>> = t
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "PropellerJob")
+        .filter_map(|o| Some(ObjectRef::new(&o.name).within(ns.as_deref()?)))
+        .collect();
+    out.extend(
+        jobs.state()
+            .iter()
+            .filter(|j| j.namespace() == ns)
+            .filter(|j| j.spec.task_refs.iter().flatten().any(|r| r == &name))
+            .map(|j| ObjectRef::from_obj(j.as_ref())),
+    );
+    out
 }
 
 fn owning_task(j: &Job) -> Option<ObjectRef<Task>> {

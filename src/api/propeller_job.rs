@@ -38,6 +38,10 @@ pub struct PropellerJobSpec {
     /// Existing Tasks in the same namespace that count toward the job's completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_refs: Option<Vec<String>>,
+    /// sequential only: run the next task after a failed one (default false: the remaining tasks are
+    /// skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continue_on_failure: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -92,6 +96,15 @@ pub struct PropellerJobStatus {
     /// Tasks interrupted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted_count: Option<i64>,
+    /// Tasks running or scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_count: Option<i64>,
+    /// Tasks not started yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_count: Option<i64>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     /// Running, Completed, Failed, Ready.
     #[serde(default)]
     pub conditions: Vec<Condition>,

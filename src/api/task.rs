@@ -90,9 +90,15 @@ pub struct TaskSpec {
     /// Names of Tasks in the same namespace that must finish first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depends_on: Option<Vec<String>>,
-    /// success (default): run when every dependency completed; failure: run when one failed.
+    /// success (default): run when every dependency completed; failure: run when one failed; always: run
+    /// once every dependency has ended, whatever the outcome. A skipped dependency counts as not succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_if: Option<RunIf>,
+    /// Results of dependencies handed to this task when it starts: appended to its inputs or set as
+    /// environment variables. Each `task` must be listed in dependsOn. (They are also sent to the proplet
+    /// as `parent_results`, as the Propeller manager does.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_from: Option<Vec<ResultSource>>,
     /// Groups tasks of one workflow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow_id: Option<String>,
@@ -164,6 +170,54 @@ pub enum TaskMode {
 pub enum RunIf {
     Success,
     Failure,
+    Always,
+}
+
+/// One dependency result handed to a task.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultSource {
+    /// The dependency (a dependsOn name).
+    #[schemars(length(min = 1))]
+    pub task: String,
+    /// input (default): appended to the inputs, after spec.inputs, in list order; env: an environment
+    /// variable.
+    #[serde(default, rename = "as")]
+    pub target: ResultTarget,
+    /// Variable name for `as: env` (default RESULT_<TASK>, upper-cased, other characters as `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultTarget {
+    #[default]
+    Input,
+    Env,
+}
+
+impl ResultSource {
+    /// The environment variable for `as: env`.
+    pub fn env_name(&self) -> String {
+        self.env
+            .clone()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| {
+                let upper: String = self
+                    .task
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                format!("RESULT_{upper}")
+            })
+    }
 }
 
 /// Which proplets may run a task. All given rules must hold.

@@ -90,6 +90,7 @@ pub fn plan(
     ctx_image: &str,
     timeout_secs: u64,
     max_attempts: i32,
+    parents: &BTreeMap<String, Value>,
 ) -> std::result::Result<Plan, Refusal> {
     let name = job_name(task, attempt);
     let ns = task.namespace();
@@ -97,7 +98,7 @@ pub fn plan(
         .controller_owner_ref(&())
         .ok_or(("InvalidSpec", "the Task has no uid yet".to_string()))?;
     let client_id = proplet.client_id();
-    let start = start_request(task, Some(&client_id));
+    let start = start_request(task, Some(&client_id), parents);
     let labels = json!({
         "app.kubernetes.io/name": "propeller-task",
         "app.kubernetes.io/managed-by": MANAGER,
@@ -245,6 +246,7 @@ pub async fn dispatch(
         &ctx.config.wasm_runner_image,
         timeout.as_secs(),
         ctx.config.max_task_attempts,
+        &super::task::parent_results(task, ctx),
     ) {
         Ok(p) => p,
         Err((reason, msg)) => return refuse(task, ctx, status, reason, &msg).await,
@@ -537,7 +539,7 @@ mod tests {
                             "env": {"A": "1"}, "resourceRequirements": {"cpu": "500m", "memory": "64Mi"},
                             "cliArgs": ["x"]}),
         );
-        let plan = plan(&t, &proplet(), 1, "runner:1", 600, 3).expect("plan");
+        let plan = plan(&t, &proplet(), 1, "runner:1", 600, 3, &BTreeMap::new()).expect("plan");
         let cm = plan.config_map.expect("configmap");
         assert_eq!(cm.name_any(), "add-1");
         let module = cm
@@ -596,7 +598,7 @@ mod tests {
             json!({"name": "add", "imageUrl": "https://example.com/add.wasm",
                             "restartPolicy": "Never"}),
         );
-        let plan = plan(&t, &proplet(), 2, "runner:1", 60, 3).expect("plan");
+        let plan = plan(&t, &proplet(), 2, "runner:1", 60, 3, &BTreeMap::new()).expect("plan");
         assert!(plan.config_map.is_none());
         let job = serde_json::to_value(&plan.job).expect("json");
         assert_eq!(job["metadata"]["name"], "add-2");
@@ -615,7 +617,7 @@ mod tests {
     }
 
     fn plan_of(t: &Task) -> Plan {
-        plan(t, &proplet(), 1, "r", 60, 3).expect("plan")
+        plan(t, &proplet(), 1, "r", 60, 3, &BTreeMap::new()).expect("plan")
     }
 
     #[test]
@@ -624,7 +626,7 @@ mod tests {
             base64::engine::general_purpose::STANDARD
                 .encode(vec![0u8; MAX_CONFIGMAP_MODULE_BYTES + 1]);
         let t = task(json!({"name": "big", "file": big}));
-        let err = plan(&t, &proplet(), 1, "r", 60, 3).expect_err("too big");
+        let err = plan(&t, &proplet(), 1, "r", 60, 3, &BTreeMap::new()).expect_err("too big");
         assert_eq!(err.0, "ModuleTooLarge");
         assert!(err.1.contains("imageUrl"), "{}", err.1);
         assert!(unsupported(&task(json!({"name": "d", "file": ADD, "daemon": true}))).is_some());

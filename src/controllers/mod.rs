@@ -1,6 +1,7 @@
 //! One reconciler per kind, sharing a [`Context`].
 pub mod deployment;
 pub mod job_backend;
+pub mod propeller_job;
 pub mod proplet;
 pub mod selection;
 pub mod task;

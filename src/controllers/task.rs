@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::{Context, apply_status, job_backend, measured, now, selection};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::{Proplet, PropletPhase, PropletType};
-use crate::api::task::{PreferredPropletType, RunIf, Task, TaskPhase, TaskStatus};
+use crate::api::task::{PreferredPropletType, ResultTarget, RunIf, Task, TaskPhase, TaskStatus};
 use crate::config::K8sTaskBackend;
 use crate::error::Result;
 use crate::mqtt::topics::Channel;
@@ -162,7 +162,64 @@ pub fn validate(task: &Task) -> std::result::Result<(), String> {
     {
         return Err("a task cannot depend on itself".into());
     }
+    for source in spec.results_from.iter().flatten() {
+        if !spec.depends_on.iter().flatten().any(|d| d == &source.task) {
+            return Err(format!(
+                "spec.resultsFrom names {:?}, which is not in dependsOn",
+                source.task
+            ));
+        }
+        let name = source.env_name();
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if source.target == ResultTarget::Env && !valid {
+            return Err(format!(
+                "spec.resultsFrom env {name:?} is not a valid variable name"
+            ));
+        }
+    }
     Ok(())
+}
+
+/// A dependency cycle through the Tasks `task` depends on (directly or not), in its namespace.
+fn dependency_cycle(task: &Task, ctx: &Context) -> Option<String> {
+    task.spec.depends_on.as_ref().filter(|d| !d.is_empty())?;
+    let ns = task.namespace();
+    let all = ctx.tasks.state();
+    let deps_of = |name: &str| -> Option<Vec<String>> {
+        if name == task.name_any() {
+            return Some(task.spec.depends_on.clone().unwrap_or_default());
+        }
+        all.iter()
+            .find(|t| t.namespace() == ns && t.name_any() == name)
+            .map(|t| t.spec.depends_on.clone().unwrap_or_default())
+    };
+    let mut nodes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut todo = vec![task.name_any()];
+    while let Some(name) = todo.pop() {
+        if nodes.contains_key(&name) {
+            continue;
+        }
+        let deps = deps_of(&name).unwrap_or_default();
+        todo.extend(deps.iter().cloned());
+        nodes.insert(name, deps);
+    }
+    // Dependencies not created yet are waited for, not errors.
+    let known: Vec<String> = nodes
+        .keys()
+        .filter(|n| deps_of(n).is_some())
+        .cloned()
+        .collect();
+    for deps in nodes.values_mut() {
+        deps.retain(|d| known.contains(d));
+    }
+    nodes.retain(|n, _| known.contains(n));
+    crate::scheduling::dag::validate(&nodes)
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// Leaves the task pending with `Ready=False` and `reason` (an invalid spec, or one this operator cannot
@@ -229,13 +286,14 @@ fn dependency_gate(task: &Task, ctx: &Context) -> std::result::Result<Option<Str
     let run = match task.spec.run_if.unwrap_or(RunIf::Success) {
         RunIf::Success => failed.is_empty(),
         RunIf::Failure => !failed.is_empty(),
+        RunIf::Always => true,
     };
     if run {
         Ok(None)
     } else {
         Err(match task.spec.run_if.unwrap_or(RunIf::Success) {
             RunIf::Success => format!("dependencies did not succeed: {}", failed.join(", ")),
-            RunIf::Failure => "no dependency failed (runIf: failure)".to_string(),
+            RunIf::Failure | RunIf::Always => "no dependency failed (runIf: failure)".to_string(),
         })
     }
 }
@@ -256,6 +314,9 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         g,
     );
 
+    if let Some(cycle) = dependency_cycle(task, ctx) {
+        return refuse(task, ctx, status, "InvalidSpec", &cycle).await;
+    }
     match dependency_gate(task, ctx) {
         Ok(None) => {}
         Ok(Some(wait)) => {
@@ -465,7 +526,7 @@ async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> 
         return Ok(Action::requeue(WAIT_FOR_PROPLET));
     };
     let client_id = status.assigned_client_id.clone().unwrap_or_default();
-    let start = start_request(task, Some(&client_id));
+    let start = start_request(task, Some(&client_id), &parent_results(task, ctx));
     if let Err(e) = mqtt.publish_json(&channel.start(), &start).await {
         metrics()
             .mqtt_published_total
@@ -562,7 +623,7 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
         return Ok(Action::requeue(WAIT_FOR_PROPLET));
     }
     let task = &ensure_finalizer(task, ctx).await?;
-    let start = start_request(task, None);
+    let start = start_request(task, None, &parent_results(task, ctx));
     let Some(mqtt) = &ctx.mqtt else {
         return Ok(Action::await_change());
     };
@@ -595,19 +656,50 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
 }
 
 /// The start message for a task: inputs as strings, the export name, env with the proplet's identity.
-pub fn start_request(task: &Task, client_id: Option<&str>) -> StartRequest {
+/// The results of `task`'s dependencies (by dependsOn name; null for one without a result).
+pub fn parent_results(task: &Task, ctx: &Context) -> BTreeMap<String, Value> {
+    let ns = task.namespace();
+    let deps = task.spec.depends_on.iter().flatten();
+    deps.map(|dep| {
+        let result = ctx
+            .tasks
+            .state()
+            .into_iter()
+            .find(|t| t.namespace() == ns && &t.name_any() == dep)
+            .and_then(|t| t.status.as_ref().and_then(|s| s.results.clone()))
+            .unwrap_or(Value::Null);
+        (dep.clone(), result)
+    })
+    .collect()
+}
+
+/// A result as the text a proplet takes (inputs and env are strings).
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+pub fn start_request(
+    task: &Task,
+    client_id: Option<&str>,
+    parents: &BTreeMap<String, Value>,
+) -> StartRequest {
     let spec = &task.spec;
     let uid = task.uid().unwrap_or_default();
-    let inputs = spec
-        .inputs
-        .iter()
-        .flatten()
-        .map(|v| match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .collect();
+    let mut inputs: Vec<String> = spec.inputs.iter().flatten().map(as_text).collect();
     let mut env = spec.env.clone().unwrap_or_default();
+    for source in spec.results_from.iter().flatten() {
+        let text = parents.get(&source.task).map(as_text).unwrap_or_default();
+        match source.target {
+            ResultTarget::Input => inputs.push(text),
+            ResultTarget::Env => {
+                env.insert(source.env_name(), text);
+            }
+        }
+    }
     if let Some(client) = client_id {
         env.insert("PROPLET_ID".into(), client.to_string());
         env.insert("TASK_ID".into(), uid.clone());
@@ -667,6 +759,7 @@ pub fn start_request(task: &Task, client_id: Option<&str>) -> StartRequest {
         metadata: spec.metadata.clone().filter(Value::is_object),
         monitoring_profile,
         hal_storage_path: spec.hal_storage_path.clone(),
+        parent_results: (!parents.is_empty()).then(|| parents.clone()),
     }
 }
 

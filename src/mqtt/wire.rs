@@ -39,6 +39,10 @@ pub struct StartRequest {
     pub monitoring_profile: Option<WireMonitoringProfile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hal_storage_path: Option<String>,
+    /// Results of the task's dependencies, by dependency name (the Propeller manager's field; proplets
+    /// ignore it, so `resultsFrom` also puts them into inputs or env).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_results: Option<BTreeMap<String, Value>>,
 }
 
 /// Every field is required by the proplet; `interval` is whole seconds.

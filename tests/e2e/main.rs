@@ -6,3 +6,4 @@ mod parity;
 mod samples;
 mod support;
 mod testbed_smoke;
+mod workflows;

@@ -1,0 +1,424 @@
+//! Workflows on the real API server: PropellerJob modes, DAGs of standalone Tasks with result passing,
+//! cycles and unknown dependencies, taskRefs, deletion mid-run.
+use std::time::Duration;
+
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, ResourceExt};
+use propeller_operator::api::propeller_job::JobPhase;
+use propeller_operator::api::task::TaskPhase;
+use propeller_operator::api::{PropellerJob, Task};
+use propeller_operator::sim::SimHandle;
+use serde_json::{Value, json};
+
+use crate::support::Env;
+
+/// The addition module of the real proplet's repository (export `add`).
+const ADD: &str = "AGFzbQEAAAABBwFgAn9/AX8DAgEABwcBA2FkZAAACgkBBwAgACABags=";
+
+async fn worker(
+    env: &mut Env,
+    tune: impl FnOnce(&mut propeller_operator::sim::SimConfig),
+) -> anyhow::Result<SimHandle> {
+    let sim = env.proplet("wf-1", tune).await?;
+    env.external_proplet("wf", "wf-1", json!({})).await?;
+    env.wait_for(&env.proplets(), "wf", "wf Running", |p| {
+        p.phase() == propeller_operator::api::proplet::PropletPhase::Running
+    })
+    .await?;
+    Ok(sim)
+}
+
+fn add(name: &str, extra: Value) -> Value {
+    let mut spec = json!({"name": name, "functionName": "add", "file": ADD});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    spec
+}
+
+/// A step that fails on the proplet: the module has no `mul`.
+fn failing(name: &str) -> Value {
+    json!({"name": name, "functionName": "mul", "file": ADD, "inputs": [6, 7]})
+}
+
+fn condition<'a>(
+    conds: &'a [propeller_operator::api::Condition],
+    t: &str,
+) -> Option<&'a propeller_operator::api::Condition> {
+    conds.iter().find(|c| c.type_ == t)
+}
+
+fn starts_of(sim: &SimHandle) -> Vec<Value> {
+    sim.starts_seen
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_diamond_of_tasks_passes_results_down() -> anyhow::Result<()> {
+    let mut env = Env::start("diamond", &[]).await?;
+    let sim = worker(&mut env, |_| {}).await?;
+    let wf = json!({"workflowId": "diamond"});
+    let with = |extra: Value| {
+        let mut v = wf.clone();
+        if let (Some(a), Some(b)) = (v.as_object_mut(), extra.as_object()) {
+            a.extend(b.clone());
+        }
+        v
+    };
+    // Created bottom-up: dependents wait for dependencies that do not exist yet.
+    env.create::<Task>(
+        json!({"metadata": {"name": "d"}, "spec": add("d", with(json!({
+        "dependsOn": ["b", "c"], "resultsFrom": [{"task": "b"}, {"task": "c"}]})))}),
+    )
+    .await?;
+    env.create::<Task>(
+        json!({"metadata": {"name": "c"}, "spec": add("c", with(json!({
+        "inputs": [-2], "dependsOn": ["a"],
+        "resultsFrom": [{"task": "a"}, {"task": "a", "as": "env"}]})))}),
+    )
+    .await?;
+    env.create::<Task>(
+        json!({"metadata": {"name": "b"}, "spec": add("b", with(json!({
+        "inputs": [1], "dependsOn": ["a"], "resultsFrom": [{"task": "a"}]})))}),
+    )
+    .await?;
+    env.create::<Task>(
+        json!({"metadata": {"name": "a"}, "spec": add("a", with(json!({"inputs": [40, 2]})))}),
+    )
+    .await?;
+    let d = env
+        .wait_for(&env.tasks(), "d", "d to end", |t: &Task| {
+            t.phase().is_terminal()
+        })
+        .await?;
+    let st = d.status.clone().unwrap_or_default();
+    // a = 40 + 2; b = 1 + a; c = -2 + a; d = b + c.
+    assert_eq!(
+        (d.phase(), st.results),
+        (TaskPhase::Completed, Some(json!("83"))),
+        "{:?}",
+        st.error
+    );
+    let uid = |t: &Task| t.uid().unwrap_or_default();
+    let c = env.tasks().get("c").await?;
+    let starts = starts_of(&sim);
+    let start_of = |id: String| {
+        starts
+            .iter()
+            .find(|s| s["id"] == json!(id))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let c_start = start_of(uid(&c));
+    assert_eq!(c_start["inputs"], json!(["-2", "42"]));
+    assert_eq!(c_start["env"]["RESULT_A"], "42");
+    assert_eq!(c_start["parent_results"], json!({"a": "42"}));
+    assert_eq!(
+        start_of(uid(&d))["parent_results"],
+        json!({"b": "43", "c": "40"})
+    );
+    sim.shutdown().await;
+    env.finish().await
+}
+
+#[tokio::test]
+async fn cycles_are_refused_and_unknown_dependencies_wait() -> anyhow::Result<()> {
+    let env = Env::start("cycle", &[]).await?;
+    for (name, dep) in [("x", "y"), ("y", "x")] {
+        env.create::<Task>(json!({"metadata": {"name": name},
+            "spec": add(name, json!({"workflowId": "w", "dependsOn": [dep]}))}))
+            .await?;
+    }
+    env.create::<Task>(json!({"metadata": {"name": "z"},
+        "spec": add("z", json!({"workflowId": "w", "dependsOn": ["ghost"]}))}))
+        .await?;
+    for name in ["x", "y"] {
+        let t = env
+            .wait_for(&env.tasks(), name, "the cycle to be refused", |t: &Task| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| condition(&s.conditions, "Ready"))
+                    .is_some_and(|c| c.reason.as_deref() == Some("InvalidSpec"))
+            })
+            .await?;
+        let msg = t
+            .status
+            .and_then(|s| condition(&s.conditions, "Ready").and_then(|c| c.message.clone()))
+            .unwrap_or_default();
+        assert!(
+            msg.contains("dependency cycle") && msg.contains("x -> y -> x"),
+            "{msg}"
+        );
+    }
+    let z = env
+        .wait_for(&env.tasks(), "z", "z waiting", |t: &Task| {
+            t.status
+                .as_ref()
+                .and_then(|s| condition(&s.conditions, "Scheduled"))
+                .is_some_and(|c| c.reason.as_deref() == Some("WaitingForDependencies"))
+        })
+        .await?;
+    let msg = z
+        .status
+        .and_then(|s| condition(&s.conditions, "Scheduled").and_then(|c| c.message.clone()))
+        .unwrap_or_default();
+    assert!(msg.contains("ghost") && msg.contains("not found"), "{msg}");
+    env.finish().await
+}
+
+fn job(name: &str, mode: &str, tasks: Value, extra: Value) -> Value {
+    let mut spec = json!({"name": name, "executionMode": mode, "tasks": tasks});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    json!({"metadata": {"name": name}, "spec": spec})
+}
+
+async fn finished(env: &Env, name: &str) -> anyhow::Result<PropellerJob> {
+    let api: Api<PropellerJob> = Api::namespaced(env.admin.clone(), &env.ns);
+    env.wait_for(
+        &api,
+        name,
+        &format!("job {name} to finish"),
+        |j: &PropellerJob| {
+            matches!(
+                j.status.as_ref().and_then(|s| s.phase),
+                Some(JobPhase::Completed | JobPhase::Failed)
+            )
+        },
+    )
+    .await
+}
+
+fn counts(j: &PropellerJob) -> (Option<JobPhase>, i64, i64, i64) {
+    let s = j.status.clone().unwrap_or_default();
+    (
+        s.phase,
+        s.completed_count.unwrap_or(-1),
+        s.failed_count.unwrap_or(-1),
+        s.skipped_count.unwrap_or(-1),
+    )
+}
+
+async fn child(env: &Env, job: &str, spec_name: &str) -> anyhow::Result<Task> {
+    let name = propeller_operator::controllers::propeller_job::child_name(job, spec_name);
+    Ok(env.tasks().get(&name).await?)
+}
+
+#[tokio::test]
+async fn propeller_jobs_run_in_every_mode() -> anyhow::Result<()> {
+    let mut env = Env::start("modes", &[]).await?;
+    let sim = worker(&mut env, |_| {}).await?;
+    let ok = |n: &str| add(n, json!({"inputs": [40, 2]}));
+    env.create::<PropellerJob>(job(
+        "par",
+        "parallel",
+        json!([ok("one"), failing("bad"), ok("two")]),
+        json!({}),
+    ))
+    .await?;
+    env.create::<PropellerJob>(job(
+        "seq",
+        "sequential",
+        json!([ok("s1"), failing("s2"), ok("s3")]),
+        json!({}),
+    ))
+    .await?;
+    env.create::<PropellerJob>(job(
+        "seq-on",
+        "sequential",
+        json!([ok("s1"), failing("s2"), ok("s3")]),
+        json!({"continueOnFailure": true}),
+    ))
+    .await?;
+    // configurable: a diamond with result passing; spec names that are not Kubernetes names.
+    env.create::<PropellerJob>(job("dag", "configurable", json!([
+        add("Step One", json!({"inputs": [40, 2]})),
+        add("left", json!({"inputs": [1], "dependsOn": ["Step One"], "resultsFrom": [{"task": "Step One"}]})),
+        add("right", json!({"inputs": [-2], "dependsOn": ["Step One"], "resultsFrom": [{"task": "Step One"}]})),
+        add("join", json!({"dependsOn": ["left", "right"], "resultsFrom": [{"task": "left"}, {"task": "right"}]})),
+    ]), json!({})))
+        .await?;
+    // A job waits for the existing Tasks it references, which it watches.
+    env.create::<PropellerJob>(job(
+        "refs",
+        "parallel",
+        json!([ok("own")]),
+        json!({"taskRefs": ["outside"]}),
+    ))
+    .await?;
+
+    assert_eq!(
+        counts(&finished(&env, "par").await?),
+        (Some(JobPhase::Failed), 2, 1, 0)
+    );
+    assert_eq!(
+        counts(&finished(&env, "seq").await?),
+        (Some(JobPhase::Failed), 1, 1, 1)
+    );
+    assert_eq!(child(&env, "seq", "s3").await?.phase(), TaskPhase::Skipped);
+    assert_eq!(
+        counts(&finished(&env, "seq-on").await?),
+        (Some(JobPhase::Failed), 2, 1, 0)
+    );
+    let dag = finished(&env, "dag").await?;
+    assert_eq!(counts(&dag), (Some(JobPhase::Completed), 4, 0, 0));
+    let join = child(&env, "dag", "join").await?;
+    assert_eq!(join.status.and_then(|s| s.results), Some(json!("83")));
+    let first = child(&env, "dag", "Step One").await?;
+    assert!(
+        first.name_any().starts_with("dag-step-one-"),
+        "{}",
+        first.name_any()
+    );
+    let st = dag.status.clone().unwrap_or_default();
+    assert!(st.start_time.is_some() && st.finish_time.is_some());
+    assert_eq!(
+        condition(&st.conditions, "Completed")
+            .and_then(|c| c.reason.clone())
+            .as_deref(),
+        Some("Succeeded")
+    );
+
+    // Sequential really is one at a time: s2 started after s1 ended, s3 after s2.
+    let seq_ids: Vec<String> = {
+        let mut v = Vec::new();
+        for n in ["s1", "s2", "s3"] {
+            v.push(child(&env, "seq-on", n).await?.uid().unwrap_or_default());
+        }
+        v
+    };
+    let order: Vec<usize> = starts_of(&sim)
+        .iter()
+        .filter_map(|s| seq_ids.iter().position(|id| s["id"] == json!(id)))
+        .collect();
+    assert_eq!(order, [0, 1, 2]);
+
+    let api: Api<PropellerJob> = Api::namespaced(env.admin.clone(), &env.ns);
+    let refs = env
+        .wait_for(
+            &api,
+            "refs",
+            "refs to count its own task",
+            |j: &PropellerJob| j.status.as_ref().and_then(|s| s.completed_count) == Some(1),
+        )
+        .await?;
+    assert_eq!(
+        refs.status.and_then(|s| s.phase),
+        Some(JobPhase::Running),
+        "outside is missing"
+    );
+    env.create::<Task>(json!({"metadata": {"name": "outside"}, "spec": ok("outside")}))
+        .await?;
+    assert_eq!(
+        counts(&finished(&env, "refs").await?),
+        (Some(JobPhase::Completed), 2, 0, 0)
+    );
+    sim.shutdown().await;
+    env.finish().await
+}
+
+#[tokio::test]
+async fn invalid_jobs_create_nothing() -> anyhow::Result<()> {
+    let env = Env::start("badjob", &[]).await?;
+    env.create::<PropellerJob>(job(
+        "loop",
+        "configurable",
+        json!([
+            add("a", json!({"dependsOn": ["b"]})),
+            add("b", json!({"dependsOn": ["a"]})),
+        ]),
+        json!({}),
+    ))
+    .await?;
+    env.create::<PropellerJob>(job(
+        "lost",
+        "parallel",
+        json!([add("a", json!({"dependsOn": ["nowhere"]}))]),
+        json!({}),
+    ))
+    .await?;
+    let api: Api<PropellerJob> = Api::namespaced(env.admin.clone(), &env.ns);
+    for (name, needle) in [
+        ("loop", "dependency cycle: a -> b -> a"),
+        ("lost", "nowhere"),
+    ] {
+        let j = env
+            .wait_for(&api, name, "InvalidSpec", |j: &PropellerJob| {
+                j.status
+                    .as_ref()
+                    .and_then(|s| condition(&s.conditions, "Ready"))
+                    .is_some_and(|c| c.reason.as_deref() == Some("InvalidSpec"))
+            })
+            .await?;
+        let msg = j
+            .status
+            .and_then(|s| condition(&s.conditions, "Ready").and_then(|c| c.message.clone()))
+            .unwrap_or_default();
+        assert!(msg.contains(needle), "{msg}");
+    }
+    let children = env
+        .tasks()
+        .list(
+            &ListParams::default()
+                .labels(propeller_operator::controllers::propeller_job::JOB_LABEL),
+        )
+        .await?;
+    assert!(children.items.is_empty(), "nothing runs");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.admin.clone(), &env.ns);
+    let notes: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("InvalidSpec"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(notes.iter().any(|n| n.contains("a -> b -> a")), "{notes:?}");
+    env.finish().await
+}
+
+#[tokio::test]
+async fn deleting_a_job_stops_its_running_tasks() -> anyhow::Result<()> {
+    let mut env = Env::start("deljob", &[]).await?;
+    let sim = worker(&mut env, |c| c.faults.task_delay = Duration::from_secs(30)).await?;
+    env.create::<PropellerJob>(job(
+        "long",
+        "parallel",
+        json!([add("slow", json!({"inputs": [1, 2]}))]),
+        json!({}),
+    ))
+    .await?;
+    let name = propeller_operator::controllers::propeller_job::child_name("long", "slow");
+    let t = env
+        .wait_for(&env.tasks(), &name, "the child running", |t: &Task| {
+            t.phase() == TaskPhase::Running
+        })
+        .await?;
+    let api: Api<PropellerJob> = Api::namespaced(env.admin.clone(), &env.ns);
+    api.delete("long", &DeleteParams::background()).await?;
+    propeller_operator::testbed::wait_for(
+        env.cluster,
+        "the child Task to be deleted",
+        crate::support::WAIT,
+        || async {
+            env.tasks()
+                .get_opt(&name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await?;
+    let stops = sim.stops_seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        stops.contains(&t.uid().unwrap_or_default()),
+        "a stop was sent: {stops:?}"
+    );
+    sim.shutdown().await;
+    env.finish().await
+}
