@@ -1,5 +1,6 @@
 //! propeller-operator: runs Propeller WebAssembly workloads from Kubernetes custom resources.
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod controllers;
 pub mod discovery;

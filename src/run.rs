@@ -57,7 +57,17 @@ pub async fn run(config: OperatorConfig) -> anyhow::Result<()> {
 /// Runs until `shutdown` completes.
 pub async fn run_with(
     client: Client,
+    config: OperatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_clock(client, config, crate::clock::Clock::default(), shutdown).await
+}
+
+/// [`run_with`], with schedules judged by `clock`.
+pub async fn run_with_clock(
+    client: Client,
     mut config: OperatorConfig,
+    clock: crate::clock::Clock,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::testbed::install_crypto_provider();
@@ -126,6 +136,7 @@ pub async fn run_with(
         task_metrics: controllers::TaskMetricsBuffer::default(),
         module_misses: crate::registry::ModuleMisses::default(),
         recorder: Recorder::new(client.clone(), reporter),
+        clock,
         started: std::time::Instant::now(),
     });
 

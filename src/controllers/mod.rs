@@ -3,6 +3,7 @@ pub mod deployment;
 pub mod job_backend;
 pub mod propeller_job;
 pub mod proplet;
+pub mod schedule;
 pub mod selection;
 pub mod task;
 
@@ -51,6 +52,8 @@ pub struct Context {
     /// Tasks whose module a proplet asked for and the registry does not hold.
     pub module_misses: crate::registry::ModuleMisses,
     pub recorder: Recorder,
+    /// The time cron schedules are judged by.
+    pub clock: crate::clock::Clock,
     /// When this operator started: until a heartbeat threshold has passed, silence proves nothing.
     pub started: Instant,
 }

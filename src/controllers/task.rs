@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Context, apply_status, job_backend, measured, now, selection};
+use super::{Context, apply_status, job_backend, measured, now, schedule, selection};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::{Proplet, PropletPhase, PropletType};
 use crate::api::task::{PreferredPropletType, ResultTarget, RunIf, Task, TaskPhase, TaskStatus};
@@ -84,10 +84,20 @@ async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
                 _ => Ok(Action::await_change()),
             }
         }
-        TaskPhase::Running if status.job_name.is_some() => job_backend::watch(&task, &ctx).await,
-        TaskPhase::Running => watch_running(&task, &ctx).await,
+        TaskPhase::Running => {
+            if let Some(action) = schedule::skip_overdue_tick(&task, &ctx).await? {
+                return Ok(action);
+            }
+            if status.job_name.is_some() {
+                job_backend::watch(&task, &ctx).await
+            } else {
+                watch_running(&task, &ctx).await
+            }
+        }
         TaskPhase::Interrupted => retry_interrupted(&task, &ctx).await,
-        TaskPhase::Completed | TaskPhase::Failed | TaskPhase::Skipped => Ok(Action::await_change()),
+        TaskPhase::Completed | TaskPhase::Failed | TaskPhase::Skipped => {
+            schedule::recur(&task, &ctx).await
+        }
     }
 }
 
@@ -162,6 +172,7 @@ pub fn validate(task: &Task) -> std::result::Result<(), String> {
     {
         return Err("a task cannot depend on itself".into());
     }
+    schedule::schedule_of(task)?;
     for source in spec.results_from.iter().flatten() {
         if !spec.depends_on.iter().flatten().any(|d| d == &source.task) {
             return Err(format!(
@@ -314,6 +325,9 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         g,
     );
 
+    if let Some(wait) = schedule::pending_gate(task, ctx, &mut status, &old).await? {
+        return Ok(wait);
+    }
     if let Some(cycle) = dependency_cycle(task, ctx) {
         return refuse(task, ctx, status, "InvalidSpec", &cycle).await;
     }

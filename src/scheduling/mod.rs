@@ -3,6 +3,7 @@
 //! ahead of it that could use the same proplet: higher `priority` first, then older (creation time, then
 //! name). Every task reaches the same verdict from the same store contents, so no queue is kept anywhere
 //! but in the Tasks themselves.
+pub mod cron;
 pub mod dag;
 
 use std::cmp::Reverse;

@@ -28,6 +28,8 @@ pub struct Env {
     operator: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     op_client: Client,
     config: OperatorConfig,
+    /// The operator's schedule clock: tests of recurring tasks move it forward.
+    pub clock: propeller_operator::clock::Clock,
 }
 
 /// The kustomize ClusterRole, verbatim.
@@ -166,6 +168,7 @@ impl Env {
             operator: None,
             op_client,
             config,
+            clock: propeller_operator::clock::Clock::default(),
         };
         env.start_operator();
         Ok(env)
@@ -173,9 +176,10 @@ impl Env {
 
     fn start_operator(&mut self) {
         let (stop_tx, stop_rx) = oneshot::channel();
-        self.operator = Some(tokio::spawn(propeller_operator::run::run_with(
+        self.operator = Some(tokio::spawn(propeller_operator::run::run_with_clock(
             self.op_client.clone(),
             self.config.clone(),
+            self.clock.clone(),
             async move {
                 let _ = stop_rx.await;
             },

@@ -422,3 +422,136 @@ async fn deleting_a_job_stops_its_running_tasks() -> anyhow::Result<()> {
     sim.shutdown().await;
     env.finish().await
 }
+
+fn reason_of(t: &Task, type_: &str) -> Option<String> {
+    t.status
+        .as_ref()
+        .and_then(|s| condition(&s.conditions, type_))
+        .and_then(|c| c.reason.clone())
+}
+
+/// Wakes the Task controller for `name` (a label change), as any edit would.
+async fn poke(env: &Env, name: &str, n: u32) -> anyhow::Result<()> {
+    let patch = json!({"metadata": {"labels": {"e2e-poke": n.to_string()}}});
+    env.tasks()
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Two real ticks of a per-minute schedule (at most two minutes).
+#[tokio::test]
+async fn a_recurring_task_runs_at_every_tick() -> anyhow::Result<()> {
+    let mut env = Env::start("cron", &[]).await?;
+    let sim = worker(&mut env, |_| {}).await?;
+    env.create::<Task>(json!({"metadata": {"name": "every-minute"}, "spec": add("every-minute", json!({
+        "inputs": [40, 2], "schedule": "* * * * *", "isRecurring": true, "timezone": "Europe/Paris"}))}))
+        .await?;
+    let t = env
+        .wait_for(
+            &env.tasks(),
+            "every-minute",
+            "the first tick to be set",
+            |t: &Task| t.status.as_ref().is_some_and(|s| s.next_run.is_some()),
+        )
+        .await?;
+    let first_tick = t.status.and_then(|s| s.next_run).map(|t| t.0);
+    assert_eq!(
+        first_tick.map(|t| t.as_second() % 60),
+        Some(0),
+        "on a minute"
+    );
+    let two_runs = propeller_operator::testbed::wait_for(
+        env.cluster,
+        "two runs",
+        Duration::from_secs(150),
+        || async {
+            let t = env.tasks().get("every-minute").await.ok()?;
+            let st = t.status.clone()?;
+            (st.history.len() >= 1 && t.phase() == TaskPhase::Completed).then_some(t)
+        },
+    )
+    .await?;
+    let st = two_runs.status.clone().unwrap_or_default();
+    assert_eq!(st.history[0].phase, Some(TaskPhase::Completed));
+    assert_eq!(st.history[0].results.as_deref(), Some("42"));
+    assert_eq!(st.results, Some(json!("42")));
+    assert!(
+        st.next_run.map(|n| n.0) > first_tick,
+        "the next tick moved on"
+    );
+    let runs = starts_of(&sim).len();
+    assert_eq!(runs, 2, "one start per tick");
+    sim.shutdown().await;
+    env.finish().await
+}
+
+/// A run still going at the next tick: the tick is skipped. A run lasting past a per-minute tick would
+/// take a real minute, so this test moves the operator's schedule clock forward instead (the fake clock).
+#[tokio::test]
+async fn a_tick_during_a_run_is_skipped() -> anyhow::Result<()> {
+    let mut env = Env::start("overlap", &[]).await?;
+    let sim = worker(&mut env, |c| c.faults.task_delay = Duration::from_secs(60)).await?;
+    env.create::<Task>(
+        json!({"metadata": {"name": "slow"}, "spec": add("slow", json!({
+        "inputs": [1, 2], "schedule": "* * * * *", "isRecurring": true}))}),
+    )
+    .await?;
+    let t = env
+        .wait_for(&env.tasks(), "slow", "waiting for its tick", |t: &Task| {
+            reason_of(t, "Scheduled").as_deref() == Some("WaitingForTick")
+        })
+        .await?;
+    let tick = t
+        .status
+        .and_then(|s| s.next_run)
+        .map(|t| t.0)
+        .unwrap_or_default();
+    let wait = tick.duration_since(env.clock.now()).unsigned_abs() + Duration::from_secs(1);
+    env.clock.advance(wait);
+    poke(&env, "slow", 1).await?;
+    env.wait_for(&env.tasks(), "slow", "the run", |t: &Task| {
+        t.phase() == TaskPhase::Running
+    })
+    .await?;
+    env.clock.advance(Duration::from_secs(60));
+    poke(&env, "slow", 2).await?;
+    let t = env
+        .wait_for(&env.tasks(), "slow", "TickSkipped", |t: &Task| {
+            reason_of(t, "Recurring").as_deref() == Some("TickSkipped")
+        })
+        .await?;
+    assert_eq!(t.phase(), TaskPhase::Running, "the first run goes on");
+    assert_eq!(starts_of(&sim).len(), 1, "not started twice");
+    sim.shutdown().await;
+    env.finish().await
+}
+
+#[tokio::test]
+async fn bad_schedules_are_invalid_specs() -> anyhow::Result<()> {
+    let env = Env::start("badcron", &[]).await?;
+    for (name, schedule, zone, needle) in [
+        ("feb-30", "0 0 30 2 *", "UTC", "never fires"),
+        ("no-zone", "* * * * *", "Mars/Olympus", "IANA"),
+        ("six", "0 * * * * *", "UTC", "5 fields"),
+    ] {
+        env.create::<Task>(json!({"metadata": {"name": name}, "spec": add(name, json!({
+            "schedule": schedule, "timezone": zone, "isRecurring": true}))}))
+            .await?;
+        let t = env
+            .wait_for(&env.tasks(), name, "InvalidSpec", |t: &Task| {
+                reason_of(t, "Ready").as_deref() == Some("InvalidSpec")
+            })
+            .await?;
+        let msg = t
+            .status
+            .and_then(|s| condition(&s.conditions, "Ready").and_then(|c| c.message.clone()))
+            .unwrap_or_default();
+        assert!(msg.contains(needle), "{name}: {msg}");
+    }
+    env.finish().await
+}
