@@ -472,7 +472,7 @@ async fn a_recurring_task_runs_at_every_tick() -> anyhow::Result<()> {
         || async {
             let t = env.tasks().get("every-minute").await.ok()?;
             let st = t.status.clone()?;
-            (st.history.len() >= 1 && t.phase() == TaskPhase::Completed).then_some(t)
+            (!st.history.is_empty() && t.phase() == TaskPhase::Completed).then_some(t)
         },
     )
     .await?;
