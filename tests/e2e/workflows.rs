@@ -241,6 +241,28 @@ async fn propeller_jobs_run_in_every_mode() -> anyhow::Result<()> {
         add("join", json!({"dependsOn": ["left", "right"], "resultsFrom": [{"task": "left"}, {"task": "right"}]})),
     ]), json!({})))
         .await?;
+    env.create::<PropellerJob>(job(
+        "seq-ok",
+        "sequential",
+        json!([ok("s1"), ok("s2"), ok("s3")]),
+        json!({}),
+    ))
+    .await?;
+    // configurable, failing: b is skipped after a fails; c runs because of it (runIf: failure).
+    env.create::<PropellerJob>(job(
+        "dag-fail",
+        "configurable",
+        json!([
+            failing("a"),
+            add("b", json!({"inputs": [1, 1], "dependsOn": ["a"]})),
+            add(
+                "c",
+                json!({"inputs": [1, 1], "dependsOn": ["a"], "runIf": "failure"})
+            ),
+        ]),
+        json!({}),
+    ))
+    .await?;
     // A job waits for the existing Tasks it references, which it watches.
     env.create::<PropellerJob>(job(
         "refs",
@@ -262,6 +284,22 @@ async fn propeller_jobs_run_in_every_mode() -> anyhow::Result<()> {
     assert_eq!(
         counts(&finished(&env, "seq-on").await?),
         (Some(JobPhase::Failed), 2, 1, 0)
+    );
+    assert_eq!(
+        counts(&finished(&env, "seq-ok").await?),
+        (Some(JobPhase::Completed), 3, 0, 0)
+    );
+    assert_eq!(
+        counts(&finished(&env, "dag-fail").await?),
+        (Some(JobPhase::Failed), 1, 1, 1)
+    );
+    assert_eq!(
+        child(&env, "dag-fail", "b").await?.phase(),
+        TaskPhase::Skipped
+    );
+    assert_eq!(
+        child(&env, "dag-fail", "c").await?.phase(),
+        TaskPhase::Completed
     );
     let dag = finished(&env, "dag").await?;
     assert_eq!(counts(&dag), (Some(JobPhase::Completed), 4, 0, 0));
