@@ -44,6 +44,14 @@ fn proplet_for(ctx: &Context, channel: &Channel, client_id: &str) -> Option<Obje
 }
 
 pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
+    // One span per message: its log lines carry the topic and, once decoded, the proplet or task id.
+    let span = tracing::info_span!(
+        "mqtt",
+        topic = %msg.topic,
+        proplet = tracing::field::Empty,
+        task = tracing::field::Empty
+    );
+    let _entered = span.enter();
     let Some((channel, kind)) = topics::parse(&msg.topic) else {
         metrics().mqtt_message("other", "unexpected_topic");
         debug!(topic = %msg.topic, "message on a topic the operator does not handle");
@@ -121,7 +129,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         },
         Inbound::Results => match wire::decode_result(payload) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
-            Ok(r) => match ctx.task_index.by_uid(&r.task_id) {
+            Ok(r) => match traced_task(&r.task_id, ctx) {
                 None => {
                     metrics().mqtt_message(kind.as_str(), "unknown_task");
                     debug!(topic = %msg.topic, task_id = %r.task_id, "result for an unknown task");
@@ -146,7 +154,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         },
         Inbound::TaskMetrics => match wire::decode_task_metrics(payload) {
             Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
-            Ok(m) => match ctx.task_index.by_uid(&m.task_id) {
+            Ok(m) => match traced_task(&m.task_id, ctx) {
                 None => {
                     metrics().mqtt_message(kind.as_str(), "unknown_task");
                     debug!(topic = %msg.topic, task_id = %m.task_id, "task metrics for an unknown task");
@@ -173,6 +181,12 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
     }
 }
 
+/// The Task a message is about, with its id recorded in the message's span.
+fn traced_task(task_id: &str, ctx: &Context) -> Option<ObjectRef<Task>> {
+    tracing::Span::current().record("task", task_id);
+    ctx.task_index.by_uid(task_id)
+}
+
 fn with_proplet(
     ctx: &Context,
     kind: Inbound,
@@ -180,6 +194,7 @@ fn with_proplet(
     client_id: &str,
     f: impl FnOnce(ObjectRef<Proplet>),
 ) {
+    tracing::Span::current().record("proplet", client_id);
     if !ctx.ownership.owns_client(client_id) {
         metrics().mqtt_message(kind.as_str(), "not_owned");
         return;

@@ -16,12 +16,13 @@ use tracing::{error, info, warn};
 
 use crate::api::{PropellerJob, Proplet, Task};
 use crate::config::{K8sTaskBackend, OperatorConfig};
-use crate::controllers::{self, Context, PendingResults};
+use crate::controllers::{self, Context, PendingResults, object_key};
 use crate::indexes::{PropletIndex, TaskIndex};
 use crate::liveness::Liveness;
 use crate::mqtt::{MqttClient, MqttSettings};
 use crate::router::{self, Triggers};
 use crate::sharding::Ownership;
+use crate::telemetry::metrics;
 use crate::telemetry::server::{self, Readiness};
 
 fn api<K>(client: &Client, namespace: &str) -> Api<K>
@@ -302,6 +303,24 @@ pub async fn run_with_clock(
             }
         }));
     }
+    // Tasks by phase, from the store (cheap: no API call), for dashboards.
+    {
+        let ctx = Arc::clone(&ctx);
+        background.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                let mut counts = std::collections::BTreeMap::new();
+                for t in ctx.tasks.state() {
+                    *counts.entry(t.phase().as_str()).or_insert(0i64) += 1;
+                }
+                for phase in crate::api::task::TaskPhase::ALL {
+                    let n = counts.get(phase.as_str()).copied().unwrap_or(0);
+                    metrics().tasks.with_label_values(&[phase.as_str()]).set(n);
+                }
+            }
+        }));
+    }
     if let Some(inbox) = inbox {
         let (registry, worker) = crate::registry::spawn(Arc::clone(&ctx), task_trigger_tx.clone());
         background.push(worker);
@@ -326,11 +345,16 @@ pub async fn run_with_clock(
     // The input streams end with the shutdown signal, so the controllers drain and return.
     let proplet_controller = Controller::for_stream(
         UnboundedReceiverStream::new(proplet_main_rx)
+            .inspect(|p| metrics().queue_add("proplet", object_key(p)))
             .map(Ok)
             .take_until(shutdown.clone()),
         proplet_store,
     )
-    .reconcile_on(UnboundedReceiverStream::new(proplet_trigger_rx).take_until(shutdown.clone()))
+    .reconcile_on(
+        UnboundedReceiverStream::new(proplet_trigger_rx)
+            .inspect(|r| metrics().queue_add("proplet", ref_key(r)))
+            .take_until(shutdown.clone()),
+    )
     .graceful_shutdown_on(shutdown.clone())
     .run(
         controllers::proplet::reconcile,
@@ -339,10 +363,15 @@ pub async fn run_with_clock(
     )
     .for_each(|_| async {});
     let task_controller = Controller::for_stream(
-        UnboundedReceiverStream::new(task_main_rx).map(Ok),
+        UnboundedReceiverStream::new(task_main_rx)
+            .inspect(|t| metrics().queue_add("task", object_key(t)))
+            .map(Ok),
         task_store,
     )
-    .reconcile_on(UnboundedReceiverStream::new(task_trigger_rx))
+    .reconcile_on(
+        UnboundedReceiverStream::new(task_trigger_rx)
+            .inspect(|r| metrics().queue_add("task", ref_key(r))),
+    )
     .shutdown_on_signal()
     .run(
         controllers::task::reconcile,
@@ -352,11 +381,16 @@ pub async fn run_with_clock(
     .for_each(|_| async {});
     let pjob_controller = Controller::for_stream(
         UnboundedReceiverStream::new(pjob_main_rx)
+            .inspect(|j| metrics().queue_add("propellerjob", object_key(j)))
             .map(Ok)
             .take_until(shutdown.clone()),
         pjob_store,
     )
-    .reconcile_on(UnboundedReceiverStream::new(pjob_trigger_rx).take_until(shutdown.clone()))
+    .reconcile_on(
+        UnboundedReceiverStream::new(pjob_trigger_rx)
+            .inspect(|r| metrics().queue_add("propellerjob", ref_key(r)))
+            .take_until(shutdown.clone()),
+    )
     .graceful_shutdown_on(shutdown.clone())
     .run(
         controllers::propeller_job::reconcile,
@@ -385,6 +419,14 @@ pub async fn run_with_clock(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The work-queue key of a trigger (as [`object_key`] of the object).
+fn ref_key<K: kube::Resource>(r: &ObjectRef<K>) -> String
+where
+    K::DynamicType: Default,
+{
+    format!("{}/{}", r.namespace.clone().unwrap_or_default(), r.name)
 }
 
 /// The PropellerJobs a task counts for: its owner, and those naming it in taskRefs.

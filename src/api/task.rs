@@ -314,6 +314,16 @@ impl TaskPhase {
     }
 
     /// Occupies a proplet.
+    pub const ALL: [TaskPhase; 7] = [
+        TaskPhase::Pending,
+        TaskPhase::Scheduled,
+        TaskPhase::Running,
+        TaskPhase::Completed,
+        TaskPhase::Failed,
+        TaskPhase::Skipped,
+        TaskPhase::Interrupted,
+    ];
+
     pub fn is_active(self) -> bool {
         matches!(self, TaskPhase::Scheduled | TaskPhase::Running)
     }

@@ -217,13 +217,24 @@ impl TaskMetricsBuffer {
     }
 }
 
-/// Wraps a reconcile with controller-runtime's metrics.
-pub async fn measured<F>(controller: &str, f: F) -> Result<Action>
+/// The key of an object in metrics and logs: `namespace/name`.
+pub fn object_key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Wraps a reconcile of `obj` with controller-runtime's metrics (it leaves the work queue) and a trace
+/// span carrying the object's key, so that one object can be followed through the logs.
+pub async fn measured<K, F>(controller: &'static str, obj: &K, f: F) -> Result<Action>
 where
+    K: Resource,
     F: std::future::Future<Output = Result<Action>>,
 {
+    use tracing::Instrument as _;
+    let key = object_key(obj);
+    metrics().queue_start(controller, &key);
+    let span = tracing::info_span!("reconcile", controller, object = %key);
     let start = Instant::now();
-    let result = f.await;
+    let result = f.instrument(span).await;
     let m = metrics();
     m.reconcile_time_seconds
         .with_label_values(&[controller])

@@ -30,7 +30,8 @@ pub const SPEC_INDEX_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr
 pub const SPEC_NAME_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/spec-name";
 
 pub async fn reconcile(job: Arc<PropellerJob>, ctx: Arc<Context>) -> Result<Action> {
-    measured("propellerjob", reconcile_inner(job, ctx)).await
+    let obj = Arc::clone(&job);
+    measured("propellerjob", obj.as_ref(), reconcile_inner(job, ctx)).await
 }
 
 /// The child Task name of the job's task `spec_name`: a DNS label whatever the names are.

@@ -94,7 +94,8 @@ async fn give_way(p: &Proplet, ctx: &Context, declared: &str) -> Result<Action> 
 }
 
 pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
-    measured("proplet", reconcile_inner(p, ctx)).await
+    let obj = Arc::clone(&p);
+    measured("proplet", obj.as_ref(), reconcile_inner(p, ctx)).await
 }
 
 async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {

@@ -29,7 +29,8 @@ pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finali
 const WAIT_FOR_PROPLET: Duration = Duration::from_secs(30);
 
 pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
-    measured("task", reconcile_inner(task, ctx)).await
+    let obj = Arc::clone(&task);
+    measured("task", obj.as_ref(), reconcile_inner(task, ctx)).await
 }
 
 async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {

@@ -2,7 +2,9 @@
 //! with the health probes.
 pub mod server;
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -25,6 +27,13 @@ pub struct Metrics {
     pub proplets: IntGaugeVec,
     pub registry_requests_total: IntCounterVec,
     pub discovery_total: IntCounterVec,
+    pub workqueue_depth: IntGaugeVec,
+    pub workqueue_adds_total: IntCounterVec,
+    pub workqueue_queue_duration_seconds: HistogramVec,
+    pub tasks: IntGaugeVec,
+    /// Queued objects per controller (a key is queued once until its reconcile starts), with the time it
+    /// was first queued.
+    queued: Mutex<HashMap<(&'static str, String), Instant>>,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -118,6 +127,41 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["outcome"],
     )?;
+    let workqueue_depth = IntGaugeVec::new(
+        Opts::new(
+            "workqueue_depth",
+            "Current depth of the work queue (objects waiting for a reconcile)",
+        ),
+        &["name"],
+    )?;
+    let workqueue_adds_total = IntCounterVec::new(
+        Opts::new(
+            "workqueue_adds_total",
+            "Total number of adds handled by the work queue",
+        ),
+        &["name"],
+    )?;
+    let workqueue_queue_duration_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "workqueue_queue_duration_seconds",
+            "How long an object waits in the work queue before its reconcile starts",
+        )
+        .buckets(vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+        &["name"],
+    )?;
+    let tasks = IntGaugeVec::new(
+        Opts::new(
+            "propeller_tasks",
+            "Tasks by phase, as the operator sees them",
+        ),
+        &["phase"],
+    )?;
+    registry.register(Box::new(workqueue_depth.clone()))?;
+    registry.register(Box::new(workqueue_adds_total.clone()))?;
+    registry.register(Box::new(workqueue_queue_duration_seconds.clone()))?;
+    registry.register(Box::new(tasks.clone()))?;
     registry.register(Box::new(registry_requests_total.clone()))?;
     registry.register(Box::new(discovery_total.clone()))?;
     registry.register(Box::new(reconcile_total.clone()))?;
@@ -144,6 +188,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         proplets,
         registry_requests_total,
         discovery_total,
+        workqueue_depth,
+        workqueue_adds_total,
+        workqueue_queue_duration_seconds,
+        tasks,
+        queued: Mutex::new(HashMap::new()),
     })
 }
 
@@ -165,6 +214,35 @@ impl Metrics {
         self.api_writes_total
             .with_label_values(&[resource, verb])
             .inc();
+    }
+
+    /// An object was queued for `controller`'s reconcile (a watch event or a trigger).
+    pub fn queue_add(&self, controller: &'static str, key: String) {
+        self.workqueue_adds_total
+            .with_label_values(&[controller])
+            .inc();
+        if let Ok(mut q) = self.queued.lock() {
+            q.entry((controller, key)).or_insert_with(Instant::now);
+            let depth = q.keys().filter(|(c, _)| *c == controller).count();
+            self.workqueue_depth
+                .with_label_values(&[controller])
+                .set(depth as i64);
+        }
+    }
+
+    /// `controller`'s reconcile of `key` starts: it leaves the queue.
+    pub fn queue_start(&self, controller: &'static str, key: &str) {
+        if let Ok(mut q) = self.queued.lock() {
+            if let Some(at) = q.remove(&(controller, key.to_string())) {
+                self.workqueue_queue_duration_seconds
+                    .with_label_values(&[controller])
+                    .observe(at.elapsed().as_secs_f64());
+            }
+            let depth = q.keys().filter(|(c, _)| *c == controller).count();
+            self.workqueue_depth
+                .with_label_values(&[controller])
+                .set(depth as i64);
+        }
     }
 
     /// The text exposition format.

@@ -147,8 +147,6 @@ impl Env {
             CHANNEL,
             "--watch-namespace",
             &ns,
-            "--health-probe-bind-address",
-            "0",
             "--last-seen-threshold",
             "3s",
             "--status-refresh",
@@ -156,6 +154,13 @@ impl Env {
         ];
         if tls {
             args.extend_from_slice(&["--mqtt-ca-cert", &ca]);
+        }
+        // No metrics endpoint unless the test asks for one.
+        if !extra
+            .iter()
+            .any(|a| a.starts_with("--health-probe-bind-address"))
+        {
+            args.extend_from_slice(&["--health-probe-bind-address", "0"]);
         }
         args.extend_from_slice(extra);
         let config = OperatorConfig::try_parse_from_args(&args)?;
