@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint provision cluster-up cluster-down crds demo dev-up dev-down clean images
+.PHONY: all build test lint provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
 
 all: build
 
@@ -58,3 +58,8 @@ images:
 	@test -n "$(ENGINE)" || { echo "images: no docker or podman on this machine"; exit 1; }
 	$(ENGINE) build -f images/Dockerfile --target operator -t propeller-operator:$(VERSION) .
 	$(ENGINE) build -f images/Dockerfile --target wasm-runner -t ghcr.io/absmach/propeller-operator/wasm-runner:$(VERSION) .
+
+## Benchmarks (release build; about 15 minutes): bench/results/latest.json and docs/benchmarks.md.
+bench: provision
+	$(CARGO) build --release --bins
+	$(CARGO) run --release --quiet --bin bench

@@ -121,6 +121,10 @@ pub struct OperatorConfig {
     /// Dispatches of one task (first run plus reschedules after interruptions).
     #[arg(long, default_value_t = 3)]
     pub max_task_attempts: i32,
+    /// Events for every task's routine steps (Dispatched, Completed) cost 2 API writes per task: `all`
+    /// records them, `warnings` (default) only failures, refusals and other exceptions.
+    #[arg(long, env = "TASK_EVENTS", value_enum, default_value_t = TaskEvents::Warnings)]
+    pub task_events: TaskEvents,
     /// Tasks a proplet runs at once unless its spec.maxConcurrentTasks says otherwise; 0: unlimited.
     /// Tasks over the limit wait, highest spec.priority first, then oldest.
     #[arg(long, env = "MAX_TASKS_PER_PROPLET", default_value_t = 0)]
@@ -281,4 +285,11 @@ mod tests {
         assert!(OperatorConfig::try_parse_from(["op", "--mqtt-timeout=soon"]).is_err());
         assert!(OperatorConfig::try_parse_from(["op", "--mqtt-qos=3"]).is_err());
     }
+}
+
+/// Which Task Events the operator records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskEvents {
+    Warnings,
+    All,
 }

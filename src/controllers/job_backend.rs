@@ -304,8 +304,7 @@ pub async fn dispatch(
         metrics().task_dispatch_seconds.observe(secs.max(0.0));
     }
     info!(task = %task.name_any(), job = %job_name, "task dispatched as a Job");
-    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg)
-        .await;
+    ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
     // The Job watch wakes the task; the requeue only guards against a missed event.
     Ok(Action::requeue(
         timeout + std::time::Duration::from_secs(30),

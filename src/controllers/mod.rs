@@ -59,6 +59,21 @@ pub struct Context {
 }
 
 impl Context {
+    /// An Event for a routine step of a task (dispatch, completion): only with `--task-events=all`, since
+    /// each costs an API write per task.
+    pub async fn routine_event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        if self.config.task_events == crate::config::TaskEvents::All {
+            self.event(obj, EventType::Normal, reason, action, note)
+                .await;
+        }
+    }
+
     /// Publishes an Event about `obj`; failures are logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,

@@ -570,8 +570,7 @@ async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> 
     );
     mark_running(task, ctx, &status).await?;
     info!(task = %task.name_any(), proplet = %name, "task dispatched");
-    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg)
-        .await;
+    ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
     Ok(Action::requeue(timeout_of(task, ctx)))
 }
 
@@ -665,8 +664,7 @@ async fn dispatch_broadcast(task: &Task, ctx: &Context, mut status: TaskStatus) 
         g,
     );
     apply_status(&ctx.client, task, &status).await?;
-    ctx.event(task, EventType::Normal, "Dispatched", "Dispatch", msg)
-        .await;
+    ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
     Ok(Action::requeue(timeout_of(task, ctx)))
 }
 
@@ -1067,14 +1065,8 @@ pub(super) fn settle(status: &mut TaskStatus, result: &TaskResult, g: Option<i64
 pub(super) async fn announce(task: &Task, ctx: &Context, status: &TaskStatus) {
     match status.phase {
         Some(TaskPhase::Completed) => {
-            ctx.event(
-                task,
-                EventType::Normal,
-                "Completed",
-                "Result",
-                summary(status),
-            )
-            .await
+            ctx.routine_event(task, "Completed", "Result", summary(status))
+                .await
         }
         Some(TaskPhase::Failed) => {
             let err = status.error.clone().unwrap_or_default();

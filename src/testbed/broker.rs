@@ -113,6 +113,21 @@ impl Broker {
         Ok(())
     }
 
+    /// Adds many users with one reload.
+    pub fn add_users(&mut self, users: &[(String, String)]) -> Result<()> {
+        for (u, p) in users {
+            self.users.insert(u.clone(), p.clone());
+        }
+        self.write_password_file()?;
+        if let Some(proc) = &self.proc {
+            unsafe {
+                libc::kill(proc.pid as i32, libc::SIGHUP);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(())
+    }
+
     /// Stops the broker; clients see their connection drop.
     pub fn stop(&mut self) {
         if let Some(p) = self.proc.take() {
