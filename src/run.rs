@@ -232,6 +232,9 @@ pub async fn run_with_clock(
                     }
                 };
                 ctx.task_index.apply(&ev);
+                if let watcher::Event::Apply(t) | watcher::Event::InitApply(t) = &ev {
+                    controllers::own_writes::seen(t);
+                }
                 if let watcher::Event::Apply(t)
                 | watcher::Event::InitApply(t)
                 | watcher::Event::Delete(t) = &ev
@@ -472,7 +475,9 @@ fn tasks_affected_by(ctx: &Context, p: &Proplet) -> Vec<ObjectRef<Task>> {
         .filter(|t| t.namespace() == ns)
         .filter(|t| {
             let phase = t.phase();
-            phase == crate::api::task::TaskPhase::Pending
+            // Pending tasks only when they wait for a proplet: a fresh one has its own event, and waking
+            // every pending task on every proplet change is quadratic in a burst.
+            crate::scheduling::waiting_for_proplet(t)
                 || (phase.is_active()
                     && t.status
                         .as_ref()

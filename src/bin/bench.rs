@@ -89,7 +89,7 @@ async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f6
         ) {
             continue;
         }
-        let key = format!("{} {}", label("verb"), label("resource"));
+        let key = format!("{} {} {}", label("verb"), label("resource"), label("code"));
         *out.entry(key).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
     }
     Ok(out)
@@ -98,6 +98,7 @@ async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f6
 /// Writes between two snapshots on the resources the operator writes.
 fn operator_writes(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, own: f64) -> f64 {
     let relevant = |k: &str| {
+        let resource = k.split(' ').nth(1).unwrap_or_default();
         [
             "tasks",
             "proplets",
@@ -106,8 +107,7 @@ fn operator_writes(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>
             "jobs",
             "configmaps",
         ]
-        .iter()
-        .any(|r| k.ends_with(&format!(" {r}")))
+        .contains(&resource)
     };
     let total: f64 = after
         .iter()
@@ -538,6 +538,7 @@ async fn main() -> anyhow::Result<()> {
     let done = Arc::new(Mutex::new(HashMap::new()));
     let watch = watch_completions(&client, &ns, Arc::clone(&done));
     let before = apiserver_writes(&client).await?;
+    let (cpu_before, _) = proc_usage(operator.pid())?;
     let burst_start = Instant::now();
     let names: Vec<String> = (0..args.burst_tasks).map(|i| format!("b-{i}")).collect();
     let created = create_tasks(&client, &ns, "burst", names, 0.0).await?;
@@ -546,6 +547,11 @@ async fn main() -> anyhow::Result<()> {
         .last_completion
         .map(|l| l.duration_since(burst_start).as_secs_f64())
         .unwrap_or(f64::NAN);
+    let (cpu_after, _) = proc_usage(operator.pid())?;
+    results.insert(
+        "burst_operator_cpu_cores",
+        json!((cpu_after - cpu_before) / burst_secs),
+    );
     // Let trailing writes (events, proplet task counts) land before counting.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = apiserver_writes(&client).await?;

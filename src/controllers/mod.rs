@@ -107,6 +107,7 @@ where
     K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
         + serde::de::DeserializeOwned
+        + Serialize
         + std::fmt::Debug,
 {
     let ns = obj
@@ -133,7 +134,91 @@ where
             other => other,
         })?;
     metrics().api_write(&K::plural(&()), "patch_status");
+    own_writes::record(&written);
     Ok(written)
+}
+
+/// Our own status writes not yet back from the watch. A reconcile that starts from the watch cache right
+/// after a write would otherwise see the object before it and fail its resourceVersion test (a conflict,
+/// a wasted write and a retry); it takes the written object instead.
+pub mod own_writes {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use kube::{Resource, ResourceExt};
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    /// The watch delivers our writes within milliseconds; an entry older than this is forgotten (e.g. a
+    /// relist that skipped the event).
+    const FRESH_FOR: Duration = Duration::from_secs(5);
+    const MAX: usize = 100_000;
+
+    struct Written {
+        resource_version: String,
+        at: Instant,
+        object: serde_json::Value,
+    }
+
+    fn map() -> &'static Mutex<HashMap<String, Written>> {
+        static MAP: OnceLock<Mutex<HashMap<String, Written>>> = OnceLock::new();
+        MAP.get_or_init(|| Mutex::new(HashMap::new()))
+    }
+
+    pub fn record<K: Resource + Serialize>(written: &K) {
+        let (Some(uid), Some(rv)) = (written.uid(), written.resource_version()) else {
+            return;
+        };
+        let Ok(object) = serde_json::to_value(written) else {
+            return;
+        };
+        if let Ok(mut m) = map().lock() {
+            if m.len() >= MAX {
+                m.retain(|_, w| w.at.elapsed() < FRESH_FOR);
+            }
+            m.insert(
+                uid,
+                Written {
+                    resource_version: rv,
+                    at: Instant::now(),
+                    object,
+                },
+            );
+        }
+    }
+
+    /// The watch delivered `seen`: a recorded write it has caught up with is dropped.
+    pub fn seen<K: Resource>(seen: &K) {
+        let (Some(uid), Some(rv)) = (seen.uid(), seen.resource_version()) else {
+            return;
+        };
+        if let Ok(mut m) = map().lock()
+            && m.get(&uid).is_some_and(|w| w.resource_version == rv)
+        {
+            m.remove(&uid);
+        }
+    }
+
+    /// The object as we last wrote it, when the cache has not caught up with that write yet.
+    pub fn newer<K: Resource + DeserializeOwned>(cached: &K) -> Option<K> {
+        let uid = cached.uid()?;
+        let mut m = map().lock().ok()?;
+        let w = m.get(&uid)?;
+        if w.at.elapsed() >= FRESH_FOR {
+            m.remove(&uid);
+            return None;
+        }
+        // Only a write the cache has not seen yet: with etcd, resourceVersions are revisions, so a larger
+        // one is newer. (Our write's event may come back before we record it; a later event then has a
+        // larger version and wins.) Unparsable versions or a deletion in the cache: the cache wins.
+        let ours = w.resource_version.parse::<u64>().ok()?;
+        let theirs = cached.resource_version()?.parse::<u64>().ok()?;
+        if ours <= theirs || cached.meta().deletion_timestamp.is_some() {
+            return None;
+        }
+        serde_json::from_value(w.object.clone()).ok()
+    }
 }
 
 /// A failed precondition (stale resourceVersion) as [`Error::Conflict`].

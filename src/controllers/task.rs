@@ -34,6 +34,10 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 async fn reconcile_inner(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
+    let task = match super::own_writes::newer(task.as_ref()) {
+        Some(written) => Arc::new(written),
+        None => task,
+    };
     if task.metadata.deletion_timestamp.is_some() {
         return cleanup(&task, &ctx).await;
     }
@@ -405,20 +409,22 @@ async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         .filter(|p| not_a_job.is_none() || pinned || p.spec.type_ != PropletType::K8s)
         .collect();
     let all_tasks = ctx.tasks.state();
+    let counts = scheduling::active_counts(&all_tasks);
+    let load = |p: &Proplet| {
+        counts
+            .get(&(p.namespace().unwrap_or_default(), p.name_any()))
+            .copied()
+            .unwrap_or(0)
+    };
     let held_back = std::cell::Cell::new(false);
     let admit = |p: &Proplet| {
         let limit = scheduling::limit(p, ctx.config.max_tasks_per_proplet);
-        let active = super::proplet::active_task_count(ctx, p);
+        let active = load(p);
         let verdict = scheduling::admit(task, p, limit, active, &all_tasks, selection::could_use);
         held_back.set(held_back.get() || verdict.is_err());
         verdict
     };
-    let chosen = selection::select(
-        task,
-        &proplets,
-        |p| super::proplet::active_task_count(ctx, p),
-        admit,
-    );
+    let chosen = selection::select(task, &proplets, load, admit);
     let proplet = match chosen {
         Ok(p) => p,
         Err(why) => {

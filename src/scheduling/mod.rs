@@ -20,6 +20,28 @@ pub const QUEUED: &str = "Queued";
 pub const QUEUED_MESSAGE: &str = "no fitting proplet has room: waiting for a running task to end, \
      behind waiting tasks of higher priority or older";
 
+/// Whether `t` is pending because no proplet could take it (a proplet change may let it go).
+pub fn waiting_for_proplet(t: &Task) -> bool {
+    t.phase() == TaskPhase::Pending
+        && t.status.as_ref().is_some_and(|s| {
+            find_condition(&s.conditions, "Scheduled")
+                .is_some_and(|c| matches!(c.reason.as_deref(), Some("NoProplet") | Some(QUEUED)))
+        })
+}
+
+/// Active (scheduled or running) tasks per (namespace, proplet name), in one pass over the tasks.
+pub fn active_counts(tasks: &[Arc<Task>]) -> std::collections::HashMap<(String, String), i64> {
+    let mut counts = std::collections::HashMap::new();
+    for t in tasks.iter().filter(|t| t.phase().is_active()) {
+        if let Some(p) = t.status.as_ref().and_then(|s| s.assigned_proplet.clone()) {
+            *counts
+                .entry((t.namespace().unwrap_or_default(), p))
+                .or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
 /// Whether `t` waits in the capacity queue (a finishing task must wake it).
 pub fn is_queued(t: &Task) -> bool {
     t.phase() == TaskPhase::Pending
