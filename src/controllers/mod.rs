@@ -383,3 +383,45 @@ fn truncate(s: &str, max: usize) -> String {
 pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::own_writes;
+    use crate::api::Task;
+    use serde_json::json;
+
+    fn task(rv: &str, deleting: bool) -> Task {
+        let mut v = json!({
+            "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Task",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "own-writes-test-uid", "resourceVersion": rv},
+            "spec": {"name": "t"},
+        });
+        if deleting {
+            v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(v).expect("task")
+    }
+
+    #[test]
+    fn only_a_write_newer_than_the_cache_replaces_it() {
+        own_writes::record(&task("10", false));
+        assert!(
+            own_writes::newer(&task("9", false)).is_some(),
+            "cache behind our write"
+        );
+        assert!(own_writes::newer(&task("10", false)).is_none(), "caught up");
+        assert!(
+            own_writes::newer(&task("11", false)).is_none(),
+            "someone wrote after us"
+        );
+        assert!(
+            own_writes::newer(&task("9", true)).is_none(),
+            "a deletion always wins"
+        );
+        own_writes::seen(&task("10", false));
+        assert!(
+            own_writes::newer(&task("9", false)).is_none(),
+            "forgotten once seen"
+        );
+    }
+}

@@ -61,9 +61,18 @@ async fn metrics_move_with_the_seed_walkthrough() -> anyhow::Result<()> {
         t.phase() == TaskPhase::Completed
     })
     .await?;
-    // The tasks-by-phase gauge refreshes every 5 s.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let after = tokio::task::spawn_blocking(move || scrape(port, "/metrics")).await??;
+    // The tasks-by-phase gauge refreshes every 5 s from the watch cache, so a
+    // slow machine may need a few refreshes before it counts the completed task.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let text = tokio::task::spawn_blocking(move || scrape(port, "/metrics")).await??;
+        if sample(&text, "propeller_tasks", &[("phase", "completed")]) >= 1.0
+            || tokio::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
 
     let moved = |name: &str, labels: &[(&str, &str)]| {
         let (b, a) = (sample(&before, name, labels), sample(&after, name, labels));
