@@ -178,6 +178,21 @@ pub struct OperatorConfig {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub discovery_rate: u32,
 
+    /// Address of the FL coordinator and model registry (proplets POST updates and GET models there).
+    #[arg(long, env = "FL_BIND_ADDRESS", default_value = ":8082")]
+    pub fl_bind_address: BindAddress,
+    /// The URL proplets reach that address at (e.g. http://propeller-operator-fl.propeller-system.svc:8082);
+    /// round tasks get `{url}/fl/{namespace}/{federatedjob}` as MANAGER_COORDINATOR_URL and
+    /// MODEL_REGISTRY_URL. Without it, FederatedJobs wait with Ready=False (FLNotConfigured).
+    #[arg(long, env = "FL_PUBLIC_URL", default_value = "")]
+    pub fl_public_url: String,
+    /// Largest client update accepted (HTTP body, MQTT payload, stored update).
+    #[arg(long, env = "FL_MAX_UPDATE_BYTES", default_value_t = 512 * 1024)]
+    pub fl_max_update_bytes: usize,
+    /// Largest model stored (each version is one ConfigMap, so at most about 1 MiB).
+    #[arg(long, env = "FL_MAX_MODEL_BYTES", default_value_t = 768 * 1024)]
+    pub fl_max_model_bytes: usize,
+
     /// Namespace to watch (empty: all).
     #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,

@@ -11,6 +11,8 @@ pub enum Error {
     Finalizer(String),
     #[error("conflict (stale view; retrying): {0}")]
     Conflict(String),
+    #[error("invalid object: {0}")]
+    Invalid(String),
     #[error("{0} has no namespace")]
     NoNamespace(String),
 }

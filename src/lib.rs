@@ -6,6 +6,7 @@ pub mod controllers;
 pub mod discovery;
 pub mod embedded_broker;
 pub mod error;
+pub mod fl;
 pub mod indexes;
 pub mod liveness;
 pub mod mqtt;

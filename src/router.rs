@@ -26,8 +26,54 @@ pub struct Triggers {
 
 pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: Triggers) {
     while let Some(msg) = rx.recv().await {
+        if crate::fl::parse_update_topic(&msg.topic).is_some() {
+            // Stored through the API server: off the router's path.
+            tokio::spawn(fl_update(Arc::clone(&ctx), msg));
+            continue;
+        }
         handle(&msg, &ctx, &triggers);
     }
+}
+
+/// A client update on the fallback topic `fl/rounds/{round_id}/updates/{proplet_id}`.
+async fn fl_update(ctx: Arc<Context>, msg: Message) {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("mqtt", topic = %msg.topic);
+    fl_update_inner(ctx, msg).instrument(span).await
+}
+
+async fn fl_update_inner(ctx: Arc<Context>, msg: Message) {
+    use crate::fl::{intake, store::Via, update::Update};
+    let Some((round_id, proplet_id)) = crate::fl::parse_update_topic(&msg.topic) else {
+        return;
+    };
+    if msg.payload.len() > ctx.config.fl_max_update_bytes {
+        metrics().mqtt_message("fl_update", "too_large");
+        metrics().fl_update("mqtt", "too_large");
+        warn!(topic = %msg.topic, bytes = msg.payload.len(), "FL update over --fl-max-update-bytes dropped");
+        return;
+    }
+    let update = match Update::parse(&msg.payload) {
+        Ok(u) if u.round_id == round_id && u.proplet_id == proplet_id => u,
+        Ok(u) => {
+            metrics().mqtt_message("fl_update", "malformed");
+            metrics().fl_update("mqtt", "malformed");
+            warn!(topic = %msg.topic, payload_round = %u.round_id, payload_proplet = %u.proplet_id,
+                  "FL update whose round or proplet differs from its topic dropped");
+            return;
+        }
+        Err(e) => {
+            metrics().mqtt_message("fl_update", "malformed");
+            metrics().fl_update("mqtt", "malformed");
+            warn!(topic = %msg.topic, error = %e, "malformed FL update dropped");
+            return;
+        }
+    };
+    let outcome = match intake::receive(&ctx, intake::Target::Anywhere, &update, Via::Mqtt).await {
+        Ok(_) => "ok",
+        Err(r) => r.outcome,
+    };
+    metrics().mqtt_message("fl_update", outcome);
 }
 
 fn malformed(kind: Inbound, topic: &str, err: &wire::DecodeError, len: usize) {

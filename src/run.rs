@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{error, info, warn};
 
-use crate::api::{PropellerJob, Proplet, Task};
+use crate::api::{FederatedJob, PropellerJob, Proplet, Task, TrainingRound};
 use crate::config::{K8sTaskBackend, OperatorConfig};
 use crate::controllers::{self, Context, PendingResults, object_key};
 use crate::indexes::{PropletIndex, TaskIndex};
@@ -24,6 +24,7 @@ use crate::router::{self, Triggers};
 use crate::sharding::Ownership;
 use crate::telemetry::metrics;
 use crate::telemetry::server::{self, Readiness};
+use k8s_openapi::api::core::v1::ConfigMap;
 
 fn api<K>(client: &Client, namespace: &str) -> Api<K>
 where
@@ -118,6 +119,9 @@ pub async fn run_with_clock(
     let (task_store, task_writer) = reflector::store::<Task>();
     let (job_store, job_writer) = reflector::store::<Job>();
     let (pjob_store, pjob_writer) = reflector::store::<PropellerJob>();
+    let (fjob_store, fjob_writer) = reflector::store::<FederatedJob>();
+    let (round_store, round_writer) = reflector::store::<TrainingRound>();
+    let (update_store, update_writer) = reflector::store::<ConfigMap>();
     let reporter = Reporter {
         controller: "propeller-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -136,6 +140,9 @@ pub async fn run_with_clock(
         results: PendingResults::default(),
         task_metrics: controllers::TaskMetricsBuffer::default(),
         module_misses: crate::registry::ModuleMisses::default(),
+        federated_jobs: fjob_store.clone(),
+        training_rounds: round_store.clone(),
+        fl_updates: update_store,
         recorder: Recorder::new(client.clone(), reporter),
         clock,
         started: std::time::Instant::now(),
@@ -147,6 +154,19 @@ pub async fn run_with_clock(
     let (task_trigger_tx, task_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Task>>();
     let (pjob_trigger_tx, pjob_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<PropellerJob>>();
     let (pjob_main_tx, pjob_main_rx) = mpsc::unbounded_channel::<PropellerJob>();
+    let (fjob_main_tx, fjob_main_rx) = mpsc::unbounded_channel::<FederatedJob>();
+    let (fjob_trigger_tx, fjob_trigger_rx) = mpsc::unbounded_channel::<ObjectRef<FederatedJob>>();
+    let (round_main_tx, round_main_rx) = mpsc::unbounded_channel::<TrainingRound>();
+    let (round_trigger_tx, round_trigger_rx) =
+        mpsc::unbounded_channel::<ObjectRef<TrainingRound>>();
+    if let Some(addr) = config.fl_bind_address.0 {
+        let ctx = Arc::clone(&ctx);
+        background.push(tokio::spawn(async move {
+            if let Err(e) = crate::fl::server::serve(addr, ctx).await {
+                error!(error = %e, "the FL coordinator server stopped");
+            }
+        }));
+    }
 
     // Proplets: store + index + subscriptions, then the Proplet controller and the tasks that care.
     {
@@ -202,6 +222,8 @@ pub async fn run_with_clock(
                     if let Some(ch) = &default_channel {
                         wanted.extend(ch.subscriptions());
                     }
+                    // Real proplets publish an FL update here, unprefixed, when their HTTP POST fails.
+                    wanted.insert(crate::fl::UPDATE_FALLBACK_TOPIC.to_string());
                     if subscribed.as_ref() != Some(&wanted) {
                         mqtt.set_subscriptions(wanted.clone()).await;
                         subscribed = Some(wanted);
@@ -217,6 +239,7 @@ pub async fn run_with_clock(
         let proplet_trigger = proplet_trigger_tx.clone();
         let task_trigger = task_trigger_tx.clone();
         let pjob_trigger = pjob_trigger_tx.clone();
+        let round_trigger = round_trigger_tx.clone();
         let pjobs = pjob_store.clone();
         background.push(tokio::spawn(async move {
             let stream =
@@ -248,6 +271,9 @@ pub async fn run_with_clock(
                     for j in jobs_counting(&pjobs, t) {
                         let _ = pjob_trigger.send(j);
                     }
+                    if let Some(r) = owner::<TrainingRound, _>(t) {
+                        let _ = round_trigger.send(r);
+                    }
                     let gone = matches!(ev, watcher::Event::Delete(_));
                     if t.phase().is_terminal() || gone {
                         for d in dependents(&ctx, t) {
@@ -277,6 +303,69 @@ pub async fn run_with_clock(
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "PropellerJob watch error"),
+                }
+            }
+        }));
+    }
+    // FederatedJobs, their TrainingRounds, and the stored client updates that wake the rounds.
+    {
+        let fjob_api = api::<FederatedJob>(&client, &ns);
+        let round_api = api::<TrainingRound>(&client, &ns);
+        let update_api = api::<ConfigMap>(&client, &ns);
+        background.push(tokio::spawn(async move {
+            let stream =
+                reflector::reflector(fjob_writer, watcher(fjob_api, watcher::Config::default()))
+                    .default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(j) | watcher::Event::InitApply(j)) => {
+                        let _ = fjob_main_tx.send(j);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "FederatedJob watch error"),
+                }
+            }
+        }));
+        let fjob_trigger = fjob_trigger_tx.clone();
+        background.push(tokio::spawn(async move {
+            let stream =
+                reflector::reflector(round_writer, watcher(round_api, watcher::Config::default()))
+                    .default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => {
+                        if let Some(j) = owner::<FederatedJob, _>(&r) {
+                            let _ = fjob_trigger.send(j);
+                        }
+                        let _ = round_main_tx.send(r);
+                    }
+                    Ok(watcher::Event::Delete(r)) => {
+                        if let Some(j) = owner::<FederatedJob, _>(&r) {
+                            let _ = fjob_trigger.send(j);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "TrainingRound watch error"),
+                }
+            }
+        }));
+        let round_trigger = round_trigger_tx.clone();
+        let selector = watcher::Config::default().labels(crate::fl::store::UPDATE_LABEL);
+        background.push(tokio::spawn(async move {
+            let stream = reflector::reflector(update_writer, watcher(update_api, selector))
+                .default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                        if let Some(r) = owner::<TrainingRound, _>(&cm) {
+                            let _ = round_trigger.send(r);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "FL update ConfigMap watch error"),
                 }
             }
         }));
@@ -401,9 +490,55 @@ pub async fn run_with_clock(
         Arc::clone(&ctx),
     )
     .for_each(|_| async {});
+    let fjob_controller = Controller::for_stream(
+        UnboundedReceiverStream::new(fjob_main_rx)
+            .inspect(|j| metrics().queue_add("federatedjob", object_key(j)))
+            .map(Ok)
+            .take_until(shutdown.clone()),
+        fjob_store,
+    )
+    .reconcile_on(
+        UnboundedReceiverStream::new(fjob_trigger_rx)
+            .inspect(|r| metrics().queue_add("federatedjob", ref_key(r)))
+            .take_until(shutdown.clone()),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        controllers::federated_job::reconcile,
+        controllers::retry_after_error::<FederatedJob>("federatedjob"),
+        Arc::clone(&ctx),
+    )
+    .for_each(|_| async {});
+    let round_controller = Controller::for_stream(
+        UnboundedReceiverStream::new(round_main_rx)
+            .inspect(|r| metrics().queue_add("traininground", object_key(r)))
+            .map(Ok)
+            .take_until(shutdown.clone()),
+        round_store,
+    )
+    .reconcile_on(
+        UnboundedReceiverStream::new(round_trigger_rx)
+            .inspect(|r| metrics().queue_add("traininground", ref_key(r)))
+            .take_until(shutdown.clone()),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        controllers::training_round::reconcile,
+        controllers::retry_after_error::<TrainingRound>("traininground"),
+        Arc::clone(&ctx),
+    )
+    .for_each(|_| async {});
     readiness.set_ready();
     info!("controllers running");
-    let controllers = async { tokio::join!(proplet_controller, task_controller, pjob_controller) };
+    let controllers = async {
+        tokio::join!(
+            proplet_controller,
+            task_controller,
+            pjob_controller,
+            fjob_controller,
+            round_controller
+        )
+    };
     tokio::pin!(controllers);
     tokio::select! {
         _ = &mut controllers => {}
@@ -422,6 +557,19 @@ pub async fn run_with_clock(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The controlling owner of `obj` when it is a `K`.
+fn owner<K, O>(obj: &O) -> Option<ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()>,
+    O: kube::Resource,
+{
+    let o = obj
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == K::kind(&()) && o.api_version == K::api_version(&()))?;
+    Some(ObjectRef::new(&o.name).within(&obj.namespace()?))
 }
 
 /// The work-queue key of a trigger (as [`object_key`] of the object).

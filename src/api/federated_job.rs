@@ -44,6 +44,12 @@ pub struct FederatedJobSpec {
     pub rounds: RoundsSpec,
     /// How updates are combined.
     pub aggregator: AggregatorSpec,
+    /// The model round 1 starts from (model version 0): an object of numbers and number lists (e.g.
+    /// `{"w":[0,0,0],"b":0}`) or a list of numbers. Without it, version 0 is `{}` and clients start
+    /// from their own initial weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub initial_model: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -56,7 +62,7 @@ pub struct Participant {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoundsSpec {
-    /// Number of rounds.
+    /// Number of rounds (at least 1).
     pub total: i64,
     /// Round strategy (e.g. sequential).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,9 +72,9 @@ pub struct RoundsSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AggregatorSpec {
-    /// Aggregation algorithm, e.g. fedavg.
+    /// `fedavg` (sample-weighted mean) or `trimmed-mean` (per coordinate, the extremes dropped).
     pub algorithm: String,
-    /// Algorithm settings.
+    /// Algorithm settings: `trimFraction` (0 to below 0.5, default 0.1) for trimmed-mean.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub config: Option<serde_json::Value>,
@@ -93,9 +99,45 @@ pub struct FederatedJobStatus {
     /// State of each participant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub participants: Vec<ParticipantStatus>,
-    /// The latest aggregated model.
+    /// The latest aggregated model (`fl/models/global_model_v{N}`, served at
+    /// `{--fl-public-url}/fl/{namespace}/{job}/models/{N}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregated_model_ref: Option<String>,
+    /// Version of the latest model (0: the initial model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<i64>,
+    /// What each completed round produced (the last 50 rounds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_metrics: Vec<RoundMetrics>,
+    /// When the first round started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the experiment completed or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One completed round, as the experiment's history.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundMetrics {
+    /// Round number (1-based).
+    pub round: i64,
+    /// Updates aggregated.
+    pub updates: i64,
+    /// Samples behind them.
+    pub total_samples: i64,
+    /// Sample-weighted means of the numeric metrics clients reported (e.g. loss).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// The model the round produced.
+    pub model_version: i64,
+    /// When it was aggregated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -109,4 +151,7 @@ pub struct ParticipantStatus {
     /// When its last update arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<Time>,
+    /// Rounds whose aggregate includes its update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds_contributed: Option<i64>,
 }

@@ -78,6 +78,24 @@ pub struct TrainingRoundStatus {
     /// The aggregated model of this round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregated_model_ref: Option<String>,
+    /// Its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<i64>,
+    /// The participants whose updates are aggregated (fixed when the round enters Aggregating).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregated_from: Vec<String>,
+    /// Samples behind the aggregated updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_samples: Option<i64>,
+    /// Sample-weighted means of the numeric metrics clients reported (e.g. loss).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Updates that arrived after the round closed: recorded, not aggregated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_updates: Option<i64>,
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     /// Ready and progress conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -97,4 +115,53 @@ pub struct RoundParticipant {
     /// Whether its update arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_received: Option<bool>,
+    /// The proplet's MQTT clientId (`proplet_id` in its updates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Samples its update was trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_samples: Option<i64>,
+    /// How its update came: http, mqtt (the fallback topic) or result (the result envelope).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_via: Option<String>,
+}
+
+/// Round phases (strings, as upstream's status shows them).
+pub mod phase {
+    pub const PENDING: &str = "Pending";
+    pub const RUNNING: &str = "Running";
+    pub const AGGREGATING: &str = "Aggregating";
+    pub const COMPLETED: &str = "Completed";
+    pub const FAILED: &str = "Failed";
+}
+
+impl TrainingRound {
+    pub fn phase(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or(phase::PENDING)
+    }
+
+    /// Aggregating, completed or failed: no update counts any more.
+    pub fn is_closed(&self) -> bool {
+        matches!(
+            self.phase(),
+            phase::AGGREGATING | phase::COMPLETED | phase::FAILED
+        )
+    }
+
+    /// The participant (as the spec names it) that `proplet_id` is: the name itself, or the clientId of
+    /// the Proplet of that name (`client_of` looks it up).
+    pub fn participant_for(
+        &self,
+        proplet_id: &str,
+        client_of: impl Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        self.spec
+            .participants
+            .iter()
+            .find(|p| *p == proplet_id || client_of(p).as_deref() == Some(proplet_id))
+            .cloned()
+    }
 }

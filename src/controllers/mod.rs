@@ -1,11 +1,13 @@
 //! One reconciler per kind, sharing a [`Context`].
 pub mod deployment;
+pub mod federated_job;
 pub mod job_backend;
 pub mod propeller_job;
 pub mod proplet;
 pub mod schedule;
 pub mod selection;
 pub mod task;
+pub mod training_round;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,10 @@ pub struct Context {
     pub liveness: Liveness,
     pub results: PendingResults,
     pub task_metrics: TaskMetricsBuffer,
+    pub federated_jobs: Store<crate::api::FederatedJob>,
+    pub training_rounds: Store<crate::api::TrainingRound>,
+    /// ConfigMaps holding FL client updates (see [`crate::fl::store`]).
+    pub fl_updates: Store<k8s_openapi::api::core::v1::ConfigMap>,
     /// Tasks whose module a proplet asked for and the registry does not hold.
     pub module_misses: crate::registry::ModuleMisses,
     pub recorder: Recorder,

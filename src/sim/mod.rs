@@ -39,6 +39,40 @@ pub struct SimConfig {
     pub registry_poll: Duration,
     /// How long it waits for them before failing the task (real proplet: 60 s).
     pub registry_timeout: Duration,
+    /// What the FL client module prints for a round (instead of running it); `None`: the module runs.
+    pub fl_client: Option<FlClient>,
+}
+
+/// A federated-learning client: the proplet's FL path (model download, update POST, MQTT fallback,
+/// result envelope) is the real proplet's; `train` stands in for the Wasm client's computation.
+#[derive(Clone)]
+pub struct FlClient {
+    /// The client's stdout (its update JSON) for a round.
+    pub train: Arc<dyn Fn(&FlRound) -> serde_json::Value + Send + Sync>,
+    /// The coordinator's POST fails (as if unreachable), so the update goes over MQTT.
+    pub http_fails: bool,
+    /// Extra time training takes.
+    pub delay: Duration,
+}
+
+impl std::fmt::Debug for FlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlClient")
+            .field("http_fails", &self.http_fails)
+            .field("delay", &self.delay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an FL client module is given.
+#[derive(Clone, Debug)]
+pub struct FlRound {
+    pub round_id: String,
+    pub proplet_id: String,
+    pub model_uri: String,
+    /// MODEL_DATA: the model fetched from the registry.
+    pub model: serde_json::Value,
+    pub env: BTreeMap<String, String>,
 }
 
 impl SimConfig {
@@ -62,6 +96,7 @@ impl SimConfig {
             faults: Faults::default(),
             registry_poll: Duration::from_secs(5),
             registry_timeout: Duration::from_secs(60),
+            fl_client: None,
         }
     }
 }
@@ -94,6 +129,41 @@ struct ProletStart {
     proplet_id: Option<String>,
     #[serde(default)]
     monitoring_profile: Option<ProletMonitoringProfile>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+}
+
+/// What a task produced.
+enum Answer {
+    Text(String),
+    /// The FL result envelope (`results` as an object).
+    Fl(serde_json::Value),
+    /// The real proplet gives up on an FL task without its URLs, publishing nothing.
+    Abandoned,
+}
+
+/// The version a proplet asks the registry for: digits after `global_model_v`, else trailing digits.
+fn model_version(uri: &str) -> u64 {
+    crate::fl::store::version_of(uri)
+}
+
+fn http_get_json(url: &str) -> Result<serde_json::Value, String> {
+    let mut resp = ureq::get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("GET {url}: not JSON: {e}"))
+}
+
+fn http_post_json(url: &str, body: &str) -> Result<(), String> {
+    ureq::post(url)
+        .header("Content-Type", "application/json")
+        .send(body)
+        .map(|_| ())
+        .map_err(|e| format!("POST {url}: {e}"))
 }
 
 /// Every field required, `interval` in whole seconds: anything else fails the whole start.
@@ -397,6 +467,96 @@ impl Proplet {
         }
     }
 
+    /// The real proplet's FL path: model from MODEL_REGISTRY_URL, the client's stdout POSTed to
+    /// MANAGER_COORDINATOR_URL/update (or published on the unprefixed fallback topic), then the envelope.
+    async fn federated(
+        &self,
+        task_id: &str,
+        name: &str,
+        module: Vec<u8>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Answer, String> {
+        let round_id = env.get("ROUND_ID").cloned().unwrap_or_default();
+        let model_uri = env.get("MODEL_URI").cloned().unwrap_or_default();
+        let mut model = serde_json::Value::Null;
+        if !model_uri.is_empty() {
+            let Some(registry) = env.get("MODEL_REGISTRY_URL") else {
+                warn!(client_id = %self.config.client_id, "MODEL_REGISTRY_URL missing: FL task abandoned");
+                return Ok(Answer::Abandoned);
+            };
+            let url = format!(
+                "{}/models/{}",
+                registry.trim_end_matches('/'),
+                model_version(&model_uri)
+            );
+            model = tokio::task::spawn_blocking(move || http_get_json(&url))
+                .await
+                .map_err(|e| e.to_string())??;
+        }
+        let stdout = match &self.config.fl_client {
+            Some(client) => {
+                if !client.delay.is_zero() {
+                    tokio::time::sleep(client.delay).await;
+                }
+                let round = FlRound {
+                    round_id: round_id.clone(),
+                    proplet_id: self.config.client_id.clone(),
+                    model_uri: model_uri.clone(),
+                    model,
+                    env: env.clone(),
+                };
+                (client.train)(&round).to_string()
+            }
+            None => {
+                let name = name.to_string();
+                tokio::task::spawn_blocking(move || wasm::export::run(&module, &name, &[]))
+                    .await
+                    .map_err(|e| e.to_string())??
+            }
+        };
+        let Some(coordinator) = env.get("MANAGER_COORDINATOR_URL").cloned() else {
+            warn!(client_id = %self.config.client_id, "MANAGER_COORDINATOR_URL missing: FL task abandoned");
+            return Ok(Answer::Abandoned);
+        };
+        if serde_json::from_str::<serde_json::Value>(&stdout).is_ok() {
+            let http_fails = self.config.fl_client.as_ref().is_some_and(|c| c.http_fails);
+            let url = format!("{}/update", coordinator.trim_end_matches('/'));
+            let body = stdout.clone();
+            let posted = if http_fails {
+                Err("simulated coordinator outage".to_string())
+            } else {
+                tokio::task::spawn_blocking(move || http_post_json(&url, &body))
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
+            if let Err(e) = posted {
+                info!(client_id = %self.config.client_id, error = %e, "update POST failed; publishing on MQTT");
+                let topic = format!("fl/rounds/{round_id}/updates/{}", self.config.client_id);
+                if let Err(e) = self
+                    .client
+                    .publish(topic, self.qos, false, stdout.clone())
+                    .await
+                {
+                    warn!(client_id = %self.config.client_id, error = %e, "fallback publish failed");
+                }
+            }
+        }
+        let samples: u64 = env
+            .get("FL_NUM_SAMPLES")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let format = env
+            .get("FL_FORMAT")
+            .cloned()
+            .unwrap_or_else(|| "f32-delta".into());
+        Ok(Answer::Fl(json!({
+            "task_id": task_id, "round_id": round_id, "proplet_id": self.config.client_id,
+            "num_samples": samples,
+            "update_b64": base64::engine::general_purpose::STANDARD.encode(stdout.as_bytes()),
+            "format": format, "metrics": {},
+        })))
+    }
+
     async fn on_start(&self, payload: &[u8]) {
         let start: ProletStart = match serde_json::from_slice(payload) {
             Ok(s) => s,
@@ -435,9 +595,11 @@ impl Proplet {
             .as_ref()
             .filter(|m| m.enabled && m.export_to_mqtt)
             .map(|m| Duration::from_secs(m.interval.max(1)));
+        let env = start.env.clone().unwrap_or_default();
+        let is_fl = env.contains_key("ROUND_ID");
         let work = async {
             if start.daemon {
-                return Ok(String::new());
+                return Ok(Answer::Text(String::new()));
             }
             if !self.config.faults.task_delay.is_zero() {
                 tokio::time::sleep(self.config.faults.task_delay).await;
@@ -455,6 +617,9 @@ impl Proplet {
                     self.fetch_from_registry(&image_url).await
                 };
                 match module {
+                    Ok(module) if is_fl => {
+                        self.federated(&start.id, &start.name, module, &env).await
+                    }
                     Ok(module) => {
                         let name = start.name.clone();
                         let inputs = start.inputs.unwrap_or_default();
@@ -463,6 +628,7 @@ impl Proplet {
                         })
                         .await
                         .unwrap_or_else(|e| Err(format!("task panicked: {e}")))
+                        .map(Answer::Text)
                     }
                     Err(e) => Err(e),
                 }
@@ -501,11 +667,19 @@ impl Proplet {
         if !still_running || aborted {
             return;
         }
-        let (results, error) = match outcome {
-            Ok(r) => (r, serde_json::Value::Null),
-            Err(e) => (String::new(), serde_json::Value::String(e)),
+        let msg = match outcome {
+            Ok(Answer::Abandoned) => return,
+            // The real proplet sends no top-level proplet_id with an FL result.
+            Ok(Answer::Fl(envelope)) => {
+                json!({"task_id": start.id, "results": envelope, "error": null})
+            }
+            Ok(Answer::Text(r)) => {
+                json!({"task_id": start.id, "proplet_id": self.config.client_id, "results": r, "error": null})
+            }
+            Err(e) => {
+                json!({"task_id": start.id, "proplet_id": self.config.client_id, "results": "", "error": e})
+            }
         };
-        let msg = json!({"task_id": start.id, "proplet_id": self.config.client_id, "results": results, "error": error});
         self.publish("control/proplet/results", msg).await;
     }
 }

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub workqueue_adds_total: IntCounterVec,
     pub workqueue_queue_duration_seconds: HistogramVec,
     pub tasks: IntGaugeVec,
+    pub fl_updates_total: IntCounterVec,
+    pub fl_rounds_total: IntCounterVec,
+    pub fl_model_requests_total: IntCounterVec,
     /// Queued objects per controller (a key is queued once until its reconcile starts), with the time it
     /// was first queued.
     queued: Mutex<HashMap<(&'static str, String), Instant>>,
@@ -158,6 +161,32 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["phase"],
     )?;
+    let fl_updates_total = IntCounterVec::new(
+        Opts::new(
+            "propeller_fl_updates_total",
+            "Federated-learning client updates by route (http, mqtt, result) and outcome (accepted, duplicate, \
+             late, malformed, not_participant, unknown_round, too_large, error)",
+        ),
+        &["via", "outcome"],
+    )?;
+    let fl_rounds_total = IntCounterVec::new(
+        Opts::new(
+            "propeller_fl_rounds_total",
+            "Training rounds ended, by outcome (completed, timeout, insufficient_updates, aggregation_failed, \
+             invalid_spec)",
+        ),
+        &["outcome"],
+    )?;
+    let fl_model_requests_total = IntCounterVec::new(
+        Opts::new(
+            "propeller_fl_model_requests_total",
+            "Model registry reads (GET /models/{version}) by outcome (served, not_found, error)",
+        ),
+        &["outcome"],
+    )?;
+    registry.register(Box::new(fl_updates_total.clone()))?;
+    registry.register(Box::new(fl_rounds_total.clone()))?;
+    registry.register(Box::new(fl_model_requests_total.clone()))?;
     registry.register(Box::new(workqueue_depth.clone()))?;
     registry.register(Box::new(workqueue_adds_total.clone()))?;
     registry.register(Box::new(workqueue_queue_duration_seconds.clone()))?;
@@ -192,6 +221,9 @@ fn build() -> Result<Metrics, prometheus::Error> {
         workqueue_adds_total,
         workqueue_queue_duration_seconds,
         tasks,
+        fl_updates_total,
+        fl_rounds_total,
+        fl_model_requests_total,
         queued: Mutex::new(HashMap::new()),
     })
 }
@@ -207,6 +239,12 @@ impl Metrics {
     pub fn mqtt_message(&self, kind: &str, outcome: &str) {
         self.mqtt_messages_total
             .with_label_values(&[kind, outcome])
+            .inc();
+    }
+
+    pub fn fl_update(&self, via: &str, outcome: &str) {
+        self.fl_updates_total
+            .with_label_values(&[via, outcome])
             .inc();
     }
 
