@@ -156,6 +156,44 @@ impl Fl {
         }
     }
 
+    /// Collects the JSON messages published on `topic` from now on.
+    async fn listen(&self, topic: &str) -> anyhow::Result<Arc<std::sync::Mutex<Vec<Value>>>> {
+        let mut opts = rumqttc::MqttOptions::new(
+            format!("listen-{}", self.env.ns),
+            "127.0.0.1",
+            self.env.broker.port,
+        );
+        opts.set_credentials(&self.env.broker.username, &self.env.broker.password);
+        let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+        client.subscribe(topic, rumqttc::QoS::AtLeastOnce).await?;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = Arc::clone(&seen);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _client = client;
+            let mut ready = Some(ready_tx);
+            while let Ok(ev) = el.poll().await {
+                match ev {
+                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                        if let (Ok(v), Ok(mut s)) =
+                            (serde_json::from_slice::<Value>(&p.payload), out.lock())
+                        {
+                            s.push(v);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx).await??;
+        Ok(seen)
+    }
+
     async fn finish(self) -> anyhow::Result<()> {
         for s in self.sims {
             s.shutdown().await;
@@ -212,6 +250,7 @@ async fn three_rounds_of_fedavg_complete_over_http_and_the_mqtt_fallback() -> an
         .await?;
     fl.participant("edge-2", "p2", client(-1.0, 30, false, Duration::ZERO))
         .await?;
+    let notices = fl.listen("fl/rounds/next").await?;
     // edge-3's coordinator POST fails: its update takes the unprefixed MQTT fallback topic.
     fl.participant("edge-3", "p3", client(2.0, 20, true, Duration::ZERO))
         .await?;
@@ -299,6 +338,16 @@ async fn three_rounds_of_fedavg_complete_over_http_and_the_mqtt_fallback() -> an
         "{:?}",
         via("edge-1")
     );
+    // Propeller's notice after each round, the last one saying no round follows.
+    let seen: Vec<Value> = notices.lock().map(|n| n.clone()).unwrap_or_default();
+    let versions: Vec<u64> = seen
+        .iter()
+        .filter_map(|n| n["new_model_version"].as_u64())
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3], "{seen:?}");
+    assert_eq!(seen[2]["model_uri"], "fl/models/global_model_v3");
+    assert_eq!(seen[2]["next_round_available"], false);
+    assert_eq!(seen[0]["next_round_available"], true);
     fl.finish().await
 }
 
