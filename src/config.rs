@@ -109,12 +109,18 @@ pub struct OperatorConfig {
     /// An external proplet without a heartbeat for this long is Offline.
     #[arg(long, default_value = "30s")]
     pub last_seen_threshold: GoDuration,
-    /// How often `status.lastSeen` is refreshed while nothing else changes (heartbeats are coalesced).
-    #[arg(long, default_value = "60s")]
+    /// How often `status.lastSeen` (and a running task's metrics) is refreshed while nothing else changes:
+    /// heartbeats are coalesced, and phase changes (Offline, back) are written at once regardless. The
+    /// default keeps a quiet fleet at 0.5 status writes per proplet-minute.
+    #[arg(long, default_value = "2m")]
     pub status_refresh: GoDuration,
     /// Accepted for compatibility; heartbeat handling does not poll.
     #[arg(long, default_value = "10s")]
     pub liveliness_interval: GoDuration,
+    /// Reconciles each controller runs at once (each is at most one API request at a time).
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
     /// Default time a dispatched task may run (spec.timeoutSeconds overrides).
     #[arg(long, env = "TASK_TIMEOUT", default_value = "10m")]
     pub task_timeout: GoDuration,

@@ -1,6 +1,6 @@
 //! In-memory lookups the MQTT router needs (clientId → Proplet, UID → Task), kept up to date from the
 //! watch streams. Built from what this replica watches, so they only ever hold its shard.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use kube::ResourceExt;
@@ -17,8 +17,12 @@ pub struct PropletIndex {
 
 #[derive(Default)]
 struct PropletMaps {
-    by_client: HashMap<String, ObjectRef<Proplet>>,
+    /// Every Proplet claiming a clientId, the latest last (usually one; a discovered and a declared
+    /// Proplet may share one for a moment). The last one answers [`PropletIndex::by_client`].
+    by_client: HashMap<String, Vec<ObjectRef<Proplet>>>,
     channel_of: HashMap<ObjectRef<Proplet>, (String, Channel)>,
+    /// How many Proplets use each channel: the subscription set without a scan of every Proplet.
+    channels: BTreeMap<Channel, usize>,
     /// Objects seen during a relist, swapped in when it is done.
     relist: Option<Vec<Proplet>>,
 }
@@ -26,29 +30,42 @@ struct PropletMaps {
 impl PropletMaps {
     fn insert(&mut self, p: &Proplet) {
         let r = ObjectRef::from_obj(p);
-        self.remove(&r);
         let cc = &p.spec.connection_config;
-        if let (Some(client), Some(domain)) = (cc.client(), cc.domain()) {
-            self.by_client.insert(client.to_string(), r.clone());
-            self.channel_of.insert(
-                r,
-                (client.to_string(), Channel::new(domain, &cc.channel_id)),
-            );
+        let wanted = match (cc.client(), cc.domain()) {
+            (Some(client), Some(domain)) => {
+                Some((client.to_string(), Channel::new(domain, &cc.channel_id)))
+            }
+            _ => None,
+        };
+        // Status updates (most events) change neither: nothing to do.
+        if wanted.is_some() && self.channel_of.get(&r) == wanted.as_ref() {
+            return;
+        }
+        self.remove(&r);
+        if let Some((client, channel)) = wanted {
+            self.by_client
+                .entry(client.clone())
+                .or_default()
+                .push(r.clone());
+            *self.channels.entry(channel.clone()).or_default() += 1;
+            self.channel_of.insert(r, (client, channel));
         }
     }
 
     fn remove(&mut self, r: &ObjectRef<Proplet>) {
-        if let Some((client, _)) = self.channel_of.remove(r)
-            && self.by_client.get(&client) == Some(r)
-        {
-            // Another Proplet may claim the same clientId (e.g. a discovered one and a declared one).
-            match self.channel_of.iter().find(|(_, (c, _))| c == &client) {
-                Some((other, _)) => {
-                    self.by_client.insert(client, other.clone());
-                }
-                None => {
-                    self.by_client.remove(&client);
-                }
+        let Some((client, channel)) = self.channel_of.remove(r) else {
+            return;
+        };
+        if let Some(refs) = self.by_client.get_mut(&client) {
+            refs.retain(|x| x != r);
+            if refs.is_empty() {
+                self.by_client.remove(&client);
+            }
+        }
+        if let Some(n) = self.channels.get_mut(&channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.channels.remove(&channel);
             }
         }
     }
@@ -72,6 +89,7 @@ impl PropletIndex {
                 let fresh = m.relist.take().unwrap_or_default();
                 m.by_client.clear();
                 m.channel_of.clear();
+                m.channels.clear();
                 for p in &fresh {
                     m.insert(p);
                 }
@@ -81,14 +99,29 @@ impl PropletIndex {
 
     /// The Proplet whose clientId this is.
     pub fn by_client(&self, client_id: &str) -> Option<ObjectRef<Proplet>> {
-        self.inner.read().ok()?.by_client.get(client_id).cloned()
+        self.inner
+            .read()
+            .ok()?
+            .by_client
+            .get(client_id)?
+            .last()
+            .cloned()
+    }
+
+    /// Every Proplet claiming this clientId.
+    pub fn all_by_client(&self, client_id: &str) -> Vec<ObjectRef<Proplet>> {
+        self.inner
+            .read()
+            .ok()
+            .and_then(|m| m.by_client.get(client_id).cloned())
+            .unwrap_or_default()
     }
 
     /// Every (domain, channel) a Proplet uses.
     pub fn channels(&self) -> BTreeSet<Channel> {
         self.inner
             .read()
-            .map(|m| m.channel_of.values().map(|(_, c)| c.clone()).collect())
+            .map(|m| m.channels.keys().cloned().collect())
             .unwrap_or_default()
     }
 }

@@ -176,7 +176,7 @@ pub async fn run_with_clock(
         let default_channel = config.default_channel();
         background.push(tokio::spawn(async move {
             let stream =
-                reflector::reflector(proplet_writer, watcher(api, watcher::Config::default()))
+                reflector::reflector(proplet_writer, lean(api, watcher::Config::default()))
                     .default_backoff();
             futures::pin_mut!(stream);
             let mut subscribed: Option<BTreeSet<String>> = None;
@@ -189,6 +189,9 @@ pub async fn run_with_clock(
                     }
                 };
                 ctx.proplet_index.apply(&ev);
+                if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) = &ev {
+                    controllers::own_writes::seen(p);
+                }
                 if let watcher::Event::Apply(p)
                 | watcher::Event::InitApply(p)
                 | watcher::Event::Delete(p) = &ev
@@ -242,9 +245,8 @@ pub async fn run_with_clock(
         let round_trigger = round_trigger_tx.clone();
         let pjobs = pjob_store.clone();
         background.push(tokio::spawn(async move {
-            let stream =
-                reflector::reflector(task_writer, watcher(api, watcher::Config::default()))
-                    .default_backoff();
+            let stream = reflector::reflector(task_writer, lean(api, watcher::Config::default()))
+                .default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 let ev = match ev {
@@ -292,9 +294,8 @@ pub async fn run_with_clock(
     {
         let api = api::<PropellerJob>(&client, &ns);
         background.push(tokio::spawn(async move {
-            let stream =
-                reflector::reflector(pjob_writer, watcher(api, watcher::Config::default()))
-                    .default_backoff();
+            let stream = reflector::reflector(pjob_writer, lean(api, watcher::Config::default()))
+                .default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 match ev {
@@ -314,7 +315,7 @@ pub async fn run_with_clock(
         let update_api = api::<ConfigMap>(&client, &ns);
         background.push(tokio::spawn(async move {
             let stream =
-                reflector::reflector(fjob_writer, watcher(fjob_api, watcher::Config::default()))
+                reflector::reflector(fjob_writer, lean(fjob_api, watcher::Config::default()))
                     .default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
@@ -330,7 +331,7 @@ pub async fn run_with_clock(
         let fjob_trigger = fjob_trigger_tx.clone();
         background.push(tokio::spawn(async move {
             let stream =
-                reflector::reflector(round_writer, watcher(round_api, watcher::Config::default()))
+                reflector::reflector(round_writer, lean(round_api, watcher::Config::default()))
                     .default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
@@ -354,8 +355,8 @@ pub async fn run_with_clock(
         let round_trigger = round_trigger_tx.clone();
         let selector = watcher::Config::default().labels(crate::fl::store::UPDATE_LABEL);
         background.push(tokio::spawn(async move {
-            let stream = reflector::reflector(update_writer, watcher(update_api, selector))
-                .default_backoff();
+            let stream =
+                reflector::reflector(update_writer, lean(update_api, selector)).default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 match ev {
@@ -377,7 +378,7 @@ pub async fn run_with_clock(
         let selector =
             watcher::Config::default().labels(crate::controllers::job_backend::MANAGED_SELECTOR);
         background.push(tokio::spawn(async move {
-            let stream = reflector::reflector(job_writer, watcher(api, selector)).default_backoff();
+            let stream = reflector::reflector(job_writer, lean(api, selector)).default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 let ev = match ev {
@@ -435,6 +436,10 @@ pub async fn run_with_clock(
     }
 
     // The input streams end with the shutdown signal, so the controllers drain and return.
+    // Bounded: unbounded reconciles in a burst open one API connection each (thousands of TLS
+    // connections and their buffers) and only queue up at the API server anyway.
+    let controller_config =
+        kube::runtime::controller::Config::default().concurrency(config.max_concurrent_reconciles);
     let proplet_controller = Controller::for_stream(
         UnboundedReceiverStream::new(proplet_main_rx)
             .inspect(|p| metrics().queue_add("proplet", object_key(p)))
@@ -442,6 +447,7 @@ pub async fn run_with_clock(
             .take_until(shutdown.clone()),
         proplet_store,
     )
+    .with_config(controller_config.clone())
     .reconcile_on(
         UnboundedReceiverStream::new(proplet_trigger_rx)
             .inspect(|r| metrics().queue_add("proplet", ref_key(r)))
@@ -460,6 +466,7 @@ pub async fn run_with_clock(
             .map(Ok),
         task_store,
     )
+    .with_config(controller_config.clone())
     .reconcile_on(
         UnboundedReceiverStream::new(task_trigger_rx)
             .inspect(|r| metrics().queue_add("task", ref_key(r))),
@@ -478,6 +485,7 @@ pub async fn run_with_clock(
             .take_until(shutdown.clone()),
         pjob_store,
     )
+    .with_config(controller_config.clone())
     .reconcile_on(
         UnboundedReceiverStream::new(pjob_trigger_rx)
             .inspect(|r| metrics().queue_add("propellerjob", ref_key(r)))
@@ -497,6 +505,7 @@ pub async fn run_with_clock(
             .take_until(shutdown.clone()),
         fjob_store,
     )
+    .with_config(controller_config.clone())
     .reconcile_on(
         UnboundedReceiverStream::new(fjob_trigger_rx)
             .inspect(|r| metrics().queue_add("federatedjob", ref_key(r)))
@@ -516,6 +525,7 @@ pub async fn run_with_clock(
             .take_until(shutdown.clone()),
         round_store,
     )
+    .with_config(controller_config.clone())
     .reconcile_on(
         UnboundedReceiverStream::new(round_trigger_rx)
             .inspect(|r| metrics().queue_add("traininground", ref_key(r)))
@@ -557,6 +567,18 @@ pub async fn run_with_clock(
     }
     info!("stopped");
     Ok(())
+}
+
+/// A watch whose objects drop `managedFields` before they are cached: they are often the larger part of
+/// an object, and nothing here reads them (thousands of Proplets cost a third of the memory).
+fn lean<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, config).modify(|o| o.managed_fields_mut().clear())
 }
 
 /// The controlling owner of `obj` when it is a `K`.
@@ -642,12 +664,15 @@ fn discovered_twins(ctx: &Context, p: &Proplet) -> Vec<Proplet> {
     if is_discovered(p) {
         return Vec::new();
     }
-    let client = p.client_id();
-    ctx.proplets
-        .state()
+    let Some(client) = p.spec.connection_config.client() else {
+        return Vec::new();
+    };
+    ctx.proplet_index
+        .all_by_client(client)
         .iter()
-        .filter(|q| is_discovered(q) && q.client_id() == client)
-        .map(|q| (**q).clone())
+        .filter_map(|r| ctx.proplets.get(r))
+        .filter(|q| is_discovered(q))
+        .map(|q| (*q).clone())
         .collect()
 }
 

@@ -159,7 +159,8 @@ pub mod own_writes {
     /// The watch delivers our writes within milliseconds; an entry older than this is forgotten (e.g. a
     /// relist that skipped the event).
     const FRESH_FOR: Duration = Duration::from_secs(5);
-    const MAX: usize = 100_000;
+    /// Past this many entries, stale ones are dropped (each holds a whole object).
+    const MAX: usize = 10_000;
 
     struct Written {
         resource_version: String,

@@ -168,6 +168,8 @@ fn missing_leaves(path: &str, want: &Value, have: &Value, out: &mut Vec<String>)
             }
         }
         (w, h) if w == h => {}
+        // JSON numbers: 0.0 comes back as 0.
+        (Value::Number(w), Value::Number(h)) if w.as_f64() == h.as_f64() => {}
         // Durations and quantities come back as the API server stored them; compare as text.
         (w, h) if w.to_string().trim_matches('"') == h.to_string().trim_matches('"') => {}
         _ => out.push(format!("{path}: sent {want}, stored {have}")),
