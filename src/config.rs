@@ -118,7 +118,7 @@ pub struct OperatorConfig {
     #[arg(long, default_value = "10s")]
     pub liveliness_interval: GoDuration,
     /// Reconciles each controller runs at once (each is at most one API request at a time).
-    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 32,
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 64,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_reconciles: u16,
     /// Default time a dispatched task may run (spec.timeoutSeconds overrides).

@@ -99,6 +99,11 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
+    // Our last status write may not be in the cache yet: start from it (no stale-view conflict).
+    let p = match super::own_writes::newer(p.as_ref()) {
+        Some(written) => Arc::new(written),
+        None => p,
+    };
     let client_id = p.client_id();
     if !ctx.ownership.owns_client(&client_id) {
         return Ok(Action::await_change());
@@ -273,8 +278,19 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         (Some(_), None) => true,
         _ => false,
     };
-    let transition = status != old;
-    if transition || refresh_due {
+    // `taskCount` is for people (placement counts from the Task cache): in a burst it would change with
+    // every task, so on its own it is written at most every TASK_COUNT_REFRESH.
+    let transition = PropletStatus {
+        task_count: old.task_count,
+        ..status.clone()
+    } != old;
+    let count_wait = if status.task_count != old.task_count {
+        task_count_wait(&p)
+    } else {
+        None
+    };
+    let count_due = status.task_count != old.task_count && count_wait.is_none();
+    if transition || refresh_due || count_due {
         if let Some(seen) = last_seen {
             if recorded != Some(seen) {
                 status.alive_history.push(Time(seen));
@@ -287,6 +303,7 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
             status.latest_metrics = Some(m);
         }
         apply_status(&ctx.client, p.as_ref(), &status).await?;
+        wrote_task_count(&p);
         if old.phase != Some(phase) {
             announce(&ctx, &p, old.phase, phase).await;
         }
@@ -297,14 +314,48 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
             threshold.saturating_sub(ctx.started.elapsed()) + Duration::from_millis(100),
         ));
     }
-    // Wake up when the proplet would go Offline, and to refresh lastSeen.
-    Ok(match (phase, age) {
+    // Wake up when the proplet would go Offline, to refresh lastSeen, and to write a held-back taskCount.
+    let next = match (phase, age) {
         (PropletPhase::Running, Some(a)) => {
-            let until_offline = threshold.saturating_sub(a) + Duration::from_millis(500);
-            Action::requeue(until_offline.min(refresh))
+            (threshold.saturating_sub(a) + Duration::from_millis(500)).min(refresh)
         }
-        _ => Action::requeue(refresh),
-    })
+        _ => refresh,
+    };
+    let written = transition || refresh_due || count_due;
+    Ok(Action::requeue(match count_wait {
+        Some(w) if !written => next.min(w + Duration::from_millis(50)),
+        _ => next,
+    }))
+}
+
+/// How often a changed `taskCount` alone is written.
+const TASK_COUNT_REFRESH: Duration = Duration::from_secs(10);
+
+/// When each Proplet's status was last written (by UID). In memory: it only spaces writes out, so losing
+/// it on a restart costs one early write.
+fn count_writes() -> &'static std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>
+{
+    static MAP: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    > = std::sync::OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+/// How long a changed `taskCount` must still wait; `None`: it may be written now.
+fn task_count_wait(p: &Proplet) -> Option<Duration> {
+    let uid = p.uid()?;
+    let map = count_writes().lock().ok()?;
+    let since = map.get(&uid)?.elapsed();
+    (since < TASK_COUNT_REFRESH).then(|| TASK_COUNT_REFRESH - since)
+}
+
+fn wrote_task_count(p: &Proplet) {
+    if let (Some(uid), Ok(mut map)) = (p.uid(), count_writes().lock()) {
+        if map.len() > 100_000 {
+            map.retain(|_, at| at.elapsed() < TASK_COUNT_REFRESH);
+        }
+        map.insert(uid, std::time::Instant::now());
+    }
 }
 
 async fn announce(ctx: &Context, p: &Proplet, from: Option<PropletPhase>, to: PropletPhase) {
