@@ -436,7 +436,16 @@ async fn wait_and_measure(
 async fn remove_run(client: &Client, ns: &str, run: &str) -> anyhow::Result<()> {
     let api: Api<Task> = Api::namespaced(client.clone(), ns);
     let lp = kube::api::ListParams::default().labels(&format!("bench-run={run}"));
-    api.delete_collection(&Default::default(), &lp).await?;
+    // After an overloaded step etcd may time a large delete out: retry, it resumes where it stopped.
+    let mut attempt = 0;
+    while let Err(e) = api.delete_collection(&Default::default(), &lp).await {
+        attempt += 1;
+        if attempt >= 10 {
+            return Err(e.into());
+        }
+        eprintln!("deleting the tasks of {run} (attempt {attempt}): {e}");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
     testbed::eventually(
         &format!("the tasks of {run} to be deleted"),
         Duration::from_secs(600),

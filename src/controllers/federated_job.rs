@@ -140,55 +140,11 @@ async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
     if let Err(msg) = validate(&job) {
-        let mut status = old.clone();
-        status.observed_generation = g;
-        status.phase = Some("Failed".into());
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            ConditionStatus::False,
-            "InvalidSpec",
-            &msg,
-            g,
-        );
-        if status != old {
-            apply_status(&ctx.client, job.as_ref(), &status).await?;
-            ctx.event(
-                job.as_ref(),
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                msg,
-            )
-            .await;
-        }
-        return Ok(Action::await_change());
+        return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;
     }
     if ctx.config.fl_public_url.is_empty() {
-        let mut status = old.clone();
-        status.observed_generation = g;
-        status.phase.get_or_insert("Pending".into());
         let msg = "the operator has no --fl-public-url: proplets could not reach the coordinator";
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            ConditionStatus::False,
-            "FLNotConfigured",
-            msg,
-            g,
-        );
-        if status != old {
-            apply_status(&ctx.client, job.as_ref(), &status).await?;
-            ctx.event(
-                job.as_ref(),
-                EventType::Warning,
-                "FLNotConfigured",
-                "Start",
-                msg.into(),
-            )
-            .await;
-        }
-        return Ok(Action::await_change());
+        return not_started(&job, &ctx, old, "Pending", "FLNotConfigured", msg).await;
     }
     let rounds = rounds_of(&ctx, &job);
     if rounds.is_empty() {
@@ -205,18 +161,7 @@ async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Ac
         {
             Ok(_) => {}
             Err(StoreError::TooLarge(msg)) => {
-                let mut status = old.clone();
-                status.phase = Some("Failed".into());
-                set_condition(
-                    &mut status.conditions,
-                    "Ready",
-                    ConditionStatus::False,
-                    "InvalidSpec",
-                    &msg,
-                    g,
-                );
-                apply_status(&ctx.client, job.as_ref(), &status).await?;
-                return Ok(Action::await_change());
+                return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;
             }
             Err(StoreError::Kube(e)) => return Err(e.into()),
         }
@@ -271,6 +216,35 @@ async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     // Round changes wake the job.
+    Ok(Action::await_change())
+}
+
+/// The experiment cannot start (`Ready=False` with `reason`): the status, an Event, nothing created.
+async fn not_started(
+    job: &FederatedJob,
+    ctx: &Context,
+    old: FederatedJobStatus,
+    phase: &str,
+    reason: &str,
+    msg: &str,
+) -> Result<Action> {
+    let g = job.metadata.generation;
+    let mut status = old.clone();
+    status.observed_generation = g;
+    status.phase = Some(phase.into());
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ConditionStatus::False,
+        reason,
+        msg,
+        g,
+    );
+    if status != old {
+        apply_status(&ctx.client, job, &status).await?;
+        ctx.event(job, EventType::Warning, reason, "Start", msg.into())
+            .await;
+    }
     Ok(Action::await_change())
 }
 

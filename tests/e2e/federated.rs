@@ -498,7 +498,7 @@ async fn an_operator_restart_mid_round_loses_no_update() -> anyhow::Result<()> {
     fl.participant(
         "r-2",
         "r-2",
-        client(-2.0, 12, false, Duration::from_secs(12)),
+        client(-2.0, 12, false, Duration::from_secs(25)),
     )
     .await?;
     fl.job("restart", &["r-1", "r-2"], 2, 1, 60).await?;
@@ -510,6 +510,8 @@ async fn an_operator_restart_mid_round_loses_no_update() -> anyhow::Result<()> {
             |r| r.status.as_ref().and_then(|s| s.updates_received) == Some(1),
         )
         .await?;
+    // r-2 answers ~25 s after its start, well after the new operator is up: its MQTT session is clean,
+    // so messages published while no operator is connected would be lost (see docs/federated-learning.md).
     fl.env.stop_operator().await?;
     fl.env.resume_operator();
     let round = fl
