@@ -240,11 +240,7 @@ async fn not_started(
         msg,
         g,
     );
-    if status != old {
-        apply_status(&ctx.client, job, &status).await?;
-        ctx.event(job, EventType::Warning, reason, "Start", msg.into())
-            .await;
-    }
+    super::report_blocked(ctx, job, &old, &status, reason, "Start", msg).await?;
     Ok(Action::await_change())
 }
 

@@ -105,6 +105,36 @@ impl Context {
     }
 }
 
+/// Reports what keeps `obj` from progressing (`status` already carries its `Ready=False` condition): the
+/// status is written only when it differs from `old`, and only then come a Warning Event and a log line —
+/// a reconcile that finds nothing new costs no API write.
+pub async fn report_blocked<K, S>(
+    ctx: &Context,
+    obj: &K,
+    old: &S,
+    status: &S,
+    reason: &str,
+    action: &str,
+    msg: &str,
+) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+    S: PartialEq + Serialize,
+{
+    if status == old {
+        return Ok(());
+    }
+    apply_status(&ctx.client, obj, status).await?;
+    ctx.event(obj, EventType::Warning, reason, action, msg.to_string())
+        .await;
+    warn!(kind = %K::kind(&()), object = %obj.name_any(), %reason, "{msg}");
+    Ok(())
+}
+
 /// Replaces the status of `obj`, only if `obj` is still the newest version (a JSON patch that tests the
 /// resourceVersion): a decision made on a stale view fails with [`Error::Conflict`] instead of acting twice.
 /// Returns the object as written.

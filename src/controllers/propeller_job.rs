@@ -335,16 +335,7 @@ async fn invalid(
     );
     if changed(&status, &old) {
         status.updated_at = Some(now());
-        apply_status(&ctx.client, job, &status).await?;
-        ctx.event(
-            job,
-            EventType::Warning,
-            "InvalidSpec",
-            "Validate",
-            msg.to_string(),
-        )
-        .await;
-        tracing::warn!(job = %job.name_any(), error = %msg, "PropellerJob refused");
+        super::report_blocked(ctx, job, &old, &status, "InvalidSpec", "Validate", msg).await?;
     }
     Ok(Action::await_change())
 }

@@ -259,18 +259,7 @@ pub(super) async fn refuse(
         msg,
         g,
     );
-    if status != old {
-        apply_status(&ctx.client, task, &status).await?;
-        ctx.event(
-            task,
-            EventType::Warning,
-            reason,
-            "Validate",
-            msg.to_string(),
-        )
-        .await;
-        warn!(task = %task.name_any(), %reason, error = %msg, "Task refused");
-    }
+    super::report_blocked(ctx, task, &old, &status, reason, "Validate", msg).await?;
     Ok(Action::await_change())
 }
 

@@ -168,8 +168,14 @@ async fn reconcile_inner(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result
     // One Task per participant.
     let tasks_api: Api<Task> = Api::namespaced(ctx.client.clone(), &ns);
     let mut tasks: BTreeMap<String, Option<Arc<Task>>> = BTreeMap::new();
+    let clients: BTreeMap<&String, Option<String>> = round
+        .spec
+        .participants
+        .iter()
+        .map(|p| (p, intake::client_of(&ctx, &ns, p)))
+        .collect();
     for p in &round.spec.participants {
-        let client = intake::client_of(&ctx, &ns, p);
+        let client = clients.get(p).cloned().flatten();
         let desired = participant_task(
             &round,
             &job,
@@ -234,7 +240,7 @@ async fn reconcile_inner(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result
             }),
             status: Some(label.into()),
             update_received: Some(st == Standing::Received),
-            client_id: intake::client_of(&ctx, &ns, p),
+            client_id: clients.get(p).cloned().flatten(),
             num_samples: stored.map(|u| u.update.num_samples as i64),
             received_via: stored.map(|u| u.via.clone()),
         });
@@ -525,11 +531,7 @@ async fn waiting(
         msg,
         g,
     );
-    if status != old {
-        apply_status(&ctx.client, round, &status).await?;
-        ctx.event(round, EventType::Warning, reason, "Start", msg.into())
-            .await;
-    }
+    super::report_blocked(ctx, round, &old, &status, reason, "Start", msg).await?;
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
