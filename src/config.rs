@@ -21,7 +21,8 @@ impl std::str::FromStr for GoDuration {
     }
 }
 
-/// A listen address: `:8081`, `0.0.0.0:8081` or `127.0.0.1:0`; `0` disables.
+/// A listen address: `:8081`, `0.0.0.0:8081`; port 0 (`:0`, `127.0.0.1:0`) lets the system choose a free port
+/// (the operator logs and reports the one it got); a bare `0` disables.
 #[derive(Clone, Copy, Debug)]
 pub struct BindAddress(pub Option<SocketAddr>);
 
@@ -89,9 +90,14 @@ pub struct OperatorConfig {
     /// File holding the MQTT password (e.g. a mounted Secret).
     #[arg(long, env = "CLIENT_KEY_FILE")]
     pub client_key_file: Option<PathBuf>,
-    /// MQTT client id of this replica.
-    #[arg(long, env = "MQTT_CLIENT_ID", default_value = "propeller-controller")]
+    /// MQTT client id of this replica (default: `propeller-operator-{identity}`). Two connections with
+    /// one client id evict each other, so every replica needs its own.
+    #[arg(long, env = "MQTT_CLIENT_ID", default_value = "")]
     pub mqtt_client_id: String,
+    /// This replica's name, stable across its restarts: in Events, the MQTT client id and (with HA) its
+    /// shard. Default: the pod name (POD_NAME), else the host name.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub identity: String,
     /// CA certificate (PEM) for a TLS broker.
     #[arg(long, env = "MQTT_CA_CERT")]
     pub mqtt_ca_cert: Option<PathBuf>,
@@ -253,6 +259,27 @@ impl OperatorConfig {
         Ok(ns)
     }
 
+    /// This replica's name: `--identity`, else the host name.
+    pub fn identity(&self) -> String {
+        if !self.identity.is_empty() {
+            return self.identity.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+    }
+
+    /// The MQTT client id: `--mqtt-client-id`, else one derived from [`OperatorConfig::identity`].
+    pub fn mqtt_client_id(&self) -> String {
+        if self.mqtt_client_id.is_empty() {
+            format!("propeller-operator-{}", self.identity())
+        } else {
+            self.mqtt_client_id.clone()
+        }
+    }
+
     pub fn default_channel(&self) -> Option<crate::mqtt::topics::Channel> {
         (!self.domain_id.is_empty() && !self.channel_id.is_empty())
             .then(|| crate::mqtt::topics::Channel::new(&self.domain_id, &self.channel_id))
@@ -299,6 +326,35 @@ mod tests {
             Some("w")
         );
         assert!(ns(&["op", "--watch-namespace=w", "--discovery-namespace=d"]).is_err());
+    }
+
+    #[test]
+    fn every_replica_has_its_own_mqtt_client_id() {
+        let a = OperatorConfig::try_parse_from(["op", "--identity=op-0"]).expect("parses");
+        let b = OperatorConfig::try_parse_from(["op", "--identity=op-1"]).expect("parses");
+        assert_eq!(a.mqtt_client_id(), "propeller-operator-op-0");
+        assert_ne!(a.mqtt_client_id(), b.mqtt_client_id());
+        let fixed = OperatorConfig::try_parse_from(["op", "--mqtt-client-id=m"]).expect("parses");
+        assert_eq!(fixed.mqtt_client_id(), "m");
+        let host = OperatorConfig::try_parse_from(["op"]).expect("parses");
+        assert!(!host.identity().is_empty());
+    }
+
+    #[test]
+    fn ports_may_be_chosen_by_the_system() {
+        let c = OperatorConfig::try_parse_from([
+            "op",
+            "--health-probe-bind-address=127.0.0.1:0",
+            "--fl-bind-address=:0",
+        ])
+        .expect("parses");
+        assert_eq!(c.health_probe_bind_address.0.map(|a| a.port()), Some(0));
+        assert_eq!(c.fl_bind_address.0.map(|a| a.port()), Some(0));
+        let off = OperatorConfig::try_parse_from(["op", "--fl-bind-address=0"]).expect("parses");
+        assert!(
+            off.fl_bind_address.0.is_none(),
+            "a bare 0 turns the server off"
+        );
     }
 
     #[test]

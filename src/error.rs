@@ -18,3 +18,11 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failed precondition (stale resourceVersion) as [`Error::Conflict`].
+pub fn conflict(e: kube::Error) -> Error {
+    match &e {
+        kube::Error::Api(s) if s.code == 409 || s.code == 422 => Error::Conflict(s.message.clone()),
+        _ => Error::Kube(e),
+    }
+}

@@ -1,7 +1,9 @@
 //! propeller-operator: runs Propeller WebAssembly workloads from Kubernetes custom resources.
 pub mod api;
 pub mod clock;
+pub mod clusters;
 pub mod config;
+pub mod context;
 pub mod controllers;
 pub mod discovery;
 pub mod embedded_broker;
@@ -9,6 +11,7 @@ pub mod error;
 pub mod fl;
 pub mod indexes;
 pub mod liveness;
+pub mod memory;
 pub mod mqtt;
 pub mod naming;
 pub mod registry;

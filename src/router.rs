@@ -9,16 +9,16 @@ use tracing::{debug, warn};
 use crate::api::common::ResourceMetrics;
 use crate::api::proplet::{Proplet, PropletMetadata};
 use crate::api::task::Task;
-use crate::controllers::Context;
+use crate::context::Context;
+use crate::controllers::runtime::Waker;
 use crate::liveness::Change;
 use crate::mqtt::client::Message;
 use crate::mqtt::topics::{self, Channel, Inbound};
 use crate::mqtt::wire::{self, DiscoveryMetadata};
-use crate::telemetry::metrics;
 
 pub struct Triggers {
-    pub proplets: mpsc::UnboundedSender<ObjectRef<Proplet>>,
-    pub tasks: mpsc::UnboundedSender<ObjectRef<Task>>,
+    pub proplets: Waker<Proplet>,
+    pub tasks: Waker<Task>,
     pub registry: crate::registry::RegistryQueue,
     /// Set with --auto-discover-proplets.
     pub discovery: Option<crate::discovery::DiscoveryQueue>,
@@ -48,23 +48,23 @@ async fn fl_update_inner(ctx: Arc<Context>, msg: Message) {
         return;
     };
     if msg.payload.len() > ctx.config.fl_max_update_bytes {
-        metrics().mqtt_message("fl_update", "too_large");
-        metrics().fl_update("mqtt", "too_large");
+        ctx.metrics.mqtt_message("fl_update", "too_large");
+        ctx.metrics.fl_update("mqtt", "too_large");
         warn!(topic = %msg.topic, bytes = msg.payload.len(), "FL update over --fl-max-update-bytes dropped");
         return;
     }
     let update = match Update::parse(&msg.payload) {
         Ok(u) if u.round_id == round_id && u.proplet_id == proplet_id => u,
         Ok(u) => {
-            metrics().mqtt_message("fl_update", "malformed");
-            metrics().fl_update("mqtt", "malformed");
+            ctx.metrics.mqtt_message("fl_update", "malformed");
+            ctx.metrics.fl_update("mqtt", "malformed");
             warn!(topic = %msg.topic, payload_round = %u.round_id, payload_proplet = %u.proplet_id,
                   "FL update whose round or proplet differs from its topic dropped");
             return;
         }
         Err(e) => {
-            metrics().mqtt_message("fl_update", "malformed");
-            metrics().fl_update("mqtt", "malformed");
+            ctx.metrics.mqtt_message("fl_update", "malformed");
+            ctx.metrics.fl_update("mqtt", "malformed");
             warn!(topic = %msg.topic, error = %e, "malformed FL update dropped");
             return;
         }
@@ -73,11 +73,11 @@ async fn fl_update_inner(ctx: Arc<Context>, msg: Message) {
         Ok(_) => "ok",
         Err(r) => r.outcome,
     };
-    metrics().mqtt_message("fl_update", outcome);
+    ctx.metrics.mqtt_message("fl_update", outcome);
 }
 
-fn malformed(kind: Inbound, topic: &str, err: &wire::DecodeError, len: usize) {
-    metrics().mqtt_message(kind.as_str(), "malformed");
+fn malformed(ctx: &Context, kind: Inbound, topic: &str, err: &wire::DecodeError, len: usize) {
+    ctx.metrics.mqtt_message(kind.as_str(), "malformed");
     warn!(%topic, bytes = len, error = %err, "dropping a malformed MQTT payload");
 }
 
@@ -99,7 +99,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
     );
     let _entered = span.enter();
     let Some((channel, kind)) = topics::parse(&msg.topic) else {
-        metrics().mqtt_message("other", "unexpected_topic");
+        ctx.metrics.mqtt_message("other", "unexpected_topic");
         debug!(topic = %msg.topic, "message on a topic the operator does not handle");
         return;
     };
@@ -107,19 +107,19 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
     let payload = &msg.payload[..];
     match kind {
         Inbound::Alive => match wire::decode_alive(payload) {
-            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(m) => with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
                 if ctx
                     .liveness
                     .heartbeat(&m.proplet_id, m.is_offline(), threshold)
                     == Change::Transition
                 {
-                    let _ = triggers.proplets.send(r);
+                    triggers.proplets.wake(r);
                 }
             }),
         },
         Inbound::Create => match wire::decode_discovery(payload) {
-            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(m) => {
                 let md = metadata(m.metadata.unwrap_or_default(), m.namespace);
                 // Discovery is sent once, at proplet start-up, often before its Proplet is created:
@@ -141,13 +141,13 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                 }
                 with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
                     if ctx.liveness.discovery(&m.proplet_id, md) == Change::Transition {
-                        let _ = triggers.proplets.send(r);
+                        triggers.proplets.wake(r);
                     }
                 })
             }
         },
         Inbound::Metrics => match wire::decode_metrics(payload) {
-            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(m) => {
                 let total = ctx
                     .liveness
@@ -174,24 +174,24 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
             }
         },
         Inbound::Results => match wire::decode_result(payload) {
-            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(r) => match traced_task(&r.task_id, ctx) {
                 None => {
-                    metrics().mqtt_message(kind.as_str(), "unknown_task");
+                    ctx.metrics.mqtt_message(kind.as_str(), "unknown_task");
                     debug!(topic = %msg.topic, task_id = %r.task_id, "result for an unknown task");
                 }
                 Some(t) => {
-                    metrics().mqtt_message(kind.as_str(), "ok");
+                    ctx.metrics.mqtt_message(kind.as_str(), "ok");
                     let uid = r.task_id.clone();
                     ctx.results.push(&uid, r);
-                    let _ = triggers.tasks.send(t);
+                    triggers.tasks.wake(t);
                 }
             },
         },
         Inbound::RegistryRequest => match wire::decode_registry_request(payload) {
-            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(r) => {
-                metrics().mqtt_message(kind.as_str(), "ok");
+                ctx.metrics.mqtt_message(kind.as_str(), "ok");
                 triggers.registry.offer(crate::registry::Request {
                     channel,
                     app_name: r.app_name.trim().to_string(),
@@ -199,14 +199,14 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
             }
         },
         Inbound::TaskMetrics => match wire::decode_task_metrics(payload) {
-            Err(e) => malformed(kind, &msg.topic, &e, payload.len()),
+            Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(m) => match traced_task(&m.task_id, ctx) {
                 None => {
-                    metrics().mqtt_message(kind.as_str(), "unknown_task");
+                    ctx.metrics.mqtt_message(kind.as_str(), "unknown_task");
                     debug!(topic = %msg.topic, task_id = %m.task_id, "task metrics for an unknown task");
                 }
                 Some(t) => {
-                    metrics().mqtt_message(kind.as_str(), "ok");
+                    ctx.metrics.mqtt_message(kind.as_str(), "ok");
                     let sample = m.metrics.unwrap_or_default();
                     let snapshot = ResourceMetrics {
                         timestamp: Some(crate::controllers::now()),
@@ -219,7 +219,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                         .task_metrics
                         .offer(&m.task_id, snapshot, ctx.config.status_refresh.0)
                     {
-                        let _ = triggers.tasks.send(t);
+                        triggers.tasks.wake(t);
                     }
                 }
             },
@@ -242,16 +242,16 @@ fn with_proplet(
 ) {
     tracing::Span::current().record("proplet", client_id);
     if !ctx.ownership.owns_client(client_id) {
-        metrics().mqtt_message(kind.as_str(), "not_owned");
+        ctx.metrics.mqtt_message(kind.as_str(), "not_owned");
         return;
     }
     match proplet_for(ctx, channel, client_id) {
         Some(r) => {
-            metrics().mqtt_message(kind.as_str(), "ok");
+            ctx.metrics.mqtt_message(kind.as_str(), "ok");
             f(r)
         }
         None => {
-            metrics().mqtt_message(kind.as_str(), "unknown_proplet");
+            ctx.metrics.mqtt_message(kind.as_str(), "unknown_proplet");
             debug!(%channel, %client_id, kind = kind.as_str(), "message from a proplet with no Proplet on this channel");
         }
     }

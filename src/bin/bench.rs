@@ -535,7 +535,7 @@ async fn steady_step(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    testbed::install_crypto_provider();
+    propeller_operator::clusters::install_crypto_provider();
     let args = Args::parse();
     let cluster = testbed::shared_cluster();
     let client = cluster.client().await?;

@@ -9,10 +9,9 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, MANAGER};
 use crate::api::proplet::{ClientKey, K8sSpec, Proplet, PropletEnvConfig};
+use crate::context::{Context, MANAGER};
 use crate::error::{Error, Result};
-use crate::telemetry::metrics;
 
 /// Selector label of the proplet pods (upstream's key, kept so existing selectors match).
 pub const POD_LABEL: &str = "propeller.absmach.fr/proplet";
@@ -248,7 +247,7 @@ pub async fn ensure(
             &Patch::Apply(&want),
         )
         .await?;
-    metrics().api_write("deployments", "apply");
+    ctx.metrics.api_write("deployments", "apply");
     Ok(Ok(applied))
 }
 
@@ -280,6 +279,6 @@ async fn ensure_key_secret(ctx: &Context, p: &Proplet, ns: &str, key: &str) -> R
         &Patch::Apply(&secret),
     )
     .await?;
-    metrics().api_write("secrets", "apply");
+    ctx.metrics.api_write("secrets", "apply");
     Ok(())
 }

@@ -12,26 +12,22 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
+use super::now;
+use super::runtime::{Waker, Watches, owner};
 use super::training_round::{ROUND_NUMBER_LABEL, ready_message};
-use super::{Context, apply_status, measured, now};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::federated_job::{FederatedJobStatus, ParticipantStatus, RoundMetrics};
 use crate::api::training_round::phase;
 use crate::api::{FederatedJob, TrainingRound};
+use crate::context::Context;
 use crate::error::Result;
 use crate::fl::store::{self, StoreError};
 use crate::fl::{aggregate, params::Params};
-use crate::telemetry::metrics;
 
 /// Label on rounds: the FederatedJob that made them.
 pub const FEDERATED_JOB_LABEL: &str = "propeller.propeller.abstractmachines.fr/federated-job";
 /// Rounds kept in `status.roundMetrics`.
 const HISTORY: usize = 50;
-
-pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Action> {
-    let obj = Arc::clone(&job);
-    measured("federatedjob", obj.as_ref(), reconcile_inner(job, ctx)).await
-}
 
 /// Spec errors, before anything runs.
 pub fn validate(job: &FederatedJob) -> std::result::Result<(), String> {
@@ -128,7 +124,14 @@ fn rounds_of(ctx: &Context, job: &FederatedJob) -> BTreeMap<i64, Arc<TrainingRou
         .collect()
 }
 
-async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Action> {
+/// What wakes a FederatedJob: its own changes and those of its TrainingRounds.
+pub fn wake_ups(w: &mut Watches, me: &Waker<FederatedJob>) {
+    w.federated_jobs.wake_self(me);
+    w.training_rounds
+        .wake(me, |r, _| owner::<FederatedJob, _>(r).into_iter().collect());
+}
+
+pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Action> {
     if job.metadata.deletion_timestamp.is_some() {
         // Rounds, their Tasks, updates and models go with the job (ownerReferences).
         return Ok(Action::await_change());
@@ -151,6 +154,7 @@ async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Ac
         let initial = job.spec.initial_model.clone().unwrap_or_else(|| json!({}));
         match store::put_model(
             &ctx.client,
+            &ctx.metrics,
             &job,
             0,
             &initial,
@@ -189,7 +193,7 @@ async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Ac
             Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
         match api.create(&PostParams::default(), &r).await {
             Ok(_) => {
-                metrics().api_write("trainingrounds", "create");
+                ctx.metrics.api_write("trainingrounds", "create");
                 info!(job = %job.name_any(), round = n, "training round started");
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -198,7 +202,7 @@ async fn reconcile_inner(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Ac
     }
     let status = progress(&job, &rounds, next.map(|(n, _)| n), old.clone());
     if status != old {
-        apply_status(&ctx.client, job.as_ref(), &status).await?;
+        ctx.apply_status(job.as_ref(), &status).await?;
         if status.phase != old.phase {
             let (kind, reason) = match status.phase.as_deref() {
                 Some("Failed") => (EventType::Warning, "Failed"),

@@ -16,23 +16,20 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::{Context, apply_status, measured, now};
+use super::now;
+use super::runtime::{Waker, Watches};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::propeller_job::{ExecutionMode, JobPhase, PropellerJob, PropellerJobStatus};
 use crate::api::task::{RunIf, Task, TaskPhase, TaskSpec};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::scheduling::dag;
-use crate::telemetry::metrics;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 /// Label on child Tasks: the job that made them.
 pub const JOB_LABEL: &str = "propeller.propeller.abstractmachines.fr/job";
 pub const SPEC_INDEX_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/spec-index";
 pub const SPEC_NAME_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/spec-name";
-
-pub async fn reconcile(job: Arc<PropellerJob>, ctx: Arc<Context>) -> Result<Action> {
-    let obj = Arc::clone(&job);
-    measured("propellerjob", obj.as_ref(), reconcile_inner(job, ctx)).await
-}
 
 /// The child Task name of the job's task `spec_name`: a DNS label whatever the names are.
 pub fn child_name(job: &str, spec_name: &str) -> String {
@@ -238,7 +235,36 @@ fn changed(a: &PropellerJobStatus, b: &PropellerJobStatus) -> bool {
     strip(a) != strip(b)
 }
 
-async fn reconcile_inner(job: Arc<PropellerJob>, ctx: Arc<Context>) -> Result<Action> {
+/// What wakes a PropellerJob: its own changes and those of the tasks it counts (its own, and those named
+/// in `taskRefs`).
+pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<PropellerJob>) {
+    w.propeller_jobs.wake_self(me);
+    let c = Arc::clone(ctx);
+    w.tasks
+        .wake(me, move |t, _| jobs_counting(&c.propeller_jobs, t));
+}
+
+/// The PropellerJobs a task counts for: its owner, and those naming it in taskRefs.
+fn jobs_counting(jobs: &Store<PropellerJob>, t: &Task) -> Vec<ObjectRef<PropellerJob>> {
+    let ns = t.namespace();
+    let name = t.name_any();
+    let mut out: Vec<ObjectRef<PropellerJob>> = t
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "PropellerJob")
+        .filter_map(|o| Some(ObjectRef::new(&o.name).within(ns.as_deref()?)))
+        .collect();
+    out.extend(
+        jobs.state()
+            .iter()
+            .filter(|j| j.namespace() == ns)
+            .filter(|j| j.spec.task_refs.iter().flatten().any(|r| r == &name))
+            .map(|j| ObjectRef::from_obj(j.as_ref())),
+    );
+    out
+}
+
+pub async fn reconcile(job: Arc<PropellerJob>, ctx: Arc<Context>) -> Result<Action> {
     if job.metadata.deletion_timestamp.is_some() {
         // Children go with the job (ownerReferences); their finalizers stop what runs.
         return Ok(Action::await_change());
@@ -267,7 +293,7 @@ async fn reconcile_inner(job: Arc<PropellerJob>, ctx: Arc<Context>) -> Result<Ac
             continue;
         }
         match api.create(&PostParams::default(), child).await {
-            Ok(_) => metrics().api_write("tasks", "create"),
+            Ok(_) => ctx.metrics.api_write("tasks", "create"),
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(Error::from(e)),
         }
@@ -290,7 +316,7 @@ async fn reconcile_inner(job: Arc<PropellerJob>, ctx: Arc<Context>) -> Result<Ac
     let mut status = progress(&job, &tasks, old.clone());
     if changed(&status, &old) {
         status.updated_at = Some(now());
-        apply_status(&ctx.client, job.as_ref(), &status).await?;
+        ctx.apply_status(job.as_ref(), &status).await?;
         let was = old.phase;
         if status.phase != was {
             let phase = status.phase.unwrap_or_default();

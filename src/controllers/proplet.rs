@@ -10,14 +10,16 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
-use super::{Context, apply_status, deployment, measured};
+use super::deployment;
+use super::runtime::{Seen, Waker, Watches};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::{
     AvailableResources, K8sStatus, Proplet, PropletPhase, PropletStatus, PropletType,
 };
+use crate::context::Context;
 use crate::error::Result;
 use crate::mqtt::address;
-use crate::telemetry::metrics;
+use kube::runtime::reflector::ObjectRef;
 use tracing::info;
 
 const HISTORY: usize = 10;
@@ -86,24 +88,50 @@ async fn give_way(p: &Proplet, ctx: &Context, declared: &str) -> Result<Action> 
         .delete(&p.name_any(), &Default::default())
         .await
     {
-        Ok(_) => metrics().api_write("proplets", "delete"),
+        Ok(_) => ctx.metrics.api_write("proplets", "delete"),
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
     Ok(Action::await_change())
 }
 
-pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
-    let obj = Arc::clone(&p);
-    measured("proplet", obj.as_ref(), reconcile_inner(p, ctx)).await
+/// What wakes a Proplet: its own changes, a declared Proplet taking a discovered one's clientId (the
+/// discovered one steps aside), and the tasks placed on it (its `taskCount`).
+pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Proplet>) {
+    w.proplets.wake_self(me);
+    let c = Arc::clone(ctx);
+    w.proplets.wake(me, move |p, seen| match seen {
+        Seen::Applied => discovered_twins(&c, p),
+        Seen::Deleted => Vec::new(),
+    });
+    w.tasks
+        .wake(me, |t, _| assigned_proplet(t).into_iter().collect());
 }
 
-async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
-    // Our last status write may not be in the cache yet: start from it (no stale-view conflict).
-    let p = match super::own_writes::newer(p.as_ref()) {
-        Some(written) => Arc::new(written),
-        None => p,
+/// Discovered Proplets with the clientId of `p`, when `p` was declared by someone.
+fn discovered_twins(ctx: &Context, p: &Proplet) -> Vec<ObjectRef<Proplet>> {
+    use crate::discovery::is_discovered;
+    if is_discovered(p) {
+        return Vec::new();
+    }
+    let Some(client) = p.spec.connection_config.client() else {
+        return Vec::new();
     };
+    ctx.proplet_index
+        .all_by_client(client)
+        .into_iter()
+        .filter(|r| ctx.proplets.get(r).is_some_and(|q| is_discovered(&q)))
+        .collect()
+}
+
+fn assigned_proplet(t: &crate::api::Task) -> Option<ObjectRef<Proplet>> {
+    let name = t.status.as_ref()?.assigned_proplet.clone()?;
+    Some(ObjectRef::new(&name).within(&t.namespace()?))
+}
+
+pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
+    // Our last status write may not be in the cache yet: start from it (no stale-view conflict).
+    let p = ctx.own_writes.latest(p);
     let client_id = p.client_id();
     if !ctx.ownership.owns_client(&client_id) {
         return Ok(Action::await_change());
@@ -285,7 +313,8 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         ..status.clone()
     } != old;
     let count_wait = if status.task_count != old.task_count {
-        task_count_wait(&p)
+        ctx.proplet_writes
+            .wait(&p.uid().unwrap_or_default(), TASK_COUNT_REFRESH)
     } else {
         None
     };
@@ -302,8 +331,9 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         if let Some(m) = observed.metrics.clone() {
             status.latest_metrics = Some(m);
         }
-        apply_status(&ctx.client, p.as_ref(), &status).await?;
-        wrote_task_count(&p);
+        ctx.apply_status(p.as_ref(), &status).await?;
+        ctx.proplet_writes
+            .wrote(&p.uid().unwrap_or_default(), TASK_COUNT_REFRESH);
         if old.phase != Some(phase) {
             announce(&ctx, &p, old.phase, phase).await;
         }
@@ -330,33 +360,6 @@ async fn reconcile_inner(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
 
 /// How often a changed `taskCount` alone is written.
 const TASK_COUNT_REFRESH: Duration = Duration::from_secs(10);
-
-/// When each Proplet's status was last written (by UID). In memory: it only spaces writes out, so losing
-/// it on a restart costs one early write.
-fn count_writes() -> &'static std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>
-{
-    static MAP: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    > = std::sync::OnceLock::new();
-    MAP.get_or_init(Default::default)
-}
-
-/// How long a changed `taskCount` must still wait; `None`: it may be written now.
-fn task_count_wait(p: &Proplet) -> Option<Duration> {
-    let uid = p.uid()?;
-    let map = count_writes().lock().ok()?;
-    let since = map.get(&uid)?.elapsed();
-    (since < TASK_COUNT_REFRESH).then(|| TASK_COUNT_REFRESH - since)
-}
-
-fn wrote_task_count(p: &Proplet) {
-    if let (Some(uid), Ok(mut map)) = (p.uid(), count_writes().lock()) {
-        if map.len() > 100_000 {
-            map.retain(|_, at| at.elapsed() < TASK_COUNT_REFRESH);
-        }
-        map.insert(uid, std::time::Instant::now());
-    }
-}
 
 async fn announce(ctx: &Context, p: &Proplet, from: Option<PropletPhase>, to: PropletPhase) {
     let (type_, reason) = match to {
@@ -391,7 +394,7 @@ async fn invalid_spec(
         p.metadata.generation,
     );
     if &status != old {
-        apply_status(&ctx.client, p, &status).await?;
+        ctx.apply_status(p, &status).await?;
         ctx.event(
             p,
             EventType::Warning,

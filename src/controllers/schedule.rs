@@ -11,9 +11,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use serde_json::Value;
 
-use super::{Context, apply_status};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::task::{RunRecord, Task, TaskPhase, TaskStatus};
+use crate::context::Context;
 use crate::error::Result;
 use crate::scheduling::cron::{self, Schedule};
 
@@ -81,7 +81,7 @@ pub async fn pending_gate(
             g,
         );
         if status != old {
-            apply_status(&ctx.client, task, status).await?;
+            ctx.apply_status(task, status).await?;
         }
         return Ok(Some(Action::requeue(until(&tick, now))));
     }
@@ -119,7 +119,7 @@ pub async fn skip_overdue_tick(task: &Task, ctx: &Context) -> Result<Option<Acti
         &msg,
         task.metadata.generation,
     );
-    apply_status(&ctx.client, task, &status).await?;
+    ctx.apply_status(task, &status).await?;
     ctx.event(task, EventType::Normal, "TickSkipped", "Schedule", msg)
         .await;
     Ok(Some(Action::requeue(Duration::from_millis(200))))
@@ -151,7 +151,7 @@ pub async fn recur(task: &Task, ctx: &Context) -> Result<Action> {
             };
             let mut status = old.clone();
             status.next_run = Some(Time(next));
-            apply_status(&ctx.client, task, &status).await?;
+            ctx.apply_status(task, &status).await?;
             return Ok(Action::requeue(until(&Time(next), now)));
         }
     };
@@ -183,7 +183,7 @@ pub async fn recur(task: &Task, ctx: &Context) -> Result<Action> {
         .conditions
         .retain(|c| c.type_ == "Ready" || c.type_ == "Recurring");
     // next_run stays at the tick that has come: the next pass dispatches at once.
-    apply_status(&ctx.client, task, &status).await?;
+    ctx.apply_status(task, &status).await?;
     tracing::info!(task = %task.name_any(), runs = status.history.len(), "recurring task starts again");
     Ok(Action::requeue(Duration::from_millis(100)))
 }

@@ -18,26 +18,22 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{Context, apply_status, measured, now};
+use super::now;
+use super::runtime::{Seen, Waker, Watches, owner};
 use crate::api::common::{ConditionStatus, find_condition, set_condition};
 use crate::api::task::{Task, TaskPhase};
 use crate::api::training_round::{RoundParticipant, TrainingRoundStatus, phase};
 use crate::api::{FederatedJob, TrainingRound};
+use crate::context::Context;
 use crate::error::Result;
 use crate::fl::intake::{self, Target};
 use crate::fl::store::{self, StoreError, StoredUpdate, Via};
 use crate::fl::{aggregate, server, update::Update};
-use crate::telemetry::metrics;
 
 /// Label on round Tasks: the round that made them.
 pub const ROUND_LABEL: &str = "propeller.propeller.abstractmachines.fr/training-round";
 /// Label on rounds made by a FederatedJob: its round number.
 pub const ROUND_NUMBER_LABEL: &str = "propeller.propeller.abstractmachines.fr/round-number";
-
-pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<Action> {
-    let obj = Arc::clone(&round);
-    measured("traininground", obj.as_ref(), reconcile_inner(round, ctx)).await
-}
 
 /// Spec errors, before anything runs.
 pub fn validate(round: &TrainingRound) -> std::result::Result<(), String> {
@@ -129,7 +125,19 @@ enum Standing {
     Lost,
 }
 
-async fn reconcile_inner(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<Action> {
+/// What wakes a TrainingRound: its own changes, its round tasks, and client updates stored for it.
+pub fn wake_ups(w: &mut Watches, me: &Waker<TrainingRound>) {
+    w.training_rounds.wake_self(me);
+    w.tasks.wake(me, |t, _| {
+        owner::<TrainingRound, _>(t).into_iter().collect()
+    });
+    w.fl_updates.wake(me, |cm, seen| match seen {
+        Seen::Applied => owner::<TrainingRound, _>(cm).into_iter().collect(),
+        Seen::Deleted => Vec::new(),
+    });
+}
+
+pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<Action> {
     if round.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -187,7 +195,7 @@ async fn reconcile_inner(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result
         let existing = ctx.tasks.get(&ObjectRef::from_obj(&desired));
         if existing.is_none() {
             match tasks_api.create(&PostParams::default(), &desired).await {
-                Ok(_) => metrics().api_write("tasks", "create"),
+                Ok(_) => ctx.metrics.api_write("tasks", "create"),
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
@@ -276,7 +284,7 @@ async fn reconcile_inner(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result
             &format!("{received} of {k} required updates arrived; aggregating"),
             g,
         );
-        let written = apply_status(&ctx.client, round.as_ref(), &status).await?;
+        let written = ctx.apply_status(round.as_ref(), &status).await?;
         return finish(&written, &ctx, &job, aggregator.as_ref(), status, &updates).await;
     }
     if possible < k {
@@ -390,6 +398,7 @@ async fn finish(
     };
     let stored = match store::put_model(
         &ctx.client,
+        &ctx.metrics,
         job,
         version,
         &model.to_json(),
@@ -441,8 +450,8 @@ async fn finish(
         &msg,
         g,
     );
-    apply_status(&ctx.client, round, &status).await?;
-    metrics()
+    ctx.apply_status(round, &status).await?;
+    ctx.metrics
         .fl_rounds_total
         .with_label_values(&["completed"])
         .inc();
@@ -507,7 +516,7 @@ async fn write_if_changed(
     status: &TrainingRoundStatus,
 ) -> Result<()> {
     if status != old {
-        apply_status(&ctx.client, round, status).await?;
+        ctx.apply_status(round, status).await?;
     }
     Ok(())
 }
@@ -556,8 +565,8 @@ async fn fail_with(
         msg,
         g,
     );
-    apply_status(&ctx.client, round, &status).await?;
-    metrics()
+    ctx.apply_status(round, &status).await?;
+    ctx.metrics
         .fl_rounds_total
         .with_label_values(&[outcome])
         .inc();

@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::Proplet;
-use crate::controllers::Context;
+use crate::context::Context;
 use crate::mqtt::topics::Channel;
-use crate::telemetry::metrics;
+use crate::telemetry::Metrics;
 
 pub const DISCOVERED_LABEL: &str = "propeller.propeller.abstractmachines.fr/discovered";
 const QUEUE: usize = 1024;
@@ -49,22 +49,20 @@ pub struct Announcement {
 #[derive(Clone)]
 pub struct DiscoveryQueue {
     tx: mpsc::Sender<Announcement>,
+    metrics: Arc<Metrics>,
 }
 
 impl DiscoveryQueue {
     pub fn offer(&self, a: Announcement) {
         if self.tx.try_send(a).is_err() {
-            count("dropped");
+            count(&self.metrics, "dropped");
             warn!("discovery queue full: announcement dropped");
         }
     }
 }
 
-fn count(outcome: &str) {
-    metrics()
-        .discovery_total
-        .with_label_values(&[outcome])
-        .inc();
+fn count(metrics: &Metrics, outcome: &str) {
+    metrics.discovery_total.with_label_values(&[outcome]).inc();
 }
 
 /// The Proplet created for a discovered proplet (pure: unit-tested).
@@ -97,6 +95,7 @@ pub fn spawn(
     namespace: String,
 ) -> (DiscoveryQueue, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Announcement>(QUEUE);
+    let metrics = Arc::clone(&ctx.metrics);
     let handle = tokio::spawn(async move {
         let mut pace =
             tokio::time::interval(Duration::from_secs(1) / ctx.config.discovery_rate.max(1));
@@ -108,7 +107,7 @@ pub fn spawn(
             if ctx.proplet_index.by_client(&a.client_id).is_some()
                 || created.contains_key(&a.client_id)
             {
-                count("exists");
+                count(&ctx.metrics, "exists");
                 continue;
             }
             let existing = ctx
@@ -119,7 +118,7 @@ pub fn spawn(
                 .filter(|p| !created.contains_key(&p.client_id()))
                 .count();
             if existing + created.len() >= ctx.config.discovery_max_proplets {
-                count("limit");
+                count(&ctx.metrics, "limit");
                 warn!(client_id = %a.client_id, limit = ctx.config.discovery_max_proplets,
                       "discovered-Proplet limit reached: announcement refused");
                 if last_limit_event.is_none_or(|t| t.elapsed() >= LIMIT_EVENT_EVERY) {
@@ -134,7 +133,7 @@ pub fn spawn(
             }
         }
     });
-    (DiscoveryQueue { tx }, handle)
+    (DiscoveryQueue { tx, metrics }, handle)
 }
 
 /// Creates the Proplet; true when it now exists.
@@ -148,7 +147,7 @@ async fn create(ctx: &Context, namespace: &str, a: &Announcement) -> bool {
     ) {
         Ok(p) => p,
         Err(e) => {
-            count("error");
+            count(&ctx.metrics, "error");
             warn!(client_id = %a.client_id, error = %e, "cannot build a Proplet for a discovered proplet");
             return false;
         }
@@ -156,18 +155,18 @@ async fn create(ctx: &Context, namespace: &str, a: &Announcement) -> bool {
     let api: Api<Proplet> = Api::namespaced(ctx.client.clone(), namespace);
     match api.create(&PostParams::default(), &proplet).await {
         Ok(p) => {
-            count("created");
-            metrics().api_write("proplets", "create");
+            count(&ctx.metrics, "created");
+            ctx.metrics.api_write("proplets", "create");
             info!(proplet = %p.name_any(), client_id = %a.client_id, channel = %a.channel,
                   "Proplet created for a discovered proplet");
             true
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
-            count("exists");
+            count(&ctx.metrics, "exists");
             true
         }
         Err(e) => {
-            count("error");
+            count(&ctx.metrics, "error");
             warn!(client_id = %a.client_id, error = %e, "creating a discovered Proplet failed");
             false
         }
@@ -194,7 +193,7 @@ async fn limit_event(ctx: &Context, namespace: &str) {
         secondary: None,
     };
     match ctx.recorder.publish(&ev, &reference).await {
-        Ok(()) => metrics().api_write("events", "create"),
+        Ok(()) => ctx.metrics.api_write("events", "create"),
         Err(e) => warn!(error = %e, "could not publish the discovery-limit Event"),
     }
 }

@@ -8,8 +8,7 @@ use tracing::{info, warn};
 use super::store::{self, StoreError, Via};
 use super::update::Update;
 use crate::api::{Proplet, TrainingRound};
-use crate::controllers::Context;
-use crate::telemetry::metrics;
+use crate::context::Context;
 
 /// Which rounds an update may be for.
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +76,7 @@ pub async fn receive(
         Ok(r) => r.as_str(),
         Err(r) => r.outcome,
     };
-    metrics().fl_update(via.as_str(), label);
+    ctx.metrics.fl_update(via.as_str(), label);
     if let Err(r) = &outcome {
         warn!(round = %update.round_id, proplet = %update.proplet_id, via = via.as_str(),
               status = r.status, "FL update refused: {}", r.message);
@@ -130,6 +129,7 @@ async fn receive_inner(
     let late = round.is_closed();
     let created = store::put_update(
         &ctx.client,
+        &ctx.metrics,
         round,
         &participant,
         update,

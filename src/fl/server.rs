@@ -6,7 +6,6 @@
 //!   of Propeller's own coordinator.
 //!
 //! Everything is read from the cluster (watch caches and ConfigMaps), so every replica answers alike.
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -25,8 +24,7 @@ use super::intake::{self, Receipt, Target};
 use super::store::{self, Via};
 use super::update::Update;
 use crate::api::FederatedJob;
-use crate::controllers::Context;
-use crate::telemetry::metrics;
+use crate::context::Context;
 
 /// The base URL (coordinator and registry) of one experiment, as proplets are given it.
 pub fn experiment_url(public: &str, namespace: &str, job: &str) -> String {
@@ -52,9 +50,8 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
-pub async fn serve(addr: SocketAddr, ctx: Arc<Context>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving the FL coordinator and model registry");
+/// Serves on a listener already bound (so that port 0 can be reported before serving starts).
+pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) -> anyhow::Result<()> {
     axum::serve(listener, router(ctx)).await?;
     Ok(())
 }
@@ -72,12 +69,12 @@ async fn update(
     let body = match body {
         Ok(b) => b,
         Err(e) => {
-            metrics().fl_update("http", "too_large");
+            ctx.metrics.fl_update("http", "too_large");
             return error(e.status(), e.body_text());
         }
     };
     if job(&ctx, &ns, &name).is_none() {
-        metrics().fl_update("http", "unknown_round");
+        ctx.metrics.fl_update("http", "unknown_round");
         return error(
             StatusCode::NOT_FOUND,
             format!("no FederatedJob {ns}/{name}"),
@@ -86,7 +83,7 @@ async fn update(
     let update = match Update::parse(&body) {
         Ok(u) => u,
         Err(e) => {
-            metrics().fl_update("http", "malformed");
+            ctx.metrics.fl_update("http", "malformed");
             tracing::warn!(%ns, job = %name, "malformed FL update: {e}");
             return error(StatusCode::BAD_REQUEST, e);
         }
@@ -116,7 +113,7 @@ async fn model(
     Path((ns, name, version)): Path<(String, String, String)>,
 ) -> Response {
     let Ok(v) = version.parse::<u64>() else {
-        metrics()
+        ctx.metrics
             .fl_model_requests_total
             .with_label_values(&["not_found"])
             .inc();
@@ -127,14 +124,14 @@ async fn model(
     };
     match store::get_model(&ctx.client, &ns, &name, v).await {
         Ok(Some(m)) => {
-            metrics()
+            ctx.metrics
                 .fl_model_requests_total
                 .with_label_values(&["served"])
                 .inc();
             axum::Json(m.model).into_response()
         }
         Ok(None) => {
-            metrics()
+            ctx.metrics
                 .fl_model_requests_total
                 .with_label_values(&["not_found"])
                 .inc();
@@ -144,7 +141,7 @@ async fn model(
             )
         }
         Err(e) => {
-            metrics()
+            ctx.metrics
                 .fl_model_requests_total
                 .with_label_values(&["error"])
                 .inc();

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::update::Update;
 use crate::api::{FederatedJob, TrainingRound};
 use crate::naming::bounded_name;
-use crate::telemetry::metrics;
+use crate::telemetry::Metrics;
 
 /// On model ConfigMaps: the FederatedJob (as a label value).
 pub const MODEL_LABEL: &str = "propeller.propeller.abstractmachines.fr/fl-model";
@@ -103,6 +103,7 @@ fn parse_model(cm: &ConfigMap) -> Option<StoredModel> {
 /// version is written once: an operator restarted mid-aggregation finds its earlier result).
 pub async fn put_model(
     client: &Client,
+    metrics: &Metrics,
     job: &FederatedJob,
     version: u64,
     model: &Value,
@@ -140,7 +141,7 @@ pub async fn put_model(
     .map_err(|e| StoreError::TooLarge(e.to_string()))?;
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => {
-            metrics().api_write("configmaps", "create");
+            metrics.api_write("configmaps", "create");
             Ok(StoredModel {
                 model: model.clone(),
                 aggregated_from: aggregated_from.to_vec(),
@@ -211,6 +212,7 @@ impl Via {
 /// Stores `participant`'s update for `round`. `Ok(false)`: one was already stored (the first one counts).
 pub async fn put_update(
     client: &Client,
+    metrics: &Metrics,
     round: &TrainingRound,
     participant: &str,
     update: &Update,
@@ -245,7 +247,7 @@ pub async fn put_update(
     .map_err(|e| StoreError::TooLarge(e.to_string()))?;
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => {
-            metrics().api_write("configmaps", "create");
+            metrics.api_write("configmaps", "create");
             Ok(true)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

@@ -86,8 +86,10 @@ fn qos(level: u8) -> QoS {
 impl MqttClient {
     /// Connects in the background (retrying with back-off for ever) and returns the handle and the stream
     /// of received messages.
+    /// `connected` is set to 1 while the connection is up.
     pub fn start(
         settings: &MqttSettings,
+        connected: prometheus::IntGauge,
     ) -> Result<(MqttClient, mpsc::Receiver<Message>), MqttError> {
         let addr = address::parse(&settings.address).map_err(MqttError::Settings)?;
         let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
@@ -127,7 +129,7 @@ impl MqttClient {
                         info!(%address, "MQTT connected");
                         backoff = Duration::from_millis(250);
                         loop_handle.connected.store(true, Ordering::SeqCst);
-                        crate::telemetry::metrics().mqtt_connected.set(1);
+                        connected.set(1);
                         loop_handle.resubscribe().await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -147,7 +149,7 @@ impl MqttClient {
                         } else {
                             debug!(%address, error = %describe(&e), "MQTT connect failed; retrying");
                         }
-                        crate::telemetry::metrics().mqtt_connected.set(0);
+                        connected.set(0);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                     }

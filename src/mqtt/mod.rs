@@ -1,6 +1,8 @@
-//! MQTT: the wire types proplets speak, the topic layout, and the operator's one broker connection.
+//! MQTT: the wire types proplets speak, the topic layout, the operator's broker connection and what it
+//! subscribes to.
 pub mod address;
 pub mod client;
+pub mod subscriptions;
 pub mod topics;
 pub mod wire;
 

@@ -10,7 +10,7 @@
 //! and a `ModuleFound=False` condition on the tasks waiting for it. Requests go through a bounded queue
 //! and one worker, so a flood of requests costs bounded memory and one API read at a time.
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -22,10 +22,11 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::Task;
-use crate::controllers::Context;
+use crate::context::Context;
+use crate::controllers::runtime::Waker;
 use crate::mqtt::topics::Channel;
 use crate::mqtt::wire::RegistryChunk;
-use crate::telemetry::metrics;
+use crate::telemetry::Metrics;
 
 pub const MODULE_LABEL: &str = "propeller.propeller.abstractmachines.fr/module";
 pub const MODULE_NAME_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/module-name";
@@ -35,8 +36,6 @@ const QUEUE: usize = 256;
 /// The same module asked for again on the same channel within this window is already on its way: every
 /// proplet of the channel receives every chunk.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
-/// Task UIDs remembered as waiting for a missing module (until their controller records it).
-const MAX_MISSES: usize = 10_000;
 
 /// One module request.
 #[derive(Clone, Debug)]
@@ -49,37 +48,18 @@ pub struct Request {
 #[derive(Clone)]
 pub struct RegistryQueue {
     tx: mpsc::Sender<Request>,
+    metrics: Arc<Metrics>,
 }
 
 impl RegistryQueue {
     pub fn offer(&self, request: Request) {
         if self.tx.try_send(request).is_err() {
-            metrics()
+            self.metrics
                 .registry_requests_total
                 .with_label_values(&["dropped"])
                 .inc();
             warn!("module registry queue full: request dropped");
         }
-    }
-}
-
-/// Tasks a missing module was asked for (Task UID → module name), for the Task controller to record.
-#[derive(Clone, Default)]
-pub struct ModuleMisses {
-    inner: Arc<Mutex<HashMap<String, String>>>,
-}
-
-impl ModuleMisses {
-    pub fn record(&self, uid: &str, app_name: &str) {
-        if let Ok(mut m) = self.inner.lock()
-            && (m.len() < MAX_MISSES || m.contains_key(uid))
-        {
-            m.insert(uid.to_string(), app_name.to_string());
-        }
-    }
-
-    pub fn take(&self, uid: &str) -> Option<String> {
-        self.inner.lock().ok()?.remove(uid)
     }
 }
 
@@ -104,18 +84,16 @@ pub fn chunks(app_name: &str, module: &[u8], chunk_size: usize) -> Vec<RegistryC
 }
 
 /// Starts the worker; `wake` reaches the Task controller.
-pub fn spawn(
-    ctx: Arc<Context>,
-    wake: mpsc::UnboundedSender<ObjectRef<Task>>,
-) -> (RegistryQueue, tokio::task::JoinHandle<()>) {
+pub fn spawn(ctx: Arc<Context>, wake: Waker<Task>) -> (RegistryQueue, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Request>(QUEUE);
+    let metrics = Arc::clone(&ctx.metrics);
     let handle = tokio::spawn(async move {
         let mut recent: HashMap<(Channel, String), Instant> = HashMap::new();
         while let Some(req) = rx.recv().await {
             recent.retain(|_, at| at.elapsed() < DUPLICATE_WINDOW);
             let key = (req.channel.clone(), req.app_name.clone());
             if recent.contains_key(&key) {
-                metrics()
+                ctx.metrics
                     .registry_requests_total
                     .with_label_values(&["duplicate"])
                     .inc();
@@ -126,7 +104,7 @@ pub fn spawn(
             }
         }
     });
-    (RegistryQueue { tx }, handle)
+    (RegistryQueue { tx, metrics }, handle)
 }
 
 /// The Proplets registered on `channel`: their namespaces and clientIds.
@@ -144,18 +122,14 @@ fn proplets_on(ctx: &Context, channel: &Channel) -> (BTreeSet<String>, BTreeSet<
 }
 
 /// Answers one request; true when it was answered (served, or found missing).
-async fn serve(
-    ctx: &Context,
-    req: &Request,
-    wake: &mpsc::UnboundedSender<ObjectRef<Task>>,
-) -> bool {
+async fn serve(ctx: &Context, req: &Request, wake: &Waker<Task>) -> bool {
     let (namespaces, clients) = proplets_on(ctx, &req.channel);
     // Exactly one replica answers: the owner of the channel's first clientId (it is subscribed there).
     if !clients
         .first()
         .is_some_and(|c| ctx.ownership.owns_client(c))
     {
-        metrics()
+        ctx.metrics
             .registry_requests_total
             .with_label_values(&["other_replica"])
             .inc();
@@ -172,7 +146,7 @@ async fn serve(
             for t in waiting_tasks(ctx, &namespaces, &clients, &req.app_name) {
                 ctx.module_misses
                     .record(&t.uid().unwrap_or_default(), &req.app_name);
-                let _ = wake.send(ObjectRef::from_obj(t.as_ref()));
+                wake.wake(ObjectRef::from_obj(t.as_ref()));
             }
             "not_found"
         }
@@ -188,7 +162,7 @@ async fn serve(
             }
         },
     };
-    metrics()
+    ctx.metrics
         .registry_requests_total
         .with_label_values(&[outcome])
         .inc();
@@ -208,7 +182,7 @@ async fn publish(ctx: &Context, req: &Request, module: &[u8]) -> anyhow::Result<
     );
     for chunk in &pieces {
         mqtt.publish_json(&topic, chunk).await?;
-        metrics()
+        ctx.metrics
             .mqtt_published_total
             .with_label_values(&["registry_chunk", "ok"])
             .inc();
@@ -319,16 +293,5 @@ mod tests {
             1,
             "an empty module is one empty chunk"
         );
-    }
-
-    #[test]
-    fn misses_are_bounded() {
-        let m = ModuleMisses::default();
-        for i in 0..MAX_MISSES + 10 {
-            m.record(&format!("uid-{i}"), "x");
-        }
-        assert!(m.take(&format!("uid-{}", MAX_MISSES + 5)).is_none());
-        assert_eq!(m.take("uid-0").as_deref(), Some("x"));
-        assert!(m.take("uid-0").is_none());
     }
 }

@@ -1,5 +1,4 @@
 //! One HTTP port: `/metrics`, `/healthz`, `/readyz`.
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -21,9 +20,20 @@ impl Readiness {
     }
 }
 
-pub async fn serve(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<()> {
+/// Serves on a listener already bound (so that port 0 can be reported before serving starts).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<super::Metrics>,
+    readiness: Readiness,
+) -> anyhow::Result<()> {
     let app = Router::new()
-        .route("/metrics", get(|| async { super::metrics().render() }))
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.render();
+                async move { text }
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -38,8 +48,6 @@ pub async fn serve(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<()>
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, app).await?;
     Ok(())
 }

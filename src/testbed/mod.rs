@@ -82,19 +82,7 @@ impl TestCluster {
 
 /// A kube client for a kubeconfig file.
 pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
-    install_crypto_provider();
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("read kubeconfig {}", kubeconfig.display()))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .context("load kubeconfig")?;
-    Ok(Client::try_from(config)?)
-}
-
-/// rustls needs one process-wide crypto provider; ring is the only one compiled in.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(crate::clusters::from_kubeconfig_file(kubeconfig).await?)
 }
 
 /// The existing clusters named by `E2E_KUBECONFIG`, if set.

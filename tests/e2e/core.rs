@@ -354,7 +354,7 @@ async fn garbage_on_every_topic_changes_nothing() -> anyhow::Result<()> {
     assert_eq!(t.status.and_then(|s| s.results), Some(json!("4")));
     let p = env.proplets().get("p1").await?;
     assert_eq!(p.phase(), PropletPhase::Running);
-    let metrics = propeller_operator::telemetry::metrics().render();
+    let metrics = env.metrics().render();
     assert!(
         metrics.contains(r#"outcome="malformed""#),
         "malformed payloads are counted"
@@ -581,7 +581,7 @@ async fn a_restarted_operator_publishes_an_assigned_task_once() -> anyhow::Resul
             &kube::api::Patch::Apply(&status),
         )
         .await?;
-    env.resume_operator();
+    env.resume_operator().await?;
     let t = env
         .wait_for(
             &env.tasks(),

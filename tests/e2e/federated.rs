@@ -513,7 +513,7 @@ async fn an_operator_restart_mid_round_loses_no_update() -> anyhow::Result<()> {
     // r-2 answers ~25 s after its start, well after the new operator is up: its MQTT session is clean,
     // so messages published while no operator is connected would be lost (see docs/federated-learning.md).
     fl.env.stop_operator().await?;
-    fl.env.resume_operator();
+    fl.env.resume_operator().await?;
     let round = fl
         .env
         .wait_for(&fl.rounds(), "restart-round-1", "round Completed", |r| {

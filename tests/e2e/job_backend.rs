@@ -16,7 +16,7 @@ use propeller_operator::api::proplet::PropletPhase;
 use propeller_operator::api::task::TaskPhase;
 use propeller_operator::api::{Proplet, Task};
 use propeller_operator::config::OperatorConfig;
-use propeller_operator::controllers::job_backend::pod_selector;
+use propeller_operator::controllers::task::job_backend::pod_selector;
 use propeller_operator::testbed;
 use serde_json::{Value, json};
 

@@ -178,13 +178,15 @@ async fn registry_modules_are_served_in_chunks() -> anyhow::Result<()> {
         error.contains("Timeout waiting for binary chunks"),
         "{error}"
     );
-    let served = propeller_operator::telemetry::metrics()
+    let served = env
+        .metrics()
         .registry_requests_total
         .with_label_values(&["served"])
         .get();
     assert!(served >= 2, "served {served}");
     // 3 chunks of 1 KiB for the ConfigMap's module, 1 for the inline one.
-    let chunks = propeller_operator::telemetry::metrics()
+    let chunks = env
+        .metrics()
         .mqtt_published_total
         .with_label_values(&["registry_chunk", "ok"])
         .get();
@@ -335,7 +337,8 @@ async fn a_discovery_flood_stops_at_the_bound() -> anyhow::Result<()> {
     )
     .await?;
     let anchor = anchor(&mut env).await?;
-    let limit_before = propeller_operator::telemetry::metrics()
+    let limit_before = env
+        .metrics()
         .discovery_total
         .with_label_values(&["limit"])
         .get();
@@ -346,7 +349,8 @@ async fn a_discovery_flood_stops_at_the_bound() -> anyhow::Result<()> {
     }
     // Every announcement past the bound is refused, with an Event on the namespace.
     propeller_operator::testbed::wait_for(env.cluster, "17 refusals", WAIT, || async {
-        let refused = propeller_operator::telemetry::metrics()
+        let refused = env
+            .metrics()
             .discovery_total
             .with_label_values(&["limit"])
             .get()

@@ -1,5 +1,6 @@
 //! Runs the operator in-process against the test cluster with exactly the RBAC of kustomize/base (a
 //! ServiceAccount token from the TokenRequest API), a fresh mosquitto and a fresh namespace per test.
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -9,10 +10,11 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use propeller_operator::api::{Proplet, Task};
 use propeller_operator::config::OperatorConfig;
+use propeller_operator::run::Operator;
 use propeller_operator::sim::{self, SimConfig, SimHandle};
+use propeller_operator::telemetry::Metrics;
 use propeller_operator::testbed::{self, Broker, TestCluster, install_crds, shared_cluster};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 pub const DOMAIN: &str = "dom-1";
@@ -24,10 +26,11 @@ pub struct Env {
     pub admin: Client,
     pub ns: String,
     pub broker: Broker,
-    stop: Option<oneshot::Sender<()>>,
-    operator: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The operators of this test (the first is started with the Env; [`Env::add_operator`] adds more), each
+    /// `None` while stopped.
+    operators: Vec<Option<Operator>>,
+    configs: Vec<OperatorConfig>,
     op_client: Client,
-    config: OperatorConfig,
     /// The operator's schedule clock: tests of recurring tasks move it forward.
     pub clock: propeller_operator::clock::Clock,
 }
@@ -107,13 +110,30 @@ impl Env {
         Env::start_with(prefix, &[], true).await
     }
 
+    /// As [`Env::start`], on `cluster` (a member of [`testbed::start_clusters`], or the shared one).
+    pub async fn start_on(
+        cluster: &'static TestCluster,
+        prefix: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Env> {
+        Env::start_with_on(cluster, prefix, extra, false).await
+    }
+
     async fn start_with(prefix: &str, extra: &[&str], tls: bool) -> anyhow::Result<Env> {
+        Env::start_with_on(shared_cluster(), prefix, extra, tls).await
+    }
+
+    async fn start_with_on(
+        cluster: &'static TestCluster,
+        prefix: &str,
+        extra: &[&str],
+        tls: bool,
+    ) -> anyhow::Result<Env> {
         // RUST_LOG=propeller_operator=debug shows the operator's log with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let cluster = shared_cluster();
         let admin = cluster.client().await?;
         install_crds(&admin).await?;
         let ns = cluster.namespace(&admin, prefix).await?;
@@ -130,7 +150,7 @@ impl Env {
             ),
             None => (broker.address(), String::new()),
         };
-        let client_id = format!("operator-{ns}");
+        let identity = format!("operator-{ns}");
         let mut args = vec![
             "propeller-operator",
             "--mqtt-address",
@@ -139,8 +159,8 @@ impl Env {
             &broker.username,
             "--client-key",
             &broker.password,
-            "--mqtt-client-id",
-            &client_id,
+            "--identity",
+            &identity,
             "--domain-id",
             DOMAIN,
             "--channel-id",
@@ -162,6 +182,10 @@ impl Env {
         {
             args.extend_from_slice(&["--health-probe-bind-address", "0"]);
         }
+        // Any free port: several operators (and test binaries) run at once.
+        if !extra.iter().any(|a| a.starts_with("--fl-bind-address")) {
+            args.extend_from_slice(&["--fl-bind-address", "127.0.0.1:0"]);
+        }
         args.extend_from_slice(extra);
         let config = OperatorConfig::try_parse_from_args(&args)?;
         let mut env = Env {
@@ -169,46 +193,73 @@ impl Env {
             admin,
             ns,
             broker,
-            stop: None,
-            operator: None,
+            operators: Vec::new(),
+            configs: vec![config],
             op_client,
-            config,
             clock: propeller_operator::clock::Clock::default(),
         };
-        env.start_operator();
+        env.operators.push(Some(env.launch(0).await?));
         Ok(env)
     }
 
-    fn start_operator(&mut self) {
-        let (stop_tx, stop_rx) = oneshot::channel();
-        self.operator = Some(tokio::spawn(propeller_operator::run::run_with_clock(
+    async fn launch(&self, i: usize) -> anyhow::Result<Operator> {
+        Operator::start(
             self.op_client.clone(),
-            self.config.clone(),
+            self.configs[i].clone(),
             self.clock.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        )));
-        self.stop = Some(stop_tx);
+        )
+        .await
     }
 
-    /// Stops the operator (as a crash or a rollout would); `resume_operator` starts a fresh one.
-    pub async fn stop_operator(&mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(op) = self.operator.take() {
-            match tokio::time::timeout(Duration::from_secs(10), op).await {
-                Ok(Ok(r)) => r?,
-                Ok(Err(e)) => anyhow::bail!("operator task panicked: {e}"),
-                Err(_) => anyhow::bail!("operator did not stop within 10 s"),
-            }
-        }
+    /// Starts another operator in this process on the same cluster, namespace and broker, as `identity`
+    /// (its own MQTT client id) with the first operator's flags plus `extra`; returns its index.
+    pub async fn add_operator(&mut self, identity: &str, extra: &[&str]) -> anyhow::Result<usize> {
+        let mut args = vec!["propeller-operator".to_string()];
+        let first = &self.configs[0];
+        args.extend(first_args(first));
+        args.push(format!("--identity={identity}"));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut config = OperatorConfig::try_parse_from_args(&refs)?;
+        config.client_key = first.client_key.clone();
+        self.configs.push(config);
+        let i = self.configs.len() - 1;
+        let op = self.launch(i).await?;
+        self.operators.push(Some(op));
+        Ok(i)
+    }
+
+    /// Operator `i`, if it runs.
+    pub fn operator(&self, i: usize) -> Option<&Operator> {
+        self.operators.get(i).and_then(Option::as_ref)
+    }
+
+    /// The first operator's metrics (each operator has its own registry).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.operator(0)
+            .map(|o| Arc::clone(&o.context().metrics))
+            .unwrap_or_else(|| Arc::new(Metrics::new().expect("metric families are unique")))
+    }
+
+    /// Stops the first operator (as a crash or a rollout would); `resume_operator` starts a fresh one.
+    pub async fn stop_operator(&mut self) -> anyhow::Result<Duration> {
+        self.stop_operator_n(0).await
+    }
+
+    /// Stops operator `i`; returns how long its stop took.
+    pub async fn stop_operator_n(&mut self, i: usize) -> anyhow::Result<Duration> {
+        let Some(op) = self.operators.get_mut(i).and_then(Option::take) else {
+            return Ok(Duration::ZERO);
+        };
+        tokio::time::timeout(Duration::from_secs(10), op.stop())
+            .await
+            .map_err(|_| anyhow::anyhow!("operator {i} did not stop within 10 s"))
+    }
+
+    pub async fn resume_operator(&mut self) -> anyhow::Result<()> {
+        let op = self.launch(0).await?;
+        self.operators[0] = Some(op);
         Ok(())
-    }
-
-    pub fn resume_operator(&mut self) {
-        self.start_operator();
     }
 
     /// Starts a simulated proplet with its own broker account.
@@ -319,9 +370,11 @@ impl Env {
         Ok(())
     }
 
-    /// Stops the operator and deletes the namespace.
+    /// Stops the operators and deletes the namespace.
     pub async fn finish(mut self) -> anyhow::Result<()> {
-        self.stop_operator().await?;
+        for i in 0..self.operators.len() {
+            self.stop_operator_n(i).await?;
+        }
         let _ = Api::<ClusterRoleBinding>::all(self.admin.clone())
             .delete(
                 &format!("propeller-operator-{}", self.ns),
@@ -331,4 +384,27 @@ impl Env {
         self.cluster.delete_namespace(&self.admin, &self.ns).await;
         Ok(())
     }
+}
+
+/// The flags of `config` that a further operator of the same test shares (broker, namespace, timings); the
+/// MQTT password is copied separately (never on a command line).
+fn first_args(config: &OperatorConfig) -> Vec<String> {
+    let mut args = vec![
+        format!("--mqtt-address={}", config.mqtt_address),
+        format!("--client-id={}", config.client_id),
+        format!("--domain-id={}", config.domain_id),
+        format!("--channel-id={}", config.channel_id),
+        format!("--watch-namespace={}", config.watch_namespace),
+        format!(
+            "--last-seen-threshold={}s",
+            config.last_seen_threshold.0.as_secs()
+        ),
+        format!("--status-refresh={}s", config.status_refresh.0.as_secs()),
+        "--health-probe-bind-address=127.0.0.1:0".to_string(),
+        "--fl-bind-address=127.0.0.1:0".to_string(),
+    ];
+    if let Some(ca) = &config.mqtt_ca_cert {
+        args.push(format!("--mqtt-ca-cert={}", ca.display()));
+    }
+    args
 }

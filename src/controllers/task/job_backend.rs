@@ -16,14 +16,16 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::task::{Ending, end_task, refuse, settle, start_request, timeout_of};
-use super::{Context, MANAGER, apply_status, now};
+use super::launch::timeout_of;
+use super::outcome::{Ending, announce, end_task, refuse, settle};
+use super::wire::{parent_results, start_request};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::Proplet;
 use crate::api::task::{Task, TaskPhase, TaskStatus};
+use crate::context::{Context, MANAGER};
+use crate::controllers::now;
 use crate::error::{Error, Result};
 use crate::mqtt::wire::{TaskResult, decode_result};
-use crate::telemetry::metrics;
 
 /// Label on Jobs, ConfigMaps and pods: the Task they run.
 pub const TASK_LABEL: &str = "propeller.propeller.abstractmachines.fr/task";
@@ -246,7 +248,7 @@ pub async fn dispatch(
         &ctx.config.wasm_runner_image,
         timeout.as_secs(),
         ctx.config.max_task_attempts,
-        &super::task::parent_results(task, ctx),
+        &parent_results(task, ctx),
     ) {
         Ok(p) => p,
         Err((reason, msg)) => return refuse(task, ctx, status, reason, &msg).await,
@@ -255,6 +257,7 @@ pub async fn dispatch(
     let uid = task.uid().unwrap_or_default();
     if let Some(cm) = &plan.config_map {
         create_or_adopt(
+            ctx,
             Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
             cm,
             &uid,
@@ -263,6 +266,7 @@ pub async fn dispatch(
     }
     let job_name = plan.job.name_any();
     create_or_adopt(
+        ctx,
         Api::<Job>::namespaced(ctx.client.clone(), &ns),
         &plan.job,
         &uid,
@@ -296,12 +300,12 @@ pub async fn dispatch(
         g,
     );
     // A conflict leaves the Job in place: the next pass computes the same name and adopts it.
-    apply_status(&ctx.client, task, &status).await?;
+    ctx.apply_status(task, &status).await?;
     if let Some(created) = task.metadata.creation_timestamp.as_ref() {
         let secs = jiff::Timestamp::now()
             .duration_since(created.0)
             .as_secs_f64();
-        metrics().task_dispatch_seconds.observe(secs.max(0.0));
+        ctx.metrics.task_dispatch_seconds.observe(secs.max(0.0));
     }
     info!(task = %task.name_any(), job = %job_name, "task dispatched as a Job");
     ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
@@ -313,7 +317,7 @@ pub async fn dispatch(
 
 /// Creates `obj`; an object of that name already there is fine if it belongs to this task (an earlier
 /// pass created it and stopped before recording it), and an error otherwise.
-async fn create_or_adopt<K>(api: Api<K>, obj: &K, task_uid: &str) -> Result<()>
+async fn create_or_adopt<K>(ctx: &Context, api: Api<K>, obj: &K, task_uid: &str) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize,
     K: std::fmt::Debug,
@@ -321,7 +325,7 @@ where
     let plural = K::plural(&()).to_string();
     match api.create(&PostParams::default(), obj).await {
         Ok(_) => {
-            metrics().api_write(&plural, "create");
+            ctx.metrics.api_write(&plural, "create");
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -496,8 +500,8 @@ pub async fn watch(task: &Task, ctx: &Context) -> Result<Action> {
         }
         (JobState::Running, _) => return Ok(Action::await_change()),
     }
-    apply_status(&ctx.client, task, &status).await?;
-    super::task::announce(task, ctx, &status).await;
+    ctx.apply_status(task, &status).await?;
+    announce(task, ctx, &status).await;
     Ok(Action::await_change())
 }
 

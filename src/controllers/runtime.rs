@@ -1,0 +1,473 @@
+//! One way to run a controller: watches that fill the caches and name what to wake, a work queue per
+//! controller, bounded concurrency, metrics and a trace span per reconcile, back-off after errors, and a stop
+//! that lets reconciles in flight finish. Each controller declares what wakes it next to its reconcile (a
+//! `wake_ups` function); `run.rs` only wires them together.
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::warn;
+
+use crate::api::{FederatedJob, PropellerJob, Proplet, Task, TrainingRound};
+use crate::context::{Context, Writers};
+use crate::error::{Error, Result};
+use crate::telemetry::Metrics;
+
+/// Resolves once when the operator is asked to stop; every loop and controller listens to it.
+pub type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// Bounds of a kind this operator watches and reconciles.
+pub trait Kind:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Kind for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The work-queue key of an object reference (as [`super::object_key`] of the object).
+pub fn ref_key<K: Resource>(r: &ObjectRef<K>) -> String {
+    format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name)
+}
+
+/// The owner of `obj` that is a `K` (by kind and apiVersion), as a reference to wake.
+pub fn owner<K, O>(obj: &O) -> Option<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()>,
+    O: Resource,
+{
+    let o = obj
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == K::kind(&()) && o.api_version == K::api_version(&()))?;
+    Some(ObjectRef::new(&o.name).within(obj.meta().namespace.as_deref()?))
+}
+
+/// Wakes one controller for an object; each wake counts as a work-queue add.
+pub struct Waker<K: Resource> {
+    tx: mpsc::UnboundedSender<ObjectRef<K>>,
+    controller: &'static str,
+    metrics: Arc<Metrics>,
+}
+
+impl<K: Resource> Clone for Waker<K> {
+    fn clone(&self) -> Self {
+        Waker {
+            tx: self.tx.clone(),
+            controller: self.controller,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+impl<K: Resource> Waker<K> {
+    pub fn wake(&self, r: ObjectRef<K>) {
+        self.metrics.queue_add(self.controller, ref_key(&r));
+        // A closed queue means the controller has stopped: nothing is left to wake.
+        let _ = self.tx.send(r);
+    }
+
+    pub fn wake_all(&self, refs: impl IntoIterator<Item = ObjectRef<K>>) {
+        for r in refs {
+            self.wake(r);
+        }
+    }
+}
+
+/// A controller's work queue: its [`Waker`]s fill it, [`run_controller`] drains it.
+pub struct Queue<K: Resource> {
+    waker: Waker<K>,
+    rx: mpsc::UnboundedReceiver<ObjectRef<K>>,
+}
+
+impl<K: Resource> Queue<K> {
+    pub fn new(controller: &'static str, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Queue {
+            waker: Waker {
+                tx,
+                controller,
+                metrics,
+            },
+            rx,
+        }
+    }
+
+    pub fn waker(&self) -> Waker<K> {
+        self.waker.clone()
+    }
+
+    pub fn controller(&self) -> &'static str {
+        self.waker.controller
+    }
+}
+
+/// What happened to a watched object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    Applied,
+    Deleted,
+}
+
+type EventHandler<K> = Box<dyn Fn(&watcher::Event<K>) + Send + Sync>;
+type ObjectHandler<K> = Box<dyn Fn(&K, Seen) + Send + Sync>;
+
+/// One watch: it fills a cache, then hands every event to what listens to it (indexes first, then the
+/// wake-ups of the controllers that care).
+pub struct Watch<K: Kind> {
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    on_event: Vec<EventHandler<K>>,
+    on_object: Vec<ObjectHandler<K>>,
+}
+
+impl<K: Kind> Watch<K> {
+    pub fn new(api: Api<K>, config: watcher::Config, writer: Writer<K>) -> Self {
+        Watch {
+            api,
+            config,
+            writer,
+            on_event: Vec::new(),
+            on_object: Vec::new(),
+        }
+    }
+
+    /// `f` sees every event (relists included), before any wake-up.
+    pub fn on_event(&mut self, f: impl Fn(&watcher::Event<K>) + Send + Sync + 'static) {
+        self.on_event.push(Box::new(f));
+    }
+
+    /// `f` sees every object applied or deleted.
+    pub fn on_object(&mut self, f: impl Fn(&K, Seen) + Send + Sync + 'static) {
+        self.on_object.push(Box::new(f));
+    }
+
+    /// Wakes `waker` for the objects `f` names whenever an object is applied or deleted.
+    pub fn wake<T: Resource + 'static>(
+        &mut self,
+        waker: &Waker<T>,
+        f: impl Fn(&K, Seen) -> Vec<ObjectRef<T>> + Send + Sync + 'static,
+    ) {
+        let waker = waker.clone();
+        self.on_object(move |obj, seen| waker.wake_all(f(obj, seen)));
+    }
+
+    /// Wakes the controller of this kind for each object applied (not deleted: nothing is left to do).
+    pub fn wake_self(&mut self, waker: &Waker<K>) {
+        self.wake(waker, |obj, seen| match seen {
+            Seen::Applied => vec![ObjectRef::from_obj(obj)],
+            Seen::Deleted => Vec::new(),
+        });
+    }
+
+    /// Runs the watch until the operator stops.
+    pub fn spawn(self, shutdown: Shutdown) -> JoinHandle<()> {
+        let Watch {
+            api,
+            config,
+            writer,
+            on_event,
+            on_object,
+        } = self;
+        let kind = K::kind(&()).to_string();
+        tokio::spawn(async move {
+            let stream = reflector::reflector(writer, lean(api, config))
+                .default_backoff()
+                .take_until(shutdown);
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        warn!(%kind, error = %e, "watch error");
+                        continue;
+                    }
+                };
+                for f in &on_event {
+                    f(&ev);
+                }
+                let (obj, seen) = match &ev {
+                    watcher::Event::Apply(o) | watcher::Event::InitApply(o) => (o, Seen::Applied),
+                    watcher::Event::Delete(o) => (o, Seen::Deleted),
+                    watcher::Event::Init | watcher::Event::InitDone => continue,
+                };
+                for f in &on_object {
+                    f(obj, seen);
+                }
+            }
+        })
+    }
+}
+
+/// A watch whose objects drop `managedFields` before they are cached: they are often the larger part of
+/// an object, and nothing here reads them (thousands of Proplets cost a third of the memory).
+fn lean<K: Kind>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = std::result::Result<watcher::Event<K>, watcher::Error>> + Send {
+    watcher(api, config).modify(|o| o.managed_fields_mut().clear())
+}
+
+/// Every watch of one operator. Controllers add their wake-ups, then [`Watches::spawn`] starts them.
+pub struct Watches {
+    pub proplets: Watch<Proplet>,
+    pub tasks: Watch<Task>,
+    /// Jobs of the job backend: only watched with `--k8s-task-backend=job`.
+    pub jobs: Option<Watch<Job>>,
+    pub propeller_jobs: Watch<PropellerJob>,
+    pub federated_jobs: Watch<FederatedJob>,
+    pub training_rounds: Watch<TrainingRound>,
+    /// ConfigMaps holding FL client updates.
+    pub fl_updates: Watch<ConfigMap>,
+}
+
+impl Watches {
+    /// Watches in `namespace` (empty: all namespaces).
+    pub fn new(
+        client: &Client,
+        namespace: &str,
+        writers: Writers,
+        job_selector: Option<&str>,
+        fl_update_selector: &str,
+    ) -> Self {
+        let all = watcher::Config::default;
+        Watches {
+            proplets: Watch::new(api(client, namespace), all(), writers.proplets),
+            tasks: Watch::new(api(client, namespace), all(), writers.tasks),
+            jobs: job_selector
+                .map(|s| Watch::new(api(client, namespace), all().labels(s), writers.jobs)),
+            propeller_jobs: Watch::new(api(client, namespace), all(), writers.propeller_jobs),
+            federated_jobs: Watch::new(api(client, namespace), all(), writers.federated_jobs),
+            training_rounds: Watch::new(api(client, namespace), all(), writers.training_rounds),
+            fl_updates: Watch::new(
+                api(client, namespace),
+                all().labels(fl_update_selector),
+                writers.fl_updates,
+            ),
+        }
+    }
+
+    pub fn spawn(self, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let mut handles = vec![
+            self.proplets.spawn(shutdown.clone()),
+            self.tasks.spawn(shutdown.clone()),
+            self.propeller_jobs.spawn(shutdown.clone()),
+            self.federated_jobs.spawn(shutdown.clone()),
+            self.training_rounds.spawn(shutdown.clone()),
+            self.fl_updates.spawn(shutdown.clone()),
+        ];
+        if let Some(jobs) = self.jobs {
+            handles.push(jobs.spawn(shutdown.clone()));
+        }
+        handles
+    }
+}
+
+fn api<K>(client: &Client, namespace: &str) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    if namespace.is_empty() {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), namespace)
+    }
+}
+
+/// Runs `reconcile` over `queue` until `shutdown`: then no new reconcile starts and those in flight finish.
+pub fn run_controller<K, R, F>(
+    queue: Queue<K>,
+    store: Store<K>,
+    reconcile: R,
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+) -> BoxFuture<'static, ()>
+where
+    K: Kind + Unpin,
+    R: Fn(Arc<K>, Arc<Context>) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Action>> + Send + 'static,
+{
+    let controller = queue.controller();
+    let concurrency = ctx.config.max_concurrent_reconciles;
+    let reconcile = Arc::new(reconcile);
+    drive(
+        queue.rx,
+        store,
+        move |obj: Arc<K>, ctx: Arc<Context>| {
+            let reconcile = Arc::clone(&reconcile);
+            async move {
+                let measured_ctx = Arc::clone(&ctx);
+                super::measured(
+                    &measured_ctx,
+                    controller,
+                    obj.as_ref(),
+                    reconcile(obj.clone(), ctx),
+                )
+                .await
+            }
+        },
+        retry_after_error::<K>(controller),
+        ctx,
+        concurrency,
+        shutdown,
+    )
+}
+
+/// The kube-runtime controller under [`run_controller`], for any context (unit tests use their own).
+pub fn drive<K, C, R, F, E>(
+    rx: mpsc::UnboundedReceiver<ObjectRef<K>>,
+    store: Store<K>,
+    reconcile: R,
+    error_policy: impl Fn(Arc<K>, &E, Arc<C>) -> Action + Send + Sync + 'static,
+    ctx: Arc<C>,
+    concurrency: u16,
+    shutdown: Shutdown,
+) -> BoxFuture<'static, ()>
+where
+    K: Kind + Unpin,
+    C: Send + Sync + 'static,
+    R: FnMut(Arc<K>, Arc<C>) -> F + Send + 'static,
+    F: futures::TryFuture<Ok = Action, Error = E> + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    let config = kube::runtime::controller::Config::default().concurrency(concurrency);
+    // The queue ends with the shutdown: no new reconcile starts; the graceful shutdown lets those in
+    // flight finish before the stream ends.
+    let triggers = UnboundedReceiverStream::new(rx).take_until(shutdown.clone());
+    Controller::for_stream(
+        futures::stream::empty::<std::result::Result<K, watcher::Error>>(),
+        store,
+    )
+    .with_config(config)
+    .reconcile_on(triggers)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| async {})
+    .boxed()
+}
+
+/// Back-off after an error: the next try comes in a while, not at once.
+pub fn retry_after_error<K: Resource>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action + Send + Sync + 'static {
+    move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
+        let name = obj.meta().name.clone().unwrap_or_default();
+        if let Error::Conflict(msg) = err {
+            // Our view was stale; the watch is about to deliver the newer version.
+            tracing::info!(controller, object = %name, %msg, "stale view; retrying");
+            return Action::requeue(Duration::from_millis(200));
+        }
+        warn!(controller, object = %name, error = %err, "reconcile failed; retrying in 5s");
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// A future resolving with `shutdown`, shareable by every loop.
+pub fn shutdown_from(shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Shutdown {
+    shutdown.boxed().shared()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    fn task(name: &str) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Task",
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"name": name},
+        }))
+        .expect("task")
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    /// A stop lets the reconcile in flight finish, starts nothing new, and takes no longer than that.
+    #[tokio::test]
+    async fn a_stop_finishes_reconciles_in_flight_and_starts_no_more() {
+        let (store, mut writer) = reflector::store::<Task>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for name in ["a", "b"] {
+            writer.apply_watcher_event(&watcher::Event::InitApply(task(name)));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let queue = Queue::<Task>::new("task", Arc::clone(&metrics));
+        let waker = queue.waker();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = shutdown_from(async {
+            let _ = stop_rx.await;
+        });
+        let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, f) = (Arc::clone(&started), Arc::clone(&finished));
+        let running = tokio::spawn(drive(
+            queue.rx,
+            store,
+            move |_t: Arc<Task>, _c: Arc<()>| {
+                let (s, f) = (Arc::clone(&s), Arc::clone(&f));
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    f.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Never>(Action::await_change())
+                }
+            },
+            |_, _: &Never, _| Action::await_change(),
+            Arc::new(()),
+            4,
+            shutdown,
+        ));
+        waker.wake(ObjectRef::new("a").within("ns"));
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let asked = Instant::now();
+        let _ = stop_tx.send(());
+        waker.wake(ObjectRef::new("b").within("ns"));
+        tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("the controller stops")
+            .expect("no panic");
+        let took = asked.elapsed();
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            1,
+            "the reconcile in flight finished"
+        );
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "nothing started after the stop"
+        );
+        eprintln!("stop took {took:?} with a 300 ms reconcile in flight");
+    }
+}

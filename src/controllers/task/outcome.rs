@@ -1,0 +1,386 @@
+//! How a task ends: results recorded (one proplet's, or every target's of a broadcast), timeouts,
+//! interruptions and their retries, refusals, and the Event that goes with each.
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::launch::{stop, timeout_of};
+use crate::api::common::{ConditionStatus, set_condition};
+use crate::api::proplet::PropletPhase;
+use crate::api::task::{Task, TaskPhase, TaskStatus};
+use crate::context::Context;
+use crate::controllers::now;
+use crate::error::Result;
+use crate::memory::Received;
+use crate::mqtt::wire::TaskResult;
+
+/// Leaves the task pending with `Ready=False` and `reason` (an invalid spec, or one this operator cannot
+/// run as configured): an Event and a log line on the transition, nothing until the spec changes.
+pub(super) async fn refuse(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    reason: &str,
+    msg: &str,
+) -> Result<Action> {
+    let old = status.clone();
+    let g = task.metadata.generation;
+    status.phase.get_or_insert(TaskPhase::Pending);
+    status.observed_generation = g;
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ConditionStatus::False,
+        reason,
+        msg,
+        g,
+    );
+    crate::controllers::report_blocked(ctx, task, &old, &status, reason, "Validate", msg).await?;
+    Ok(Action::await_change())
+}
+
+/// How a task ends without a result: its phase, the Completed condition's reason, and the Event.
+pub(super) struct Ending {
+    pub phase: TaskPhase,
+    pub reason: &'static str,
+    /// Event type and action, if the ending deserves an Event.
+    pub event: Option<(EventType, &'static str)>,
+    /// Whether the message also goes to `status.error`.
+    pub error: bool,
+}
+
+pub(super) async fn end_task(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    end: Ending,
+    msg: String,
+) -> Result<Task> {
+    status.phase = Some(end.phase);
+    status.finished_at = Some(now());
+    if end.error {
+        status.error = Some(msg.clone());
+    }
+    let g = task.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        "Completed",
+        ConditionStatus::False,
+        end.reason,
+        &msg,
+        g,
+    );
+    let written = ctx.apply_status(task, &status).await?;
+    if let Some((type_, action)) = end.event {
+        ctx.event(task, type_, end.reason, action, msg).await;
+    }
+    Ok(written)
+}
+
+/// The clientIds that have answered a broadcast.
+fn answered(status: &TaskStatus) -> Vec<String> {
+    status
+        .results
+        .as_ref()
+        .and_then(Value::as_object)
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+pub(super) async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> {
+    let mut status = task.status.clone().unwrap_or_default();
+    let timeout = timeout_of(task, ctx);
+    let elapsed = status
+        .started_at
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    if elapsed >= timeout {
+        let msg = if task.spec.broadcast == Some(true) {
+            let answered = answered(&status);
+            let missing: Vec<&String> = status
+                .broadcast_targets
+                .iter()
+                .filter(|c| !answered.contains(c))
+                .collect();
+            format!("no result within {}s from {missing:?}", timeout.as_secs())
+        } else {
+            format!("no result within {}s", timeout.as_secs())
+        };
+        stop(task, ctx, &status).await;
+        let end = Ending {
+            phase: TaskPhase::Failed,
+            reason: "Timeout",
+            event: Some((EventType::Warning, "Watch")),
+            error: true,
+        };
+        end_task(task, ctx, status, end, msg).await?;
+        return Ok(Action::await_change());
+    }
+    if task.spec.broadcast != Some(true) {
+        let name = status.assigned_proplet.clone().unwrap_or_default();
+        let ns = task.namespace();
+        let proplet = ctx
+            .proplets
+            .state()
+            .into_iter()
+            .find(|p| p.namespace() == ns && p.name_any() == name);
+        let gone = match &proplet {
+            None => Some(format!("proplet {name} was deleted")),
+            Some(p) if p.phase() == PropletPhase::Offline => {
+                Some(format!("proplet {name} went Offline"))
+            }
+            _ => None,
+        };
+        if let Some(why) = gone {
+            let end = Ending {
+                phase: TaskPhase::Interrupted,
+                reason: "Interrupted",
+                event: Some((EventType::Warning, "Watch")),
+                error: false,
+            };
+            end_task(task, ctx, status, end, why).await?;
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
+    let uid = task.uid().unwrap_or_default();
+    if let Some(app_name) = ctx.module_misses.take(&uid) {
+        let msg = format!(
+            "a proplet asked for module {app_name:?}, which the cluster does not hold (no Task with this \
+             imageUrl and a spec.file, no ConfigMap labelled {}=true annotated {}={app_name:?}); the \
+             proplet gives up after its own timeout",
+            crate::registry::MODULE_LABEL,
+            crate::registry::MODULE_NAME_ANNOTATION,
+        );
+        let g = task.metadata.generation;
+        if set_condition(
+            &mut status.conditions,
+            "ModuleFound",
+            ConditionStatus::False,
+            "ModuleNotFound",
+            &msg,
+            g,
+        ) {
+            if let Err(e) = ctx.apply_status(task, &status).await {
+                ctx.module_misses.record(&uid, &app_name);
+                return Err(e);
+            }
+            ctx.event(task, EventType::Warning, "ModuleNotFound", "Fetch", msg)
+                .await;
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
+    if let Some(sample) = ctx.task_metrics.take_due(&uid, ctx.config.status_refresh.0) {
+        status.latest_metrics = Some(sample);
+        ctx.apply_status(task, &status).await?;
+    }
+    Ok(Action::requeue(
+        timeout - elapsed + Duration::from_millis(200),
+    ))
+}
+
+pub(super) async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Action> {
+    let g = task.metadata.generation;
+    let mut status = task.status.clone().unwrap_or_default();
+    let attempts = status.attempts.unwrap_or(0);
+    let allowed = task.spec.restart_policy.as_deref() != Some("Never");
+    if !allowed || attempts >= ctx.config.max_task_attempts {
+        return Ok(Action::await_change());
+    }
+    status.phase = Some(TaskPhase::Pending);
+    status.assigned_proplet = None;
+    status.assigned_client_id = None;
+    status.job_name = None;
+    status.started_at = None;
+    status.finished_at = None;
+    let msg = format!(
+        "rescheduling after interruption (attempt {} of {})",
+        attempts + 1,
+        ctx.config.max_task_attempts
+    );
+    set_condition(
+        &mut status.conditions,
+        "Scheduled",
+        ConditionStatus::False,
+        "Rescheduling",
+        &msg,
+        g,
+    );
+    ctx.apply_status(task, &status).await?;
+    ctx.event(task, EventType::Normal, "Rescheduling", "Schedule", msg)
+        .await;
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+pub(super) async fn record_results(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    pending: Vec<Received>,
+) -> Result<Action> {
+    let uid = task.uid().unwrap_or_default();
+    let g = task.metadata.generation;
+    let broadcast = task.spec.broadcast == Some(true);
+    let mut changed = false;
+    let mut last_received = None;
+    for (result, received) in &pending {
+        last_received = Some(*received);
+        if !task.phase().is_active() && !broadcast {
+            info!(task = %task.name_any(), phase = task.phase().as_str(), rv = ?task.resource_version(), "ignoring a result for a task that is not running");
+            continue;
+        }
+        let from = result.proplet_id.clone();
+        if broadcast {
+            let key = from.unwrap_or_else(|| "unknown".into());
+            let entry = match result.failure() {
+                Some(e) => json!({"error": e}),
+                None => result.results.clone(),
+            };
+            let mut map = status
+                .results
+                .take()
+                .and_then(|v| match v {
+                    Value::Object(m) => Some(m),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            map.insert(key, entry);
+            status.results = Some(Value::Object(map));
+            changed = true;
+            continue;
+        }
+        if let (Some(from), Some(assigned)) =
+            (from.as_deref(), status.assigned_client_id.as_deref())
+            && from != assigned
+        {
+            warn!(task = %task.name_any(), %from, %assigned, "ignoring a result from a proplet the task is not assigned to");
+            continue;
+        }
+        settle(&mut status, result, g);
+        changed = true;
+        break;
+    }
+    if broadcast && changed {
+        let answered = answered(&status);
+        if status
+            .broadcast_targets
+            .iter()
+            .all(|c| answered.contains(c))
+        {
+            let errors: Vec<String> = status
+                .results
+                .as_ref()
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| v.get("error").map(|e| format!("{k}: {e}")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            status.finished_at = Some(now());
+            if errors.is_empty() {
+                status.phase = Some(TaskPhase::Completed);
+                set_condition(
+                    &mut status.conditions,
+                    "Completed",
+                    ConditionStatus::True,
+                    "Succeeded",
+                    "every proplet returned a result",
+                    g,
+                );
+            } else {
+                status.phase = Some(TaskPhase::Failed);
+                status.error = Some(errors.join("; "));
+                set_condition(
+                    &mut status.conditions,
+                    "Completed",
+                    ConditionStatus::False,
+                    "Failed",
+                    &errors.join("; "),
+                    g,
+                );
+            }
+        }
+    }
+    if changed {
+        ctx.apply_status(task, &status).await?;
+        if let Some(received) = last_received {
+            ctx.metrics
+                .task_completion_seconds
+                .observe(received.elapsed().as_secs_f64());
+        }
+        announce(task, ctx, &status).await;
+    }
+    ctx.results.done(&uid, pending.len());
+    if !status.phase.is_some_and(TaskPhase::is_active) {
+        ctx.task_metrics.forget(&uid);
+    }
+    Ok(if task.phase().is_active() || changed {
+        Action::requeue(Duration::from_millis(100))
+    } else {
+        Action::await_change()
+    })
+}
+
+/// Records one task's result (from a proplet or a Job's runner): completed, or failed with its error.
+pub(super) fn settle(status: &mut TaskStatus, result: &TaskResult, g: Option<i64>) {
+    status.finished_at = Some(now());
+    status.results = Some(result.results.clone());
+    match result.failure() {
+        Some(err) => {
+            status.phase = Some(TaskPhase::Failed);
+            status.error = Some(err.to_string());
+            set_condition(
+                &mut status.conditions,
+                "Completed",
+                ConditionStatus::False,
+                "Failed",
+                err,
+                g,
+            );
+        }
+        None => {
+            status.phase = Some(TaskPhase::Completed);
+            status.error = None;
+            set_condition(
+                &mut status.conditions,
+                "Completed",
+                ConditionStatus::True,
+                "Succeeded",
+                "the task returned a result",
+                g,
+            );
+        }
+    }
+}
+
+/// The Event for a task that just completed or failed.
+pub(super) async fn announce(task: &Task, ctx: &Context, status: &TaskStatus) {
+    match status.phase {
+        Some(TaskPhase::Completed) => {
+            ctx.routine_event(task, "Completed", "Result", summary(status))
+                .await
+        }
+        Some(TaskPhase::Failed) => {
+            let err = status.error.clone().unwrap_or_default();
+            ctx.event(task, EventType::Warning, "Failed", "Result", err)
+                .await
+        }
+        _ => {}
+    }
+}
+
+fn summary(status: &TaskStatus) -> String {
+    let text = match &status.results {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    let short: String = text.chars().take(200).collect();
+    format!("result: {short}")
+}

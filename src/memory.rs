@@ -1,0 +1,303 @@
+//! What one operator holds in memory between the MQTT router and the controllers, and to spend fewer API
+//! writes. Every piece belongs to one [`crate::context::Context`]: several operators in one process (tests,
+//! a hub beside its members) never share it. Losing any of it on a restart costs at most an early write or
+//! a redelivered message, never a decision: decisions are made on what Kubernetes holds.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::common::ResourceMetrics;
+use crate::mqtt::wire::TaskResult;
+
+/// A result and when it arrived.
+pub type Received = (TaskResult, Instant);
+
+/// Results received over MQTT, waiting for the Task controller to write them (keyed by Task UID).
+#[derive(Clone, Default)]
+pub struct PendingResults {
+    inner: Arc<Mutex<HashMap<String, Vec<Received>>>>,
+}
+
+impl PendingResults {
+    pub fn push(&self, uid: &str, result: TaskResult) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.entry(uid.to_string())
+                .or_default()
+                .push((result, Instant::now()));
+        }
+    }
+
+    /// Everything waiting for this task, oldest first (kept until [`PendingResults::done`]).
+    pub fn peek(&self, uid: &str) -> Vec<Received> {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|m| m.get(uid).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Forgets the first `n` results of a task once they are written.
+    pub fn done(&self, uid: &str, n: usize) {
+        if let Ok(mut m) = self.inner.lock()
+            && let Some(v) = m.get_mut(uid)
+        {
+            v.drain(..n.min(v.len()));
+            if v.is_empty() {
+                m.remove(uid);
+            }
+        }
+    }
+}
+
+/// The latest task_metrics sample of each running task, written to status at most every
+/// `--status-refresh` (keyed by Task UID).
+#[derive(Clone, Default)]
+pub struct TaskMetricsBuffer {
+    inner: Arc<Mutex<HashMap<String, BufferedMetrics>>>,
+}
+
+/// A sample and when a sample of that task was last written.
+type BufferedMetrics = (ResourceMetrics, Option<Instant>);
+
+impl TaskMetricsBuffer {
+    /// Stores a sample; true when it is due for writing.
+    pub fn offer(&self, uid: &str, sample: ResourceMetrics, every: Duration) -> bool {
+        let Ok(mut m) = self.inner.lock() else {
+            return false;
+        };
+        let entry = m.entry(uid.to_string()).or_insert((sample.clone(), None));
+        entry.0 = sample;
+        entry.1.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    /// The sample to write now, if one is due; marks it written.
+    pub fn take_due(&self, uid: &str, every: Duration) -> Option<ResourceMetrics> {
+        let mut m = self.inner.lock().ok()?;
+        let entry = m.get_mut(uid)?;
+        if entry.1.is_some_and(|t| t.elapsed() < every) {
+            return None;
+        }
+        entry.1 = Some(Instant::now());
+        Some(entry.0.clone())
+    }
+
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.remove(uid);
+        }
+    }
+}
+
+/// Task UIDs remembered as waiting for a missing module (until their controller records it).
+pub const MAX_MISSES: usize = 10_000;
+
+/// Tasks a missing module was asked for (Task UID → module name), for the Task controller to record.
+#[derive(Clone, Default)]
+pub struct ModuleMisses {
+    inner: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl ModuleMisses {
+    pub fn record(&self, uid: &str, app_name: &str) {
+        if let Ok(mut m) = self.inner.lock()
+            && (m.len() < MAX_MISSES || m.contains_key(uid))
+        {
+            m.insert(uid.to_string(), app_name.to_string());
+        }
+    }
+
+    pub fn take(&self, uid: &str) -> Option<String> {
+        self.inner.lock().ok()?.remove(uid)
+    }
+}
+
+/// When something was last written, by object UID: spaces out writes that may wait (a Proplet's
+/// `taskCount`). Losing it on a restart costs one early write.
+#[derive(Default)]
+pub struct WriteTimes {
+    inner: Mutex<HashMap<String, Instant>>,
+}
+
+impl WriteTimes {
+    /// Past this many entries, those older than the spacing are dropped.
+    const MAX: usize = 100_000;
+
+    /// How long a write of `uid` must still wait to be `every` after the last; `None`: it may go now.
+    pub fn wait(&self, uid: &str, every: Duration) -> Option<Duration> {
+        let map = self.inner.lock().ok()?;
+        let since = map.get(uid)?.elapsed();
+        (since < every).then(|| every - since)
+    }
+
+    pub fn wrote(&self, uid: &str, every: Duration) {
+        if let Ok(mut map) = self.inner.lock() {
+            if map.len() > Self::MAX {
+                map.retain(|_, at| at.elapsed() < every);
+            }
+            map.insert(uid.to_string(), Instant::now());
+        }
+    }
+}
+
+/// Our own status writes not yet back from the watch. A reconcile that starts from the watch cache right
+/// after a write would otherwise see the object before it and fail its resourceVersion test (a conflict,
+/// a wasted write and a retry); it takes the written object instead.
+#[derive(Default)]
+pub struct OwnWrites {
+    inner: Mutex<HashMap<String, Written>>,
+}
+
+struct Written {
+    resource_version: String,
+    at: Instant,
+    object: serde_json::Value,
+}
+
+impl OwnWrites {
+    /// The watch delivers our writes within milliseconds; an entry older than this is forgotten (e.g. a
+    /// relist that skipped the event).
+    const FRESH_FOR: Duration = Duration::from_secs(5);
+    /// Past this many entries, stale ones are dropped (each holds a whole object).
+    const MAX: usize = 10_000;
+
+    pub fn record<K: Resource + Serialize>(&self, written: &K) {
+        let (Some(uid), Some(rv)) = (written.uid(), written.resource_version()) else {
+            return;
+        };
+        let Ok(object) = serde_json::to_value(written) else {
+            return;
+        };
+        if let Ok(mut m) = self.inner.lock() {
+            if m.len() >= Self::MAX {
+                m.retain(|_, w| w.at.elapsed() < Self::FRESH_FOR);
+            }
+            m.insert(
+                uid,
+                Written {
+                    resource_version: rv,
+                    at: Instant::now(),
+                    object,
+                },
+            );
+        }
+    }
+
+    /// The watch delivered `seen`: a recorded write it has caught up with is dropped.
+    pub fn seen<K: Resource>(&self, seen: &K) {
+        let (Some(uid), Some(rv)) = (seen.uid(), seen.resource_version()) else {
+            return;
+        };
+        if let Ok(mut m) = self.inner.lock()
+            && m.get(&uid).is_some_and(|w| w.resource_version == rv)
+        {
+            m.remove(&uid);
+        }
+    }
+
+    /// The object as we last wrote it, when the cache has not caught up with that write yet.
+    pub fn newer<K: Resource + DeserializeOwned>(&self, cached: &K) -> Option<K> {
+        let uid = cached.uid()?;
+        let mut m = self.inner.lock().ok()?;
+        let w = m.get(&uid)?;
+        if w.at.elapsed() >= Self::FRESH_FOR {
+            m.remove(&uid);
+            return None;
+        }
+        // Only a write the cache has not seen yet: with etcd, resourceVersions are revisions, so a larger
+        // one is newer. (Our write's event may come back before we record it; a later event then has a
+        // larger version and wins.) Unparsable versions or a deletion in the cache: the cache wins.
+        let ours = w.resource_version.parse::<u64>().ok()?;
+        let theirs = cached.resource_version()?.parse::<u64>().ok()?;
+        if ours <= theirs || cached.meta().deletion_timestamp.is_some() {
+            return None;
+        }
+        serde_json::from_value(w.object.clone()).ok()
+    }
+
+    /// The cached object, or our newer write of it.
+    pub fn latest<K: Resource + DeserializeOwned>(
+        &self,
+        cached: std::sync::Arc<K>,
+    ) -> std::sync::Arc<K> {
+        match self.newer(cached.as_ref()) {
+            Some(written) => std::sync::Arc::new(written),
+            None => cached,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Task;
+    use serde_json::json;
+
+    fn task(rv: &str, deleting: bool) -> Task {
+        let mut v = json!({
+            "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Task",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "own-writes-test-uid", "resourceVersion": rv},
+            "spec": {"name": "t"},
+        });
+        if deleting {
+            v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(v).expect("task")
+    }
+
+    #[test]
+    fn only_a_write_newer_than_the_cache_replaces_it() {
+        let own = OwnWrites::default();
+        own.record(&task("10", false));
+        assert!(
+            own.newer(&task("9", false)).is_some(),
+            "cache behind our write"
+        );
+        assert!(own.newer(&task("10", false)).is_none(), "caught up");
+        assert!(
+            own.newer(&task("11", false)).is_none(),
+            "someone wrote after us"
+        );
+        assert!(
+            own.newer(&task("9", true)).is_none(),
+            "a deletion always wins"
+        );
+        own.seen(&task("10", false));
+        assert!(
+            own.newer(&task("9", false)).is_none(),
+            "forgotten once seen"
+        );
+    }
+
+    #[test]
+    fn two_operators_keep_their_own_records() {
+        let (a, b) = (OwnWrites::default(), OwnWrites::default());
+        a.record(&task("10", false));
+        assert!(a.newer(&task("9", false)).is_some());
+        assert!(b.newer(&task("9", false)).is_none(), "b never wrote it");
+    }
+
+    #[test]
+    fn module_misses_are_bounded() {
+        let m = ModuleMisses::default();
+        for i in 0..MAX_MISSES + 10 {
+            m.record(&format!("uid-{i}"), "x");
+        }
+        assert!(m.take(&format!("uid-{}", MAX_MISSES + 5)).is_none());
+        assert_eq!(m.take("uid-0").as_deref(), Some("x"));
+        assert!(m.take("uid-0").is_none());
+    }
+
+    #[test]
+    fn writes_are_spaced() {
+        let w = WriteTimes::default();
+        let every = Duration::from_secs(10);
+        assert!(w.wait("u", every).is_none(), "never written: go");
+        w.wrote("u", every);
+        assert!(w.wait("u", every).is_some_and(|d| d <= every));
+        assert!(w.wait("other", every).is_none());
+    }
+}
