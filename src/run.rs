@@ -271,8 +271,12 @@ impl Operator {
             warn!(deadline = ?STOP_DEADLINE, "controllers still busy after the stop; exiting anyway");
             controllers.abort();
         }
-        for task in self.background {
+        for task in &self.background {
             task.abort();
+        }
+        // Awaited so that their listeners are closed when this returns: a successor may bind the same ports.
+        for task in self.background {
+            let _ = task.await;
         }
         if let Some(m) = &self.ctx.mqtt {
             m.disconnect().await;

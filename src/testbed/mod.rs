@@ -72,6 +72,21 @@ impl TestCluster {
         Ok(name)
     }
 
+    /// This cluster's kubeconfig as a Secret of ours (under [`crate::clusters::KUBECONFIG_KEY`]), for a hub
+    /// to reach it as a member cluster: create it on the hub.
+    pub fn kubeconfig_secret(
+        &self,
+        name: &str,
+        namespace: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<k8s_openapi::api::core::v1::Secret> {
+        let text = std::fs::read_to_string(&self.kubeconfig)
+            .with_context(|| format!("read kubeconfig {}", self.kubeconfig.display()))?;
+        Ok(crate::clusters::kubeconfig_secret(
+            name, namespace, &text, labels,
+        ))
+    }
+
     /// Deletes a namespace made by [`TestCluster::namespace`] (objects with finalizers may keep it a while).
     pub async fn delete_namespace(&self, client: &Client, name: &str) {
         let _ = Api::<Namespace>::all(client.clone())

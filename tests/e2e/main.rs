@@ -2,6 +2,7 @@
 //! by `E2E_KUBECONFIG`) and Debian's mosquitto. One test binary, so all tests share one local cluster.
 mod core;
 mod federated;
+mod fleet;
 mod job_backend;
 mod observability;
 mod parity;

@@ -408,3 +408,14 @@ fn first_args(config: &OperatorConfig) -> Vec<String> {
     }
     args
 }
+
+/// Waits until the Proplet `name` is Running.
+pub async fn wait_running(env: &Env, name: &str) -> anyhow::Result<Proplet> {
+    env.wait_for(
+        &env.proplets(),
+        name,
+        &format!("{name} Running"),
+        |p: &Proplet| p.phase() == propeller_operator::api::proplet::PropletPhase::Running,
+    )
+    .await
+}

@@ -224,12 +224,40 @@ pub(super) async fn record_results(
     pending: Vec<Received>,
 ) -> Result<Action> {
     let uid = task.uid().unwrap_or_default();
+    let changed = apply_results(task, &mut status, pending.iter().map(|(r, _)| r));
+    let last_received = pending.last().map(|(_, at)| *at);
+    if changed {
+        ctx.apply_status(task, &status).await?;
+        if let Some(received) = last_received {
+            ctx.metrics
+                .task_completion_seconds
+                .observe(received.elapsed().as_secs_f64());
+        }
+        announce(task, ctx, &status).await;
+    }
+    ctx.results.done(&uid, pending.len());
+    if !status.phase.is_some_and(TaskPhase::is_active) {
+        ctx.task_metrics.forget(&uid);
+    }
+    Ok(if task.phase().is_active() || changed {
+        Action::requeue(Duration::from_millis(100))
+    } else {
+        Action::await_change()
+    })
+}
+
+/// Applies received results to `status`; true when it changed. A single task takes the first result from
+/// its assigned proplet while it is active (others are logged and ignored); a broadcast collects one
+/// result per clientId and ends when every target has answered (failed if any answered with an error).
+pub(super) fn apply_results<'a>(
+    task: &Task,
+    status: &mut TaskStatus,
+    results: impl IntoIterator<Item = &'a TaskResult>,
+) -> bool {
     let g = task.metadata.generation;
     let broadcast = task.spec.broadcast == Some(true);
     let mut changed = false;
-    let mut last_received = None;
-    for (result, received) in &pending {
-        last_received = Some(*received);
+    for result in results {
         if !task.phase().is_active() && !broadcast {
             info!(task = %task.name_any(), phase = task.phase().as_str(), rv = ?task.resource_version(), "ignoring a result for a task that is not running");
             continue;
@@ -261,7 +289,7 @@ pub(super) async fn record_results(
             warn!(task = %task.name_any(), %from, %assigned, "ignoring a result from a proplet the task is not assigned to");
             continue;
         }
-        settle(&mut status, result, g);
+        settle(status, result, g);
         changed = true;
         break;
     }
@@ -307,24 +335,7 @@ pub(super) async fn record_results(
             }
         }
     }
-    if changed {
-        ctx.apply_status(task, &status).await?;
-        if let Some(received) = last_received {
-            ctx.metrics
-                .task_completion_seconds
-                .observe(received.elapsed().as_secs_f64());
-        }
-        announce(task, ctx, &status).await;
-    }
-    ctx.results.done(&uid, pending.len());
-    if !status.phase.is_some_and(TaskPhase::is_active) {
-        ctx.task_metrics.forget(&uid);
-    }
-    Ok(if task.phase().is_active() || changed {
-        Action::requeue(Duration::from_millis(100))
-    } else {
-        Action::await_change()
-    })
+    changed
 }
 
 /// Records one task's result (from a proplet or a Job's runner): completed, or failed with its error.
@@ -383,4 +394,93 @@ fn summary(status: &TaskStatus) -> String {
     };
     let short: String = text.chars().take(200).collect();
     format!("result: {short}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(broadcast: bool, status: Value) -> Task {
+        serde_json::from_value(json!({
+            "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Task",
+            "metadata": {"name": "t", "namespace": "ns", "generation": 1},
+            "spec": {"name": "t", "file": "AGFzbQ==", "broadcast": broadcast},
+            "status": status,
+        }))
+        .expect("task")
+    }
+
+    fn result(from: &str, results: Value, error: Option<&str>) -> TaskResult {
+        TaskResult {
+            task_id: "uid".into(),
+            proplet_id: Some(from.into()),
+            results,
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn merged(t: &Task, results: &[TaskResult]) -> (bool, TaskStatus) {
+        let mut status = t.status.clone().unwrap_or_default();
+        let changed = apply_results(t, &mut status, results);
+        (changed, status)
+    }
+
+    #[test]
+    fn a_running_task_takes_its_proplets_result_and_no_other() {
+        let t = task(false, json!({"phase": "running", "assignedClientId": "c1"}));
+        let (changed, _) = merged(&t, &[result("c2", json!("7"), None)]);
+        assert!(!changed, "a stranger's result is ignored");
+        let (changed, st) = merged(
+            &t,
+            &[
+                result("c2", json!("7"), None),
+                result("c1", json!("42"), None),
+            ],
+        );
+        assert!(changed);
+        assert_eq!(st.phase, Some(TaskPhase::Completed));
+        assert_eq!(st.results, Some(json!("42")));
+        let (_, st) = merged(&t, &[result("c1", Value::Null, Some("trap: unreachable"))]);
+        assert_eq!(st.phase, Some(TaskPhase::Failed));
+        assert_eq!(st.error.as_deref(), Some("trap: unreachable"));
+    }
+
+    #[test]
+    fn a_result_for_a_task_that_is_not_running_changes_nothing() {
+        for phase in ["completed", "failed", "pending", "interrupted"] {
+            let t = task(false, json!({"phase": phase, "assignedClientId": "c1"}));
+            let (changed, st) = merged(&t, &[result("c1", json!("1"), None)]);
+            assert!(!changed, "{phase}");
+            assert_eq!(st.results, None);
+        }
+    }
+
+    #[test]
+    fn a_broadcast_ends_when_every_target_answered() {
+        let t = task(
+            true,
+            json!({"phase": "running", "broadcastTargets": ["a", "b"], "results": {}}),
+        );
+        let (changed, st) = merged(&t, &[result("a", json!("1"), None)]);
+        assert!(changed);
+        assert_eq!(st.phase, Some(TaskPhase::Running), "b has not answered");
+        let (_, st) = merged(
+            &t,
+            &[result("a", json!("1"), None), result("b", json!("2"), None)],
+        );
+        assert_eq!(st.phase, Some(TaskPhase::Completed));
+        assert_eq!(st.results, Some(json!({"a": "1", "b": "2"})));
+        let (_, st) = merged(
+            &t,
+            &[
+                result("a", json!("1"), None),
+                result("b", Value::Null, Some("oom")),
+            ],
+        );
+        assert_eq!(st.phase, Some(TaskPhase::Failed));
+        assert!(
+            st.error
+                .is_some_and(|e| e.contains("b") && e.contains("oom"))
+        );
+    }
 }
