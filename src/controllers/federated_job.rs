@@ -152,17 +152,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
     let rounds = rounds_of(&ctx, &job);
     if rounds.is_empty() {
         let initial = job.spec.initial_model.clone().unwrap_or_else(|| json!({}));
-        match store::put_model(
-            &ctx.client,
-            &ctx.metrics,
-            &job,
-            0,
-            &initial,
-            &[],
-            ctx.config.fl_max_model_bytes,
-        )
-        .await
-        {
+        match store::put_model(&ctx, &job, 0, &initial, &[], ctx.config.fl_max_model_bytes).await {
             Ok(_) => {}
             Err(StoreError::TooLarge(msg)) => {
                 return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;

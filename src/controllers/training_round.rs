@@ -397,8 +397,7 @@ async fn finish(
         }
     };
     let stored = match store::put_model(
-        &ctx.client,
-        &ctx.metrics,
+        ctx,
         job,
         version,
         &model.to_json(),

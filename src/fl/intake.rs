@@ -128,8 +128,7 @@ async fn receive_inner(
     };
     let late = round.is_closed();
     let created = store::put_update(
-        &ctx.client,
-        &ctx.metrics,
+        ctx,
         round,
         &participant,
         update,

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::update::Update;
 use crate::api::{FederatedJob, TrainingRound};
+use crate::context::Context;
 use crate::naming::bounded_name;
-use crate::telemetry::Metrics;
 
 /// On model ConfigMaps: the FederatedJob (as a label value).
 pub const MODEL_LABEL: &str = "propeller.propeller.abstractmachines.fr/fl-model";
@@ -102,8 +102,7 @@ fn parse_model(cm: &ConfigMap) -> Option<StoredModel> {
 /// Stores model `version` of `job` unless it exists; returns what is stored under that version (a
 /// version is written once: an operator restarted mid-aggregation finds its earlier result).
 pub async fn put_model(
-    client: &Client,
-    metrics: &Metrics,
+    ctx: &Context,
     job: &FederatedJob,
     version: u64,
     model: &Value,
@@ -120,7 +119,7 @@ pub async fn put_model(
         )));
     }
     let ns = job.namespace().unwrap_or_default();
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let name = model_name(&job.name_any(), version);
     let owner = job.controller_owner_ref(&()).map(|mut o| {
         o.controller = None;
@@ -141,7 +140,7 @@ pub async fn put_model(
     .map_err(|e| StoreError::TooLarge(e.to_string()))?;
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => {
-            metrics.api_write("configmaps", "create");
+            ctx.metrics.api_write("configmaps", "create");
             Ok(StoredModel {
                 model: model.clone(),
                 aggregated_from: aggregated_from.to_vec(),
@@ -211,8 +210,7 @@ impl Via {
 
 /// Stores `participant`'s update for `round`. `Ok(false)`: one was already stored (the first one counts).
 pub async fn put_update(
-    client: &Client,
-    metrics: &Metrics,
+    ctx: &Context,
     round: &TrainingRound,
     participant: &str,
     update: &Update,
@@ -229,7 +227,7 @@ pub async fn put_update(
         )));
     }
     let ns = round.namespace().unwrap_or_default();
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = round.controller_owner_ref(&());
     let cm: ConfigMap = serde_json::from_value(json!({
         "metadata": {
@@ -247,7 +245,7 @@ pub async fn put_update(
     .map_err(|e| StoreError::TooLarge(e.to_string()))?;
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => {
-            metrics.api_write("configmaps", "create");
+            ctx.metrics.api_write("configmaps", "create");
             Ok(true)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

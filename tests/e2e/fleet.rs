@@ -11,7 +11,7 @@ use propeller_operator::api::task::TaskPhase;
 use propeller_operator::clusters;
 use serde_json::json;
 
-use crate::support::{Env, WAIT};
+use crate::support::{Env, WAIT, fleet};
 
 const ADD: &str = "AGFzbQEAAAABBwFgAn9/AX8DAgEABwcBA2FkZAAACgkBBwAgACABags=";
 
@@ -44,8 +44,11 @@ async fn completed(env: &Env, name: &str) -> anyhow::Result<Task> {
 #[tokio::test]
 async fn two_operators_in_one_process_keep_their_own_counts() -> anyhow::Result<()> {
     let probe = ["--health-probe-bind-address", "127.0.0.1:0"];
-    let mut busy = Env::start("fleet-a", &probe).await?;
-    let idle = Env::start("fleet-b", &probe).await?;
+    let shared = propeller_operator::testbed::shared_cluster();
+    let mut envs = fleet(&[shared, shared], "fleet", &probe).await?;
+    let (Some(idle), Some(mut busy)) = (envs.pop(), envs.pop()) else {
+        anyhow::bail!("two operators");
+    };
     let (a, b) = (busy.operator(0), idle.operator(0));
     let (Some(a), Some(b)) = (a, b) else {
         anyhow::bail!("both operators run");
@@ -116,7 +119,11 @@ async fn replicas_in_one_process_connect_with_their_own_mqtt_identities() -> any
 #[tokio::test]
 async fn a_stop_finishes_the_work_in_flight_promptly() -> anyhow::Result<()> {
     let mut env = Env::start("fleet-stop", &[]).await?;
-    let sim = env.proplet("fs-1", |_| {}).await?;
+    // Tasks take long enough that their results come after the restart: a result published while no
+    // operator is connected is lost to a clean MQTT session (a known gap, not what this test is about).
+    let sim = env
+        .proplet("fs-1", |c| c.faults.task_delay = Duration::from_secs(5))
+        .await?;
     env.external_proplet("ps", "fs-1", json!({})).await?;
     crate::support::wait_running(&env, "ps").await?;
     for i in 0..30 {
@@ -130,7 +137,7 @@ async fn a_stop_finishes_the_work_in_flight_promptly() -> anyhow::Result<()> {
     let took = env.stop_operator().await?;
     eprintln!("stop with a burst in flight took {took:?}");
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(1),
         "the stop took {took:?} (controllers must not wait out their deadline)"
     );
     // Nothing was left half done: a new operator ends every task exactly once.

@@ -419,3 +419,17 @@ pub async fn wait_running(env: &Env, name: &str) -> anyhow::Result<Proplet> {
     )
     .await
 }
+
+/// One operator per entry of `clusters` (the same cluster may appear several times), all in this process,
+/// each with its own namespace, broker, metrics, ports and MQTT identity, started with `extra` flags.
+pub async fn fleet(
+    clusters: &[&'static TestCluster],
+    prefix: &str,
+    extra: &[&str],
+) -> anyhow::Result<Vec<Env>> {
+    let mut envs = Vec::new();
+    for (i, cluster) in clusters.iter().enumerate() {
+        envs.push(Env::start_on(cluster, &format!("{prefix}-{i}"), extra).await?);
+    }
+    Ok(envs)
+}

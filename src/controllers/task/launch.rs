@@ -26,7 +26,6 @@ pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finali
 pub(super) const WAIT_FOR_PROPLET: Duration = Duration::from_secs(30);
 
 /// The task as the API server has it now (`None`: deleted).
-
 pub(super) async fn fresh(ctx: &Context, task: &Task) -> Result<Option<Task>> {
     let ns = task.namespace().unwrap_or_default();
     Ok(Api::<Task>::namespaced(ctx.client.clone(), &ns)

@@ -294,7 +294,7 @@ pub(super) fn apply_results<'a>(
         break;
     }
     if broadcast && changed {
-        let answered = answered(&status);
+        let answered = answered(status);
         if status
             .broadcast_targets
             .iter()
