@@ -44,7 +44,7 @@ fn the_runner_image_is_the_operators_default_and_runs_as_65532() {
     assert!(text.contains("USER 65532:65532"));
     let job_backend = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/src/controllers/job_backend.rs"
+        "/src/controllers/task/job_backend.rs"
     ))
     .expect("job_backend.rs");
     assert!(job_backend.contains("\"runAsUser\": 65532"));

@@ -7,6 +7,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -25,6 +26,13 @@ pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finali
 /// Retry period for a task that waits for a proplet (proplet changes also wake it at once).
 pub(super) const WAIT_FOR_PROPLET: Duration = Duration::from_secs(30);
 
+/// The Proplet `task` is assigned to, from the cache.
+pub(super) fn assigned_proplet(ctx: &Context, task: &Task) -> Option<Arc<Proplet>> {
+    let name = task.status.as_ref()?.assigned_proplet.as_deref()?;
+    ctx.proplets
+        .get(&ObjectRef::new(name).within(task.namespace().as_deref()?))
+}
+
 /// The task as the API server has it now (`None`: deleted).
 pub(super) async fn fresh(ctx: &Context, task: &Task) -> Result<Option<Task>> {
     let ns = task.namespace().unwrap_or_default();
@@ -37,13 +45,7 @@ pub(super) async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Resu
     let g = task.metadata.generation;
     let mut status = task.status.clone().unwrap_or_default();
     let name = status.assigned_proplet.clone().unwrap_or_default();
-    let ns = task.namespace();
-    let proplet = ctx
-        .proplets
-        .state()
-        .into_iter()
-        .find(|p| p.namespace() == ns && p.name_any() == name);
-    let (Some(proplet), Some(mqtt)) = (proplet, &ctx.mqtt) else {
+    let (Some(proplet), Some(mqtt)) = (assigned_proplet(ctx, task), &ctx.mqtt) else {
         // The proplet vanished between assignment and publishing: start over.
         status.phase = Some(TaskPhase::Pending);
         status.assigned_proplet = None;

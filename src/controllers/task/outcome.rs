@@ -9,7 +9,7 @@ use kube::runtime::events::EventType;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::launch::{stop, timeout_of};
+use super::launch::{assigned_proplet, stop, timeout_of};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::PropletPhase;
 use crate::api::task::{Task, TaskPhase, TaskStatus};
@@ -124,13 +124,7 @@ pub(super) async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> 
     }
     if task.spec.broadcast != Some(true) {
         let name = status.assigned_proplet.clone().unwrap_or_default();
-        let ns = task.namespace();
-        let proplet = ctx
-            .proplets
-            .state()
-            .into_iter()
-            .find(|p| p.namespace() == ns && p.name_any() == name);
-        let gone = match &proplet {
+        let gone = match &assigned_proplet(ctx, task) {
             None => Some(format!("proplet {name} was deleted")),
             Some(p) if p.phase() == PropletPhase::Offline => {
                 Some(format!("proplet {name} went Offline"))
