@@ -20,8 +20,11 @@ use crate::config::OperatorConfig;
 use crate::error::{Error, Result, conflict};
 use crate::indexes::{PropletIndex, TaskIndex};
 use crate::liveness::Liveness;
-use crate::memory::{ModuleMisses, OwnWrites, PendingResults, TaskMetricsBuffer, WriteTimes};
+use crate::memory::{
+    CachesReady, Launched, ModuleMisses, OwnWrites, PendingResults, TaskMetricsBuffer, WriteTimes,
+};
 use crate::mqtt::MqttClient;
+use crate::mqtt::backlog::Backlog;
 use crate::sharding::Ownership;
 use crate::telemetry::Metrics;
 
@@ -54,6 +57,12 @@ pub struct Context {
     pub own_writes: OwnWrites,
     /// When each Proplet's status was last written (spaces out `taskCount` writes).
     pub proplet_writes: WriteTimes,
+    /// Tasks whose start this process published.
+    pub launched: Launched,
+    /// Whether the Proplet and Task caches are complete.
+    pub caches_ready: CachesReady,
+    /// Whether what the broker queued for this operator's session has been handled.
+    pub backlog: Backlog,
     pub recorder: Recorder,
     /// The time cron schedules are judged by.
     pub clock: Clock,
@@ -92,7 +101,11 @@ impl Context {
             controller: MANAGER.into(),
             instance: Some(config.identity()),
         };
+        let backlog = Backlog::new(config.default_channel().as_ref(), &config.mqtt_client_id());
         let ctx = Context {
+            backlog,
+            launched: Launched::default(),
+            caches_ready: CachesReady::default(),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,

@@ -2,7 +2,7 @@
 //! writes. Every piece belongs to one [`crate::context::Context`]: several operators in one process (tests,
 //! a hub beside its members) never share it. Losing any of it on a restart costs at most an early write or
 //! a redelivered message, never a decision: decisions are made on what Kubernetes holds.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,63 @@ impl ModuleMisses {
 
     pub fn take(&self, uid: &str) -> Option<String> {
         self.inner.lock().ok()?.remove(uid)
+    }
+}
+
+/// Tasks whose start this operator process has published (by UID). A running task missing here was started
+/// by an earlier process, or its start did not go out: once the session backlog is handled (its result would
+/// have come), it is sent its start again — a proplet ignores a start for a task it is running.
+#[derive(Default)]
+pub struct Launched {
+    inner: Mutex<HashSet<String>>,
+}
+
+impl Launched {
+    pub fn insert(&self, uid: &str) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.insert(uid.to_string());
+        }
+    }
+
+    pub fn contains(&self, uid: &str) -> bool {
+        self.inner.lock().map(|s| s.contains(uid)).unwrap_or(false)
+    }
+
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.remove(uid);
+        }
+    }
+}
+
+/// Whether the Proplet and Task caches hold a complete list (their watches' first InitDone). Waited for by
+/// several tasks at once; kube's `Store::wait_until_ready` wakes only one of several waiters.
+pub struct CachesReady {
+    tx: tokio::sync::watch::Sender<(bool, bool)>,
+}
+
+impl Default for CachesReady {
+    fn default() -> Self {
+        CachesReady {
+            tx: tokio::sync::watch::channel((false, false)).0,
+        }
+    }
+}
+
+impl CachesReady {
+    pub fn proplets_listed(&self) {
+        self.tx
+            .send_if_modified(|(p, _)| !std::mem::replace(p, true));
+    }
+
+    pub fn tasks_listed(&self) {
+        self.tx
+            .send_if_modified(|(_, t)| !std::mem::replace(t, true));
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|(p, t)| *p && *t).await;
     }
 }
 

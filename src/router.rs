@@ -25,7 +25,14 @@ pub struct Triggers {
 }
 
 pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: Triggers) {
+    // What the broker queued while we were away comes first: judge it against complete caches, or a
+    // result would look like one for an unknown task. (Messages wait in the bounded channel meanwhile.)
+    ctx.caches_ready.wait().await;
+    debug!("watch caches ready: routing MQTT messages");
     while let Some(msg) = rx.recv().await {
+        if ctx.backlog.receive(&msg.topic, &msg.payload) {
+            continue;
+        }
         if crate::fl::parse_update_topic(&msg.topic).is_some() {
             // Stored through the API server: off the router's path.
             tokio::spawn(fl_update(Arc::clone(&ctx), msg));

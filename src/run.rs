@@ -143,17 +143,22 @@ impl Operator {
             let changed = Arc::new(Notify::new());
             let notify = Arc::clone(&changed);
             watches.proplets.on_event(move |_| notify.notify_one());
-            let policy = Policy {
+            let marker = ctx.backlog.marker();
+            let mut policy = Policy {
                 default_channel: config.default_channel(),
                 // Real proplets publish an FL update here, unprefixed, when their HTTP POST fails.
                 fixed: vec![crate::fl::UPDATE_FALLBACK_TOPIC.to_string()],
             };
+            policy
+                .fixed
+                .extend(marker.as_ref().map(|(topic, _)| topic.clone()));
             let index = Arc::clone(&ctx);
             background.push(subscriptions::follow(
                 mqtt,
                 policy,
                 move || index.proplet_index.channels(),
                 changed,
+                marker,
                 shutdown.clone(),
             ));
             let (registry, worker) = crate::registry::spawn(Arc::clone(&ctx), tasks.waker());
@@ -333,6 +338,9 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
     let c = Arc::clone(ctx);
     watches.proplets.on_event(move |ev| {
         c.proplet_index.apply(ev);
+        if let kube::runtime::watcher::Event::InitDone = ev {
+            c.caches_ready.proplets_listed();
+        }
         if let kube::runtime::watcher::Event::Apply(p)
         | kube::runtime::watcher::Event::InitApply(p) = ev
         {
@@ -353,6 +361,9 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
     let c = Arc::clone(ctx);
     watches.tasks.on_event(move |ev| {
         c.task_index.apply(ev);
+        if let kube::runtime::watcher::Event::InitDone = ev {
+            c.caches_ready.tasks_listed();
+        }
         if let kube::runtime::watcher::Event::Apply(t)
         | kube::runtime::watcher::Event::InitApply(t) = ev
         {

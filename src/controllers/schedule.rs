@@ -81,6 +81,7 @@ pub async fn pending_gate(
             g,
         );
         if status != old {
+            stamped(status);
             ctx.apply_status(task, status).await?;
         }
         return Ok(Some(Action::requeue(until(&tick, now))));
@@ -119,6 +120,7 @@ pub async fn skip_overdue_tick(task: &Task, ctx: &Context) -> Result<Option<Acti
         &msg,
         task.metadata.generation,
     );
+    stamped(&mut status);
     ctx.apply_status(task, &status).await?;
     ctx.event(task, EventType::Normal, "TickSkipped", "Schedule", msg)
         .await;
@@ -151,6 +153,7 @@ pub async fn recur(task: &Task, ctx: &Context) -> Result<Action> {
             };
             let mut status = old.clone();
             status.next_run = Some(Time(next));
+            stamped(&mut status);
             ctx.apply_status(task, &status).await?;
             return Ok(Action::requeue(until(&Time(next), now)));
         }
@@ -183,6 +186,7 @@ pub async fn recur(task: &Task, ctx: &Context) -> Result<Action> {
         .conditions
         .retain(|c| c.type_ == "Ready" || c.type_ == "Recurring");
     // next_run stays at the tick that has come: the next pass dispatches at once.
+    stamped(&mut status);
     ctx.apply_status(task, &status).await?;
     tracing::info!(task = %task.name_any(), runs = status.history.len(), "recurring task starts again");
     Ok(Action::requeue(Duration::from_millis(100)))
@@ -224,4 +228,9 @@ mod tests {
             .is_some()
         );
     }
+}
+
+/// Every Task status write carries `updatedAt` (it costs no extra write).
+fn stamped(status: &mut TaskStatus) {
+    status.updated_at = Some(super::now());
 }

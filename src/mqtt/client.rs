@@ -1,5 +1,8 @@
-//! The operator's single broker connection: publishes, a subscription set that follows the Proplets, and
-//! resubscription after every reconnect (clean session, so the broker forgets them).
+//! The operator's broker connection: publishes, a subscription set that follows the Proplets, and a
+//! persistent session (clean session off, a stable client id per replica), so that the broker queues what
+//! proplets publish while the operator is away (a restart, a rollout) and delivers it on reconnect. The
+//! subscriptions are sent again after every connect all the same (a broker that lost the session, e.g. a
+//! restart without persistence, starts afresh).
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +31,9 @@ pub struct MqttSettings {
     pub ca_cert: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Off (the default): the broker keeps this client's subscriptions and queues QoS ≥ 1 messages while
+    /// it is disconnected.
+    pub clean_session: bool,
 }
 
 impl MqttSettings {
@@ -43,6 +49,7 @@ impl MqttSettings {
             ca_cert: None,
             client_cert: None,
             client_key: None,
+            clean_session: false,
         }
     }
 }
@@ -94,7 +101,7 @@ impl MqttClient {
         let addr = address::parse(&settings.address).map_err(MqttError::Settings)?;
         let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
         opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(5)));
-        opts.set_clean_session(true);
+        opts.set_clean_session(settings.clean_session);
         opts.set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
         opts.set_inflight(100);
         if let Some(user) = &settings.username {
@@ -125,8 +132,9 @@ impl MqttClient {
                     return;
                 }
                 match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        info!(%address, "MQTT connected");
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        // session_present: the broker kept our session and delivers what it queued.
+                        info!(%address, session_present = ack.session_present, "MQTT connected");
                         backoff = Duration::from_millis(250);
                         loop_handle.connected.store(true, Ordering::SeqCst);
                         connected.set(1);

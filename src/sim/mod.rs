@@ -197,6 +197,9 @@ pub struct SimHandle {
     pub starts_seen: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Stop messages received, for tests.
     pub stops_seen: Arc<Mutex<Vec<String>>>,
+    /// Ids of the tasks run, once per run: a start for a task already running is ignored (as the real
+    /// proplet does) and not counted here.
+    pub runs: Arc<Mutex<Vec<String>>>,
 }
 
 impl SimHandle {
@@ -233,6 +236,7 @@ pub fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let starts_seen = Arc::new(Mutex::new(Vec::new()));
     let stops_seen = Arc::new(Mutex::new(Vec::new()));
+    let runs = Arc::new(Mutex::new(Vec::new()));
     let proplet = Arc::new(Proplet {
         config: config.clone(),
         channel: Channel::new(&config.domain, &config.channel),
@@ -247,6 +251,7 @@ pub fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
         modules: Mutex::new(HashMap::new()),
         starts_seen: Arc::clone(&starts_seen),
         stops_seen: Arc::clone(&stops_seen),
+        runs: Arc::clone(&runs),
     });
     let task = tokio::spawn(Arc::clone(&proplet).run(eventloop, Arc::clone(&heartbeats), stop_rx));
     Ok(SimHandle {
@@ -256,6 +261,7 @@ pub fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
         task,
         starts_seen,
         stops_seen,
+        runs,
     })
 }
 
@@ -282,6 +288,7 @@ struct Proplet {
     modules: Mutex<HashMap<String, Assembly>>,
     starts_seen: Arc<Mutex<Vec<serde_json::Value>>>,
     stops_seen: Arc<Mutex<Vec<String>>>,
+    runs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proplet {
@@ -589,6 +596,9 @@ impl Proplet {
         if !fresh {
             debug!(client_id = %self.config.client_id, task = %start.id, "duplicate start ignored");
             return;
+        }
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.push(start.id.clone());
         }
         let monitor = start
             .monitoring_profile

@@ -1,6 +1,7 @@
 //! End-to-end tests on real parts: a kube-apiserver + etcd + kube-controller-manager (or the cluster named
 //! by `E2E_KUBECONFIG`) and Debian's mosquitto. One test binary, so all tests share one local cluster.
 mod core;
+mod durability;
 mod federated;
 mod fleet;
 mod job_backend;

@@ -16,7 +16,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::launch::timeout_of;
+use super::launch::{timeout_of, write_status};
 use super::outcome::{Ending, announce, end_task, refuse, settle};
 use super::wire::{parent_results, start_request};
 use crate::api::common::{ConditionStatus, set_condition};
@@ -300,7 +300,7 @@ pub async fn dispatch(
         g,
     );
     // A conflict leaves the Job in place: the next pass computes the same name and adopts it.
-    ctx.apply_status(task, &status).await?;
+    write_status(ctx, task, status.clone()).await?;
     if let Some(created) = task.metadata.creation_timestamp.as_ref() {
         let secs = jiff::Timestamp::now()
             .duration_since(created.0)
@@ -500,7 +500,7 @@ pub async fn watch(task: &Task, ctx: &Context) -> Result<Action> {
         }
         (JobState::Running, _) => return Ok(Action::await_change()),
     }
-    ctx.apply_status(task, &status).await?;
+    write_status(ctx, task, status.clone()).await?;
     announce(task, ctx, &status).await;
     Ok(Action::await_change())
 }

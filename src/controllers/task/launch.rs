@@ -1,6 +1,6 @@
 //! Putting a placed task on the wire: the finalizer, the start (to one proplet or every channel of a
 //! broadcast), `running` recorded after it; the stop for a task that ends early or is deleted.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ use crate::mqtt::topics::Channel;
 use crate::mqtt::wire::StopRequest;
 
 pub const FINALIZER: &str = "propeller.propeller.abstractmachines.fr/task-finalizer";
+/// A task still running this long after its start gets the finalizer that guarantees its stop is sent when
+/// it is deleted; most tasks end sooner and never cost that write (their deletion sends a stop from the
+/// delete event).
+pub(super) const FINALIZER_AFTER: Duration = Duration::from_secs(5);
 /// Retry period for a task that waits for a proplet (proplet changes also wake it at once).
 pub(super) const WAIT_FOR_PROPLET: Duration = Duration::from_secs(30);
 
@@ -41,41 +45,39 @@ pub(super) async fn fresh(ctx: &Context, task: &Task) -> Result<Option<Task>> {
         .await?)
 }
 
-pub(super) async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Result<Action> {
+/// Starts `task` on `proplet`: the assignment and `running` in one resourceVersion-checked write, then the
+/// start on the wire. A stale view fails the write and sends nothing; an operator killed between the two
+/// leaves a running task that the next operator starts again (see [`resume`]).
+pub(super) async fn launch(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    proplet: &Proplet,
+) -> Result<Action> {
     let g = task.metadata.generation;
-    let mut status = task.status.clone().unwrap_or_default();
-    let name = status.assigned_proplet.clone().unwrap_or_default();
-    let (Some(proplet), Some(mqtt)) = (assigned_proplet(ctx, task), &ctx.mqtt) else {
-        // The proplet vanished between assignment and publishing: start over.
-        status.phase = Some(TaskPhase::Pending);
-        status.assigned_proplet = None;
-        status.assigned_client_id = None;
-        ctx.apply_status(task, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    };
-    let Some(channel) = channel_of(&proplet) else {
-        return Ok(Action::requeue(WAIT_FOR_PROPLET));
-    };
-    let client_id = status.assigned_client_id.clone().unwrap_or_default();
-    let start = start_request(task, Some(&client_id), &parent_results(task, ctx));
-    if let Err(e) = mqtt.publish_json(&channel.start(), &start).await {
-        ctx.metrics
-            .mqtt_published_total
-            .with_label_values(&["start", "error"])
-            .inc();
-        return Err(e.into());
-    }
-    ctx.metrics
-        .mqtt_published_total
-        .with_label_values(&["start", "ok"])
-        .inc();
-    if let Some(created) = task.metadata.creation_timestamp.as_ref() {
-        let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
-        ctx.metrics.task_dispatch_seconds.observe(secs.max(0.0));
-    }
+    let client_id = proplet.client_id();
     status.phase = Some(TaskPhase::Running);
+    status.assigned_proplet = Some(proplet.name_any());
+    status.assigned_client_id = Some(client_id.clone());
+    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
+    status.error = None;
     status.started_at = Some(now());
-    let msg = format!("start sent to {client_id} on {channel}");
+    let assigned = format!(
+        "assigned to proplet {} (clientId {client_id})",
+        proplet.name_any()
+    );
+    set_condition(
+        &mut status.conditions,
+        "Scheduled",
+        ConditionStatus::True,
+        "Assigned",
+        &assigned,
+        g,
+    );
+    let msg = match channel_of(proplet) {
+        Some(channel) => format!("start sent to {client_id} on {channel}"),
+        None => format!("start sent to {client_id}"),
+    };
     set_condition(
         &mut status.conditions,
         "Started",
@@ -84,41 +86,118 @@ pub(super) async fn publish_and_mark_running(task: &Task, ctx: &Context) -> Resu
         &msg,
         g,
     );
-    mark_running(task, ctx, &status).await?;
-    info!(task = %task.name_any(), proplet = %name, "task dispatched");
+    let running = write_status(ctx, task, status).await?;
+    send_start(&running, ctx).await?;
+    if let Some(created) = task.metadata.creation_timestamp.as_ref() {
+        let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
+        ctx.metrics.task_dispatch_seconds.observe(secs.max(0.0));
+    }
+    info!(task = %task.name_any(), proplet = %proplet.name_any(), "task dispatched");
     ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
-    Ok(Action::requeue(timeout_of(task, ctx)))
+    Ok(Action::requeue(next_look(task, ctx)))
 }
 
-/// Records `running` after the start went out. The start is not sent again when this write meets a
-/// newer version of the Task (another writer touched it): the write is retried on a fresh read as long as
-/// the Task still holds the same assignment.
-async fn mark_running(task: &Task, ctx: &Context, running: &TaskStatus) -> Result<()> {
-    let mut current = task.clone();
-    for _ in 0..5 {
-        match ctx.apply_status(&current, running).await {
-            Ok(_) => return Ok(()),
-            Err(crate::error::Error::Conflict(_)) => {
-                let Some(fresh) = fresh(ctx, task).await? else {
-                    return Ok(());
-                };
-                let before = task.status.clone().unwrap_or_default();
-                let now_st = fresh.status.clone().unwrap_or_default();
-                let same = fresh.phase() == TaskPhase::Scheduled
-                    && now_st.assigned_client_id == before.assigned_client_id
-                    && now_st.attempts == before.attempts;
-                if !same {
-                    return Ok(());
-                }
-                current = fresh;
-            }
-            Err(e) => return Err(e),
-        }
+/// A task left `scheduled` by an operator version that wrote the assignment first: it is launched now.
+pub(super) async fn launch_scheduled(task: &Task, ctx: &Context) -> Result<Action> {
+    let mut status = task.status.clone().unwrap_or_default();
+    let Some(proplet) = assigned_proplet(ctx, task) else {
+        // The proplet vanished between assignment and publishing: start over.
+        status.phase = Some(TaskPhase::Pending);
+        status.assigned_proplet = None;
+        status.assigned_client_id = None;
+        write_status(ctx, task, status).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    // The attempt was counted with the assignment.
+    status.attempts = Some(status.attempts.unwrap_or(1) - 1);
+    launch(task, ctx, status, &proplet).await
+}
+
+/// A running task this process has not started (an earlier operator did, or its start did not go out):
+/// once what the broker queued for us is handled — its result would be among it — the start goes out again.
+/// A proplet ignores a start for a task it is running. `None`: nothing to do.
+pub(super) async fn resume(task: &Task, ctx: &Context) -> Result<Option<Action>> {
+    let uid = task.uid().unwrap_or_default();
+    if ctx.launched.contains(&uid) || ctx.mqtt.is_none() {
+        return Ok(None);
     }
-    Err(crate::error::Error::Conflict(format!(
-        "could not record {} as running",
-        task.name_any()
-    )))
+    if !ctx.backlog.drained() {
+        return Ok(Some(Action::requeue(Duration::from_millis(250))));
+    }
+    send_start(task, ctx).await?;
+    info!(task = %task.name_any(), "start sent again: the task was running when this operator started");
+    Ok(None)
+}
+
+/// Where the start of `task` goes: the channel of its proplet, or of each broadcast target.
+fn start_channels(task: &Task, ctx: &Context) -> BTreeSet<Channel> {
+    let status = task.status.clone().unwrap_or_default();
+    if task.spec.broadcast == Some(true) {
+        return status
+            .broadcast_targets
+            .iter()
+            .filter_map(|c| ctx.proplet_index.by_client(c))
+            .filter_map(|r| ctx.proplets.get(&r))
+            .filter_map(|p| channel_of(&p))
+            .collect();
+    }
+    assigned_proplet(ctx, task)
+        .and_then(|p| channel_of(&p))
+        .into_iter()
+        .collect()
+}
+
+/// Publishes the start of a task recorded as running, and remembers that this process did.
+async fn send_start(task: &Task, ctx: &Context) -> Result<()> {
+    let Some(mqtt) = &ctx.mqtt else {
+        return Ok(());
+    };
+    let uid = task.uid().unwrap_or_default();
+    let broadcast = task.spec.broadcast == Some(true);
+    let status = task.status.clone().unwrap_or_default();
+    let client = (!broadcast).then_some(status.assigned_client_id.as_deref().unwrap_or_default());
+    let start = start_request(task, client, &parent_results(task, ctx));
+    // Remembered first: a start that fails is forgotten again and retried (the write is not repeated).
+    ctx.launched.insert(&uid);
+    for channel in start_channels(task, ctx) {
+        if let Err(e) = mqtt.publish_json(&channel.start(), &start).await {
+            ctx.launched.forget(&uid);
+            ctx.metrics
+                .mqtt_published_total
+                .with_label_values(&["start", "error"])
+                .inc();
+            return Err(e.into());
+        }
+        ctx.metrics
+            .mqtt_published_total
+            .with_label_values(&["start", "ok"])
+            .inc();
+    }
+    Ok(())
+}
+
+/// Writes a Task's status, stamped with `updatedAt` (at no extra write).
+pub(super) async fn write_status(
+    ctx: &Context,
+    task: &Task,
+    mut status: TaskStatus,
+) -> Result<Task> {
+    status.updated_at = Some(now());
+    let written = ctx.apply_status(task, &status).await?;
+    if !written.phase().is_active() {
+        ctx.launched.forget(&written.uid().unwrap_or_default());
+    }
+    Ok(written)
+}
+
+/// When a running task is looked at next: its timeout, or sooner when it is due for a finalizer.
+pub(super) fn next_look(task: &Task, ctx: &Context) -> Duration {
+    let timeout = timeout_of(task, ctx);
+    if task.finalizers().iter().any(|f| f == FINALIZER) {
+        timeout
+    } else {
+        timeout.min(FINALIZER_AFTER + Duration::from_millis(100))
+    }
 }
 
 pub(super) async fn dispatch_broadcast(
@@ -152,21 +231,9 @@ pub(super) async fn dispatch_broadcast(
             g,
         );
         if status != old {
-            ctx.apply_status(task, &status).await?;
+            write_status(ctx, task, status).await?;
         }
         return Ok(Action::requeue(WAIT_FOR_PROPLET));
-    }
-    let task = &ensure_finalizer(task, ctx).await?;
-    let start = start_request(task, None, &parent_results(task, ctx));
-    let Some(mqtt) = &ctx.mqtt else {
-        return Ok(Action::await_change());
-    };
-    for ch in channels.keys() {
-        mqtt.publish_json(&ch.start(), &start).await?;
-        ctx.metrics
-            .mqtt_published_total
-            .with_label_values(&["start", "ok"])
-            .inc();
     }
     status.broadcast_targets = channels.into_values().flatten().collect();
     status.broadcast_targets.sort();
@@ -183,9 +250,10 @@ pub(super) async fn dispatch_broadcast(
         &msg,
         g,
     );
-    ctx.apply_status(task, &status).await?;
+    let running = write_status(ctx, task, status).await?;
+    send_start(&running, ctx).await?;
     ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
-    Ok(Action::requeue(timeout_of(task, ctx)))
+    Ok(Action::requeue(next_look(task, ctx)))
 }
 
 pub(super) fn timeout_of(task: &Task, ctx: &Context) -> Duration {
@@ -215,6 +283,7 @@ pub(super) async fn ensure_finalizer(task: &Task, ctx: &Context) -> Result<Task>
         .await
         .map_err(conflict)?;
     ctx.metrics.api_write("tasks", "patch");
+    ctx.own_writes.record(&written);
     Ok(written)
 }
 
@@ -254,6 +323,10 @@ pub(super) async fn stop(task: &Task, ctx: &Context, status: &TaskStatus) {
 
 pub(super) async fn cleanup(task: &Task, ctx: &Context) -> Result<Action> {
     if !task.finalizers().iter().any(|f| f == FINALIZER) {
+        // Held by someone else's finalizer: the delete event will come too late to stop it.
+        if task.phase().is_active() && task.status.as_ref().is_some_and(|s| s.job_name.is_none()) {
+            stop(task, ctx, &task.status.clone().unwrap_or_default()).await;
+        }
         return Ok(Action::await_change());
     }
     let status = task.status.clone().unwrap_or_default();

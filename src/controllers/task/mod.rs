@@ -46,9 +46,33 @@ pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Task>) {
     });
     let c = Arc::clone(ctx);
     w.proplets.wake(me, move |p, _| tasks_affected_by(&c, p));
+    let c = Arc::clone(ctx);
+    w.tasks.on_object(move |t, seen| {
+        if seen == Seen::Deleted {
+            stop_deleted(&c, t);
+        }
+    });
     if let Some(jobs) = &mut w.jobs {
         jobs.wake(me, |j, _| owner::<Task, _>(j).into_iter().collect());
     }
+}
+
+/// A running task deleted without our finalizer (it had not run long enough to earn one): its stop goes out
+/// from the delete event. (With the finalizer, the controller sends it before letting the Task go.)
+fn stop_deleted(ctx: &Arc<Context>, t: &Task) {
+    let status = t.status.clone().unwrap_or_default();
+    let owned = status
+        .assigned_client_id
+        .as_deref()
+        .is_none_or(|c| ctx.ownership.owns_client(c));
+    // A deletion that waited for finalizers has been through `launch::cleanup`, which sent the stop.
+    let waited = t.metadata.deletion_timestamp.is_some();
+    if !t.phase().is_active() || waited || status.job_name.is_some() || !owned {
+        return;
+    }
+    ctx.launched.forget(&t.uid().unwrap_or_default());
+    let (ctx, t) = (Arc::clone(ctx), t.clone());
+    tokio::spawn(async move { launch::stop(&t, &ctx, &status).await });
 }
 
 /// Tasks to look at again when a proplet changes: those waiting for one in its namespace, and those on it.
@@ -163,12 +187,11 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
         // A stale view cannot dispatch twice: the assignment is written (resourceVersion-checked) first.
         TaskPhase::Pending => placement::dispatch(&task, &ctx).await,
         TaskPhase::Scheduled => {
-            // Assigned but maybe not published (operator restarted in between): publish again; a proplet
-            // ignores a start for a task id it is already running.
+            // Left by an operator version that wrote the assignment before the start: launched now.
             let fresh = launch::fresh(&ctx, &task).await?;
             match fresh {
                 Some(t) if t.phase() == TaskPhase::Scheduled => {
-                    launch::publish_and_mark_running(&t, &ctx).await
+                    launch::launch_scheduled(&t, &ctx).await
                 }
                 _ => Ok(Action::await_change()),
             }
@@ -180,6 +203,9 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
             if status.job_name.is_some() {
                 job_backend::watch(&task, &ctx).await
             } else {
+                if let Some(wait) = launch::resume(&task, &ctx).await? {
+                    return Ok(wait);
+                }
                 outcome::watch_running(&task, &ctx).await
             }
         }

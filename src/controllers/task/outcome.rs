@@ -9,7 +9,9 @@ use kube::runtime::events::EventType;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::launch::{assigned_proplet, stop, timeout_of};
+use super::launch::{
+    FINALIZER, FINALIZER_AFTER, assigned_proplet, ensure_finalizer, stop, timeout_of, write_status,
+};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::PropletPhase;
 use crate::api::task::{Task, TaskPhase, TaskStatus};
@@ -75,7 +77,7 @@ pub(super) async fn end_task(
         &msg,
         g,
     );
-    let written = ctx.apply_status(task, &status).await?;
+    let written = write_status(ctx, task, status.clone()).await?;
     if let Some((type_, action)) = end.event {
         ctx.event(task, type_, end.reason, action, msg).await;
     }
@@ -160,7 +162,7 @@ pub(super) async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> 
             &msg,
             g,
         ) {
-            if let Err(e) = ctx.apply_status(task, &status).await {
+            if let Err(e) = write_status(ctx, task, status.clone()).await {
                 ctx.module_misses.record(&uid, &app_name);
                 return Err(e);
             }
@@ -169,13 +171,27 @@ pub(super) async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> 
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
     }
+    let mut wrote = false;
     if let Some(sample) = ctx.task_metrics.take_due(&uid, ctx.config.status_refresh.0) {
         status.latest_metrics = Some(sample);
-        ctx.apply_status(task, &status).await?;
+        write_status(ctx, task, status.clone()).await?;
+        wrote = true;
     }
-    Ok(Action::requeue(
-        timeout - elapsed + Duration::from_millis(200),
-    ))
+    // Still running after a while: now it is worth a finalizer (its stop must be sent on deletion, even
+    // when this operator is not running at that moment). The write is left for the next pass when a
+    // status write just went out (its resourceVersion moved).
+    let has_finalizer = task.finalizers().iter().any(|f| f == FINALIZER);
+    if !has_finalizer && elapsed >= FINALIZER_AFTER {
+        if wrote {
+            return Ok(Action::requeue(Duration::from_millis(100)));
+        }
+        ensure_finalizer(task, ctx).await?;
+    }
+    let mut next = timeout - elapsed + Duration::from_millis(200);
+    if !has_finalizer && elapsed < FINALIZER_AFTER {
+        next = next.min(FINALIZER_AFTER - elapsed + Duration::from_millis(100));
+    }
+    Ok(Action::requeue(next))
 }
 
 pub(super) async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Action> {
@@ -205,7 +221,7 @@ pub(super) async fn retry_interrupted(task: &Task, ctx: &Context) -> Result<Acti
         &msg,
         g,
     );
-    ctx.apply_status(task, &status).await?;
+    write_status(ctx, task, status.clone()).await?;
     ctx.event(task, EventType::Normal, "Rescheduling", "Schedule", msg)
         .await;
     Ok(Action::requeue(Duration::from_millis(200)))
@@ -221,7 +237,7 @@ pub(super) async fn record_results(
     let changed = apply_results(task, &mut status, pending.iter().map(|(r, _)| r));
     let last_received = pending.last().map(|(_, at)| *at);
     if changed {
-        ctx.apply_status(task, &status).await?;
+        write_status(ctx, task, status.clone()).await?;
         if let Some(received) = last_received {
             ctx.metrics
                 .task_completion_seconds
@@ -254,6 +270,12 @@ pub(super) fn apply_results<'a>(
     for result in results {
         if !task.phase().is_active() && !broadcast {
             info!(task = %task.name_any(), phase = task.phase().as_str(), rv = ?task.resource_version(), "ignoring a result for a task that is not running");
+            continue;
+        }
+        // The real proplet answers a daemon's start at once with an empty result: the daemon runs on
+        // until it is stopped, times out or its proplet goes Offline.
+        if task.spec.daemon == Some(true) && result.failure().is_none() && is_empty(&result.results)
+        {
             continue;
         }
         let from = result.proplet_id.clone();
@@ -330,6 +352,14 @@ pub(super) fn apply_results<'a>(
         }
     }
     changed
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    }
 }
 
 /// Records one task's result (from a proplet or a Job's runner): completed, or failed with its error.
@@ -447,6 +477,21 @@ mod tests {
             assert!(!changed, "{phase}");
             assert_eq!(st.results, None);
         }
+    }
+
+    #[test]
+    fn a_daemon_keeps_running_after_its_immediate_empty_answer() {
+        let mut t = task(false, json!({"phase": "running", "assignedClientId": "c1"}));
+        t.spec.daemon = Some(true);
+        let (changed, st) = merged(&t, &[result("c1", json!(""), None)]);
+        assert!(!changed);
+        assert_eq!(st.phase, Some(TaskPhase::Running));
+        let (_, st) = merged(&t, &[result("c1", Value::Null, Some("killed"))]);
+        assert_eq!(
+            st.phase,
+            Some(TaskPhase::Failed),
+            "a daemon that fails ends"
+        );
     }
 
     #[test]

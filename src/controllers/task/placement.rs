@@ -9,9 +9,7 @@ use kube::runtime::events::EventType;
 
 use super::gates::{dependency_cycle, dependency_gate};
 use super::job_backend;
-use super::launch::{
-    WAIT_FOR_PROPLET, dispatch_broadcast, ensure_finalizer, publish_and_mark_running,
-};
+use super::launch::{WAIT_FOR_PROPLET, dispatch_broadcast, launch};
 use super::outcome::{Ending, end_task, refuse};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::{Proplet, PropletType};
@@ -56,7 +54,7 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
                 g,
             );
             if status != old {
-                ctx.apply_status(task, &status).await?;
+                super::launch::write_status(ctx, task, status.clone()).await?;
             }
             return Ok(Action::await_change());
         }
@@ -116,7 +114,7 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
                 g,
             );
             if status != old {
-                ctx.apply_status(task, &status).await?;
+                super::launch::write_status(ctx, task, status.clone()).await?;
                 ctx.event(task, EventType::Normal, reason, "Schedule", message)
                     .await;
             }
@@ -124,28 +122,7 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         }
         Choice::OverMqtt(proplet) => proplet,
     };
-    let client_id = proplet.client_id();
-    // The finalizer write changes the resourceVersion: the assignment is written on top of it.
-    let task = ensure_finalizer(task, ctx).await?;
-    status.phase = Some(TaskPhase::Scheduled);
-    status.assigned_proplet = Some(proplet.name_any());
-    status.assigned_client_id = Some(client_id.clone());
-    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
-    status.error = None;
-    let msg = format!(
-        "assigned to proplet {} (clientId {client_id})",
-        proplet.name_any()
-    );
-    set_condition(
-        &mut status.conditions,
-        "Scheduled",
-        ConditionStatus::True,
-        "Assigned",
-        &msg,
-        g,
-    );
-    let scheduled = ctx.apply_status(&task, &status).await?;
-    publish_and_mark_running(&scheduled, ctx).await
+    launch(task, ctx, status, &proplet).await
 }
 
 /// Where a task goes, decided from the caches alone.
