@@ -192,6 +192,11 @@ pub async fn recur(task: &Task, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(Duration::from_millis(100)))
 }
 
+/// Every Task status write carries `updatedAt` (it costs no extra write).
+fn stamped(status: &mut TaskStatus) {
+    status.updated_at = Some(super::now());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,9 +233,4 @@ mod tests {
             .is_some()
         );
     }
-}
-
-/// Every Task status write carries `updatedAt` (it costs no extra write).
-fn stamped(status: &mut TaskStatus) {
-    status.updated_at = Some(super::now());
 }
