@@ -48,6 +48,11 @@ struct Args {
     /// Seconds of the heartbeat scenario (after every proplet is Running).
     #[arg(long, default_value_t = 180)]
     heartbeat_seconds: u64,
+    /// Tasks of the restart scenario (each takes 2 s) and its proplets.
+    #[arg(long, default_value_t = 600)]
+    restart_tasks: usize,
+    #[arg(long, default_value_t = 50)]
+    restart_proplets: usize,
     /// Only the heartbeat scenario; results are printed, not written (for investigating it).
     #[arg(long)]
     heartbeats_only: bool,
@@ -218,6 +223,8 @@ impl Drop for Operator {
 struct Wire {
     starts: HashMap<String, Instant>,
     results: HashMap<String, Instant>,
+    /// Start messages per task id (more than one: sent again).
+    start_count: HashMap<String, usize>,
 }
 
 async fn observe_wire(
@@ -253,6 +260,7 @@ async fn observe_wire(
                         if p.topic.ends_with("start") {
                             if let Some(id) = v["id"].as_str() {
                                 w.starts.entry(id.to_string()).or_insert(now);
+                                *w.start_count.entry(id.to_string()).or_default() += 1;
                             }
                         } else if let Some(id) = v["task_id"].as_str() {
                             w.results.entry(id.to_string()).or_insert(now);
@@ -495,6 +503,15 @@ async fn raw_write_limit(client: &Client, ns: &str) -> anyhow::Result<f64> {
 }
 
 async fn sims(broker: &mut Broker, ids: &[String]) -> anyhow::Result<Vec<SimHandle>> {
+    slow_sims(broker, ids, Duration::ZERO).await
+}
+
+/// Simulated proplets whose every task takes `delay`.
+async fn slow_sims(
+    broker: &mut Broker,
+    ids: &[String],
+    delay: Duration,
+) -> anyhow::Result<Vec<SimHandle>> {
     let users: Vec<(String, String)> = ids
         .iter()
         .map(|i| (i.clone(), format!("{i}-key")))
@@ -505,6 +522,7 @@ async fn sims(broker: &mut Broker, ids: &[String]) -> anyhow::Result<Vec<SimHand
             let mut c =
                 SimConfig::new(&broker.address(), DOMAIN, CHANNEL, id, &format!("{id}-key"));
             c.qos = 1;
+            c.faults.task_delay = delay;
             sim::spawn(c)
         })
         .collect()
@@ -551,7 +569,7 @@ async fn main() -> anyhow::Result<()> {
     cluster.delete_namespace(&client, &raw_ns).await;
 
     let log = testbed::run_dir().join("bench-operator.log");
-    let operator = Operator::start(&args.operator, cluster, &broker, &log)?;
+    let mut operator = Operator::start(&args.operator, cluster, &broker, &log)?;
     operator.ready().await?;
     let wire = Arc::new(Mutex::new(Wire::default()));
     let _observer = observe_wire(&broker, Arc::clone(&wire)).await?;
@@ -684,6 +702,79 @@ async fn main() -> anyhow::Result<()> {
         }
         let (_, peak) = proc_usage(operator.pid())?;
         results.insert("operator_peak_rss_mib", json!(peak));
+        for s in swarm {
+            s.kill();
+        }
+        cluster.delete_namespace(&client, &ns).await;
+
+        // 4. Restart: tasks taking 2 s, the operator killed (SIGKILL) mid-burst and started again.
+        let ns = cluster.namespace(&client, "bench-restart").await?;
+        let ids: Vec<String> = (0..args.restart_proplets)
+            .map(|i| format!("r-{i}"))
+            .collect();
+        make_proplets(&client, &ns, &ids, &broker).await?;
+        let swarm = slow_sims(&mut broker, &ids, Duration::from_secs(2)).await?;
+        all_running(&client, &ns, ids.len(), Duration::from_secs(120)).await?;
+        let done = Arc::new(Mutex::new(HashMap::new()));
+        let watch = watch_completions(&client, &ns, Arc::clone(&done));
+        let names: Vec<String> = (0..args.restart_tasks).map(|i| format!("r-{i}")).collect();
+        let created = create_tasks(&client, &ns, "restart", names, 0.0).await?;
+        let third = args.restart_tasks / 3;
+        testbed::eventually(
+            "a third of the tasks done",
+            Duration::from_secs(300),
+            || async { (done.lock().ok()?.len() >= third).then_some(()) },
+        )
+        .await?;
+        drop(operator); // SIGKILL
+        let killed = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        operator = Operator::start(&args.operator, cluster, &broker, &log)?;
+        operator.ready().await?;
+        let back = Instant::now();
+        let all_done = testbed::eventually("every task done", Duration::from_secs(120), || async {
+            let d = done.lock().ok()?;
+            (created.keys().all(|u| d.contains_key(u))).then(|| d.values().max().copied())
+        })
+        .await;
+        watch.abort();
+        let (lost, recovered_s) = match all_done {
+            Ok(last) => (
+                0,
+                last.map(|l| l.saturating_duration_since(back).as_secs_f64()),
+            ),
+            Err(_) => {
+                let d = done.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+                (created.keys().filter(|u| !d.contains_key(*u)).count(), None)
+            }
+        };
+        let (sent_again, runs_twice) = {
+            let w = wire.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+            let again: usize = created
+                .keys()
+                .filter_map(|u| w.start_count.get(u))
+                .map(|n| n.saturating_sub(1))
+                .sum();
+            let mut runs: HashMap<String, usize> = HashMap::new();
+            for s in &swarm {
+                for id in s.runs.lock().map(|r| r.clone()).unwrap_or_default() {
+                    *runs.entry(id).or_default() += 1;
+                }
+            }
+            (again, runs.values().filter(|n| **n > 1).count())
+        };
+        eprintln!(
+            "restart: {lost} lost, {sent_again} starts sent again, {runs_twice} run twice, recovered in {recovered_s:?} s"
+        );
+        results.insert("restart_tasks", json!(args.restart_tasks));
+        results.insert("restart_results_lost", json!(lost));
+        results.insert("restart_starts_sent_again", json!(sent_again));
+        results.insert("restart_tasks_run_twice", json!(runs_twice));
+        results.insert(
+            "restart_down_s",
+            json!(back.duration_since(killed).as_secs_f64()),
+        );
+        results.insert("restart_recovery_s", json!(recovered_s));
         for s in swarm {
             s.kill();
         }
@@ -903,6 +994,34 @@ fn report(args: &Args, results: &BTreeMap<&str, Value>) -> anyhow::Result<()> {
             "operator peak RSS (whole run)",
             format!("{:.0} MiB", num("operator_peak_rss_mib")),
             String::new(),
+        ),
+        (
+            "restart mid-burst: results lost",
+            format!(
+                "{:.0} of {:.0}",
+                num("restart_results_lost"),
+                num("restart_tasks")
+            ),
+            format!("0: {}", ok(num("restart_results_lost") == 0.0)),
+        ),
+        (
+            "restart mid-burst: tasks run twice",
+            format!("{:.0}", num("restart_tasks_run_twice")),
+            format!("0: {}", ok(num("restart_tasks_run_twice") == 0.0)),
+        ),
+        (
+            "restart mid-burst: starts sent again (ignored by the running proplet)",
+            format!("{:.0}", num("restart_starts_sent_again")),
+            String::new(),
+        ),
+        (
+            "restart mid-burst: every task ended, after the operator was back",
+            format!(
+                "{:.1} s (down {:.1} s)",
+                num("restart_recovery_s"),
+                num("restart_down_s")
+            ),
+            format!("≤ 10 s: {}", ok(num("restart_recovery_s") <= 10.0)),
         ),
     ];
     let mut block = format!(
