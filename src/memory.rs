@@ -11,23 +11,26 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::common::ResourceMetrics;
+use crate::mqtt::client::Ack;
 use crate::mqtt::wire::TaskResult;
 
 /// A result and when it arrived.
 pub type Received = (TaskResult, Instant);
 
-/// Results received over MQTT, waiting for the Task controller to write them (keyed by Task UID).
+/// Results received over MQTT, waiting for the Task controller to write them (keyed by Task UID), each with
+/// its MQTT acknowledgement: sent once the result is written (or found moot), so that a result received by
+/// an operator that dies before writing it is delivered again to the next one.
 #[derive(Clone, Default)]
 pub struct PendingResults {
-    inner: Arc<Mutex<HashMap<String, Vec<Received>>>>,
+    inner: Arc<Mutex<HashMap<String, Vec<(Received, Option<Ack>)>>>>,
 }
 
 impl PendingResults {
-    pub fn push(&self, uid: &str, result: TaskResult) {
+    pub fn push(&self, uid: &str, result: TaskResult, ack: Option<Ack>) {
         if let Ok(mut m) = self.inner.lock() {
             m.entry(uid.to_string())
                 .or_default()
-                .push((result, Instant::now()));
+                .push(((result, Instant::now()), ack));
         }
     }
 
@@ -36,11 +39,14 @@ impl PendingResults {
         self.inner
             .lock()
             .ok()
-            .and_then(|m| m.get(uid).cloned())
+            .and_then(|m| {
+                m.get(uid)
+                    .map(|v| v.iter().map(|(r, _)| r.clone()).collect())
+            })
             .unwrap_or_default()
     }
 
-    /// Forgets the first `n` results of a task once they are written.
+    /// Forgets the first `n` results of a task once they are written (acknowledging them).
     pub fn done(&self, uid: &str, n: usize) {
         if let Ok(mut m) = self.inner.lock()
             && let Some(v) = m.get_mut(uid)
@@ -49,6 +55,13 @@ impl PendingResults {
             if v.is_empty() {
                 m.remove(uid);
             }
+        }
+    }
+
+    /// Forgets (and acknowledges) everything waiting for a task that is gone.
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.remove(uid);
         }
     }
 }
@@ -200,9 +213,10 @@ impl WriteTimes {
     }
 }
 
-/// Our own status writes not yet back from the watch. A reconcile that starts from the watch cache right
-/// after a write would otherwise see the object before it and fail its resourceVersion test (a conflict,
-/// a wasted write and a retry); it takes the written object instead.
+/// Our own recent status writes. A reconcile that starts from the watch cache right after a write would
+/// otherwise see the object before it and fail its resourceVersion test (a conflict, a wasted write and a
+/// retry); it takes the written object instead. Records stay for [`OwnWrites::FRESH_FOR`] even once the
+/// watch has caught up: a reconcile may hold a copy taken from the cache just before.
 #[derive(Default)]
 pub struct OwnWrites {
     inner: Mutex<HashMap<String, Written>>,
@@ -240,18 +254,6 @@ impl OwnWrites {
                     object,
                 },
             );
-        }
-    }
-
-    /// The watch delivered `seen`: a recorded write it has caught up with is dropped.
-    pub fn seen<K: Resource>(&self, seen: &K) {
-        let (Some(uid), Some(rv)) = (seen.uid(), seen.resource_version()) else {
-            return;
-        };
-        if let Ok(mut m) = self.inner.lock()
-            && m.get(&uid).is_some_and(|w| w.resource_version == rv)
-        {
-            m.remove(&uid);
         }
     }
 

@@ -31,6 +31,7 @@ pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: T
     debug!("watch caches ready: routing MQTT messages");
     while let Some(msg) = rx.recv().await {
         if ctx.backlog.receive(&msg.topic, &msg.payload) {
+            debug!(drained = ctx.backlog.drained(), "session marker received");
             continue;
         }
         if crate::fl::parse_update_topic(&msg.topic).is_some() {
@@ -190,7 +191,9 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                 Some(t) => {
                     ctx.metrics.mqtt_message(kind.as_str(), "ok");
                     let uid = r.task_id.clone();
-                    ctx.results.push(&uid, r);
+                    debug!(task_id = %uid, "result received");
+                    // Acknowledged to the broker once the Task controller has written it.
+                    ctx.results.push(&uid, r, msg.ack.take());
                     triggers.tasks.wake(t);
                 }
             },

@@ -341,11 +341,6 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
         if let kube::runtime::watcher::Event::InitDone = ev {
             c.caches_ready.proplets_listed();
         }
-        if let kube::runtime::watcher::Event::Apply(p)
-        | kube::runtime::watcher::Event::InitApply(p) = ev
-        {
-            c.own_writes.seen(p);
-        }
     });
     let c = Arc::clone(ctx);
     watches.proplets.on_object(move |p, seen| {
@@ -363,11 +358,6 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
         c.task_index.apply(ev);
         if let kube::runtime::watcher::Event::InitDone = ev {
             c.caches_ready.tasks_listed();
-        }
-        if let kube::runtime::watcher::Event::Apply(t)
-        | kube::runtime::watcher::Event::InitApply(t) = ev
-        {
-            c.own_writes.seen(t);
         }
     });
 }

@@ -162,7 +162,10 @@ impl Operator {
         let log_file = std::fs::File::create(log)?;
         let child = std::process::Command::new(bin)
             .env("KUBECONFIG", &cluster.kubeconfig)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .args(["--mqtt-address", &broker.address()])
             .args([
                 "--client-id",
@@ -759,6 +762,28 @@ async fn main() -> anyhow::Result<()> {
             for s in &swarm {
                 for id in s.runs.lock().map(|r| r.clone()).unwrap_or_default() {
                     *runs.entry(id).or_default() += 1;
+                }
+            }
+            if std::env::var_os("BENCH_DEBUG").is_some() {
+                for (id, n) in runs.iter().filter(|(_, n)| **n > 1) {
+                    let first = w
+                        .starts
+                        .get(id)
+                        .map(|t| t.duration_since(killed.min(*t)).as_secs_f64());
+                    let res = w
+                        .results
+                        .get(id)
+                        .map(|t| t.saturating_duration_since(killed).as_secs_f64());
+                    eprintln!(
+                        "twice: {id} runs {n} starts {:?} first start {:?} first result after kill {:?} (back at {:?})",
+                        w.start_count.get(id),
+                        w.starts
+                            .get(id)
+                            .map(|t| killed.saturating_duration_since(*t).as_secs_f64()),
+                        res,
+                        back.duration_since(killed).as_secs_f64()
+                    );
+                    let _ = first;
                 }
             }
             (again, runs.values().filter(|n| **n > 1).count())

@@ -55,10 +55,42 @@ impl MqttSettings {
 }
 
 /// A message received from the broker.
-#[derive(Debug, Clone)]
 pub struct Message {
     pub topic: String,
     pub payload: bytes::Bytes,
+    /// Its acknowledgement, sent when this is dropped: a handler that must act on the message first (a
+    /// result: its status write) takes it and keeps it until then.
+    pub ack: std::cell::Cell<Option<Ack>>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("topic", &self.topic)
+            .field("bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The acknowledgement of one received message, sent to the broker when dropped. Until then the broker
+/// keeps the message for this client's session: an operator killed before acting on it gets it again on
+/// its next connect.
+pub struct Ack {
+    client: AsyncClient,
+    publish: rumqttc::Publish,
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        // Only fails when the connection is closing: the broker then redelivers the message.
+        let _ = self.client.try_ack(&self.publish);
+    }
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ack(pkid {})", self.publish.pkid)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +134,8 @@ impl MqttClient {
         let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
         opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(5)));
         opts.set_clean_session(settings.clean_session);
+        // Acknowledged once handled (see [`Ack`]), not on receipt.
+        opts.set_manual_acks(true);
         opts.set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
         opts.set_inflight(100);
         if let Some(user) = &settings.username {
@@ -121,6 +155,7 @@ impl MqttClient {
             closing: Arc::new(AtomicBool::new(false)),
         };
         let loop_handle = handle.clone();
+        let ack_client = handle.client.clone();
         let address = settings.address.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
@@ -141,9 +176,15 @@ impl MqttClient {
                         loop_handle.resubscribe().await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let mut receipt = rumqttc::Publish::new(&p.topic, p.qos, Vec::<u8>::new());
+                        receipt.pkid = p.pkid;
                         let msg = Message {
                             topic: p.topic,
                             payload: p.payload,
+                            ack: std::cell::Cell::new(Some(Ack {
+                                client: ack_client.clone(),
+                                publish: receipt,
+                            })),
                         };
                         if tx.send(msg).await.is_err() {
                             debug!("MQTT receiver dropped; stopping the event loop");

@@ -124,8 +124,26 @@ pub(super) async fn resume(task: &Task, ctx: &Context) -> Result<Option<Action>>
     if !ctx.backlog.drained() {
         return Ok(Some(Action::requeue(Duration::from_millis(250))));
     }
-    send_start(task, ctx).await?;
-    info!(task = %task.name_any(), "start sent again: the task was running when this operator started");
+    // Looked at only now: the backlog's results are all in once it is drained, and this reconcile may
+    // have started before its result came.
+    if !ctx.results.peek(&uid).is_empty() {
+        return Ok(Some(Action::requeue(Duration::from_millis(10))));
+    }
+    // Once per task and process, the cache is not trusted: this reconcile's copy may predate our own
+    // write of its result.
+    let Some(current) = fresh(ctx, task).await? else {
+        return Ok(Some(Action::await_change()));
+    };
+    let same = |t: &Task| {
+        t.status
+            .as_ref()
+            .map(|s| (s.assigned_client_id.clone(), s.attempts))
+    };
+    if current.phase() != TaskPhase::Running || same(&current) != same(task) {
+        return Ok(Some(Action::requeue(Duration::from_millis(10))));
+    }
+    send_start(&current, ctx).await?;
+    info!(task = %task.name_any(), %uid, "start sent again: the task was running when this operator started");
     Ok(None)
 }
 

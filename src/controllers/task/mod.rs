@@ -60,6 +60,8 @@ pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Task>) {
 /// A running task deleted without our finalizer (it had not run long enough to earn one): its stop goes out
 /// from the delete event. (With the finalizer, the controller sends it before letting the Task go.)
 fn stop_deleted(ctx: &Arc<Context>, t: &Task) {
+    // Results still waiting for it are moot: acknowledged now.
+    ctx.results.forget(&t.uid().unwrap_or_default());
     let status = t.status.clone().unwrap_or_default();
     let owned = status
         .assigned_client_id

@@ -235,6 +235,7 @@ pub(super) async fn record_results(
 ) -> Result<Action> {
     let uid = task.uid().unwrap_or_default();
     let changed = apply_results(task, &mut status, pending.iter().map(|(r, _)| r));
+    tracing::debug!(task = %task.name_any(), %uid, changed, results = pending.len(), phase = ?status.phase, "results applied");
     let last_received = pending.last().map(|(_, at)| *at);
     if changed {
         write_status(ctx, task, status.clone()).await?;
