@@ -64,7 +64,7 @@ mod tests {
     fn only_our_own_marker_drains_it() {
         let b = Backlog::new(Some(&Channel::new("d", "c")), "op-0");
         let (topic, marker) = b.marker().expect("a marker");
-        assert_eq!(topic, "m/d/c/control/manager/sync/op-0");
+        assert_eq!(topic, "m/d/c/c/control/manager/sync/op-0");
         assert!(!b.drained());
         assert!(b.receive(&topic, b"an earlier run's marker"));
         assert!(!b.drained(), "a stale marker proves nothing");

@@ -405,17 +405,30 @@ async fn invalid_jobs_create_nothing() -> anyhow::Result<()> {
         )
         .await?;
     assert!(children.items.is_empty(), "nothing runs");
+    // The Event follows the status write (it is not part of it): wait for it.
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(env.admin.clone(), &env.ns);
-    let notes: Vec<String> = events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("InvalidSpec"))
-        .filter_map(|e| e.note)
-        .collect();
-    assert!(notes.iter().any(|n| n.contains("a -> b -> a")), "{notes:?}");
+    propeller_operator::testbed::wait_for(
+        env.cluster,
+        "the InvalidSpec Event",
+        crate::support::WAIT,
+        || async {
+            let notes: Vec<String> = events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("InvalidSpec"))
+                .filter_map(|e| e.note)
+                .collect();
+            notes
+                .iter()
+                .any(|n| n.contains("a -> b -> a"))
+                .then_some(())
+        },
+    )
+    .await?;
     env.finish().await
 }
 
