@@ -150,6 +150,11 @@ struct Operator {
 }
 
 impl Operator {
+    /// A handle that only reads the /metrics of the operator on `port` (never kills anything).
+    fn probe(port: u16) -> Probe {
+        Probe { port }
+    }
+
     fn start(
         bin: &Path,
         cluster: &TestCluster,
@@ -532,26 +537,91 @@ async fn slow_sims(
 }
 
 /// One steady step: `rate` tasks/s for `secs`; the p99 of dispatch and completion latency.
+/// One steady step in the results: its rate, latencies, and whether the operator (CPU, queue) or the API
+/// server (writes) was the limit.
+fn step_json(rate: f64, p99: f64, lat: &Latencies, load: &StepLoad) -> Value {
+    json!({
+        "rate": rate,
+        "p99_ms": p99,
+        "dispatch_p99_ms": percentile(&sorted(lat.dispatch_ms.clone()), 99.0),
+        "operator_cpu_cores": load.operator_cpu_cores,
+        "max_task_queue": load.max_task_queue,
+    })
+}
+
+/// What one steady step measured besides latency: where the limit is (the operator's CPU, its Task queue).
+struct StepLoad {
+    operator_cpu_cores: f64,
+    max_task_queue: f64,
+}
+
+/// The port of an operator's /metrics.
+struct Probe {
+    port: u16,
+}
+
+/// The Task controller's work-queue depth, from the operator's /metrics.
+async fn task_queue_depth(operator: &Probe) -> Option<f64> {
+    let url = format!("http://127.0.0.1:{}/metrics", operator.port);
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()
+    })
+    .await
+    .ok()??;
+    text.lines()
+        .find(|l| l.starts_with("workqueue_depth{name=\"task\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// One steady step: `rate` tasks/s for `secs`; the p99 of dispatch and completion latency, and the load.
 async fn steady_step(
     client: &Client,
     ns: &str,
     rate: f64,
     secs: u64,
     wire: &Arc<Mutex<Wire>>,
-) -> anyhow::Result<(f64, Latencies)> {
+    operator: &Operator,
+) -> anyhow::Result<(f64, Latencies, StepLoad)> {
     let run = format!("steady-{rate}");
     let done = Arc::new(Mutex::new(HashMap::new()));
     let watch = watch_completions(client, ns, Arc::clone(&done));
     let n = (rate * secs as f64) as usize;
     let names: Vec<String> = (0..n).map(|i| format!("s{rate}-{i}")).collect();
+    let (cpu_before, _) = proc_usage(operator.pid())?;
+    let t0 = Instant::now();
+    let max_queue = Arc::new(Mutex::new(0.0f64));
+    let sampler = {
+        let max_queue = Arc::clone(&max_queue);
+        let port = operator.port;
+        tokio::spawn(async move {
+            let probe = Operator::probe(port);
+            loop {
+                if let (Some(d), Ok(mut m)) = (task_queue_depth(&probe).await, max_queue.lock()) {
+                    *m = m.max(d);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
     let created = create_tasks(client, ns, &run, names, rate).await?;
     let lat = wait_and_measure(&created, wire, &done, Duration::from_secs(300)).await;
+    sampler.abort();
+    let (cpu_after, _) = proc_usage(operator.pid())?;
+    let load = StepLoad {
+        operator_cpu_cores: (cpu_after - cpu_before) / t0.elapsed().as_secs_f64(),
+        max_task_queue: max_queue.lock().map(|m| *m).unwrap_or(f64::NAN),
+    };
     watch.abort();
     let lat = lat?;
     remove_run(client, ns, &run).await?;
     let p99 = percentile(&sorted(lat.dispatch_ms.clone()), 99.0)
         .max(percentile(&sorted(lat.completion_ms.clone()), 99.0));
-    Ok((p99, lat))
+    Ok((p99, lat, load))
 }
 
 #[tokio::main]
@@ -645,9 +715,10 @@ async fn main() -> anyhow::Result<()> {
         let mut rate: f64 = 25.0;
         // Double while the p99 holds (halve while it does not, from the start), then bisect once.
         loop {
-            let (p99, lat) = steady_step(&client, &ns, rate, args.steady_seconds, &wire).await?;
+            let (p99, lat, load) =
+                steady_step(&client, &ns, rate, args.steady_seconds, &wire, &operator).await?;
             eprintln!("steady {rate:.0}/s: p99 {p99:.0} ms");
-            steps.push(json!({"rate": rate, "p99_ms": p99}));
+            steps.push(step_json(rate, p99, &lat, &load));
             if rate == 100.0 {
                 at_100 = Some(lat);
             }
@@ -669,18 +740,20 @@ async fn main() -> anyhow::Result<()> {
             && b - g > 5.0
         {
             let mid = ((g + b) / 2.0).round();
-            let (p99, _) = steady_step(&client, &ns, mid, args.steady_seconds, &wire).await?;
+            let (p99, lat, load) =
+                steady_step(&client, &ns, mid, args.steady_seconds, &wire, &operator).await?;
             eprintln!("steady {mid:.0}/s: p99 {p99:.0} ms");
-            steps.push(json!({"rate": mid, "p99_ms": p99}));
+            steps.push(step_json(mid, p99, &lat, &load));
             if p99 <= 1000.0 {
                 good = Some(mid);
             }
         }
         // The latency target is stated at 100 tasks/s; measure there when the search did not.
         if at_100.is_none() {
-            let (p99, lat) = steady_step(&client, &ns, 100.0, args.steady_seconds, &wire).await?;
+            let (p99, lat, load) =
+                steady_step(&client, &ns, 100.0, args.steady_seconds, &wire, &operator).await?;
             eprintln!("steady 100/s: p99 {p99:.0} ms");
-            steps.push(json!({"rate": 100.0, "p99_ms": p99}));
+            steps.push(step_json(100.0, p99, &lat, &load));
             at_100 = Some(lat);
         }
         results.insert("steady_max_tasks_per_s", json!(good.unwrap_or(0.0)));
@@ -1059,6 +1132,24 @@ fn report(args: &Args, results: &BTreeMap<&str, Value>) -> anyhow::Result<()> {
     );
     for (m, r, t) in rows {
         block.push_str(&format!("| {m} | {r} | {t} |\n"));
+    }
+    // Each steady step, with what limited it: an operator short of CPU or with a growing queue is the limit;
+    // an idle operator with a short queue while latency grows means the API server is.
+    if let Some(steps) = results.get("steady_steps").and_then(Value::as_array) {
+        block.push_str(
+            "\n| steady rate | p99 (dispatch, completion) | dispatch p99 | operator CPU | largest Task queue |\n|---|---|---|---|---|\n",
+        );
+        for st in steps {
+            let f = |k: &str| st.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            block.push_str(&format!(
+                "| {:.0}/s | {:.0} ms | {:.0} ms | {:.2} cores | {:.0} |\n",
+                f("rate"),
+                f("p99_ms"),
+                f("dispatch_p99_ms"),
+                f("operator_cpu_cores"),
+                f("max_task_queue")
+            ));
+        }
     }
     block.push_str("<!-- bench:end -->");
     let doc = std::fs::read_to_string(&args.doc).unwrap_or_default();

@@ -1,6 +1,8 @@
 //! Which proplets this replica owns. Every controller and the MQTT router ask this one component, so
 //! that replicas can later split the proplets by clientId without touching them. Today one replica runs
 //! and owns everything.
+pub mod ring;
+
 #[derive(Clone, Debug, Default)]
 pub struct Ownership {
     _private: (),

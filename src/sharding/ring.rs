@@ -1,0 +1,150 @@
+//! The ring that spreads proplets over shards: consistent hashing of the clientId with virtual nodes, and
+//! bounded load (no shard holds more than ⌈c × average⌉; Mirrokni, Thorup and Zadimoghaddam, 2017). Adding or
+//! removing one of N shards moves about 1/N of the proplets. Pure: the same members and keys give the same
+//! assignment on every replica.
+use std::collections::BTreeMap;
+
+use xxhash_rust::xxh64::xxh64;
+
+/// Virtual nodes per shard: enough for an even spread with a handful of shards.
+pub const VIRTUAL_NODES: usize = 100;
+/// No shard holds more than this times the average.
+pub const LOAD_FACTOR: f64 = 1.25;
+
+fn hash(s: &str) -> u64 {
+    xxh64(s.as_bytes(), 0)
+}
+
+#[derive(Clone, Debug)]
+pub struct Ring {
+    members: Vec<String>,
+    /// (token, member index), sorted by token.
+    tokens: Vec<(u64, usize)>,
+}
+
+impl Ring {
+    pub fn new(members: impl IntoIterator<Item = String>, virtual_nodes: usize) -> Ring {
+        let mut members: Vec<String> = members.into_iter().collect();
+        members.sort();
+        members.dedup();
+        let mut tokens: Vec<(u64, usize)> = members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                (0..virtual_nodes.max(1)).map(move |v| (hash(&format!("{m}#{v}")), i))
+            })
+            .collect();
+        tokens.sort();
+        Ring { members, tokens }
+    }
+
+    pub fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    /// Member indexes clockwise from `key`'s place on the ring, each once.
+    fn walk(&self, key: &str) -> impl Iterator<Item = usize> + '_ {
+        let start = self.tokens.partition_point(|(t, _)| *t < hash(key));
+        let mut seen = vec![false; self.members.len()];
+        (0..self.tokens.len())
+            .map(move |i| self.tokens[(start + i) % self.tokens.len()].1)
+            .filter(move |m| !std::mem::replace(&mut seen[*m], true))
+    }
+
+    /// The member `key` hashes to, ignoring load.
+    pub fn owner(&self, key: &str) -> Option<&str> {
+        self.walk(key).next().map(|m| self.members[m].as_str())
+    }
+
+    /// Every key's member, with no member over ⌈`load_factor` × keys ÷ members⌉: a key whose member is full
+    /// goes to the next member clockwise. Keys are placed in the order of their hash, so the result does
+    /// not depend on the order they are given in.
+    pub fn assign<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k str>,
+        load_factor: f64,
+    ) -> BTreeMap<String, String> {
+        let mut keys: Vec<&str> = keys.into_iter().collect();
+        keys.sort_by_key(|k| (hash(k), *k));
+        keys.dedup();
+        let mut out = BTreeMap::new();
+        if self.members.is_empty() {
+            return out;
+        }
+        let capacity = ((load_factor.max(1.0) * keys.len() as f64) / self.members.len() as f64)
+            .ceil() as usize;
+        let mut load = vec![0usize; self.members.len()];
+        for key in keys {
+            if let Some(m) = self.walk(key).find(|m| load[*m] < capacity.max(1)) {
+                load[m] += 1;
+                out.insert(key.to_string(), self.members[m].clone());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shards(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("propeller-operator-{i}")).collect()
+    }
+
+    fn keys(n: usize, seed: u64) -> Vec<String> {
+        (0..n).map(|i| format!("proplet-{seed}-{i}")).collect()
+    }
+
+    fn moved(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> usize {
+        a.iter().filter(|(k, m)| b.get(*k) != Some(*m)).count()
+    }
+
+    #[test]
+    fn every_key_gets_one_member_and_none_is_over_its_bound() {
+        let ring = Ring::new(shards(3), VIRTUAL_NODES);
+        let ks = keys(1000, 1);
+        let a = ring.assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+        assert_eq!(a.len(), 1000);
+        let bound = (LOAD_FACTOR * 1000.0 / 3.0).ceil() as usize;
+        for s in ring.members() {
+            let load = a.values().filter(|m| *m == s).count();
+            assert!(load <= bound, "{s}: {load} > {bound}");
+            assert!(load > 0);
+        }
+        let reversed = ring.assign(ks.iter().rev().map(String::as_str), LOAD_FACTOR);
+        assert_eq!(a, reversed, "the order keys are given in does not matter");
+        assert!(
+            Ring::new(Vec::<String>::new(), 10)
+                .assign(["a"], 1.25)
+                .is_empty()
+        );
+        assert_eq!(
+            Ring::new(shards(1), 10).owner("x"),
+            Some("propeller-operator-0")
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// A shard joining takes about 1/(N+1) of the keys; one leaving gives up about 1/N; nothing else
+        /// moves much (bounded load lets a few more move than plain consistent hashing).
+        #[test]
+        fn a_shard_joining_or_leaving_moves_about_one_nth(n in 2usize..8, seed in 0u64..1000) {
+            let ks = keys(2000, seed);
+            let before = Ring::new(shards(n), VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let after = Ring::new(shards(n + 1), VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let fraction = moved(&before, &after) as f64 / ks.len() as f64;
+            let ideal = 1.0 / (n + 1) as f64;
+            prop_assert!(fraction >= 0.5 * ideal && fraction <= 2.0 * ideal,
+                "joining: {fraction:.3} moved, ideal {ideal:.3}");
+            let fewer = Ring::new(shards(n + 1).into_iter().skip(1), VIRTUAL_NODES)
+                .assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let fraction = moved(&after, &fewer) as f64 / ks.len() as f64;
+            prop_assert!(fraction >= 0.5 * ideal && fraction <= 2.0 * ideal,
+                "leaving: {fraction:.3} moved, ideal {ideal:.3}");
+        }
+    }
+}
