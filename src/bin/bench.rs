@@ -393,9 +393,20 @@ async fn create_tasks(
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let at = Instant::now();
-                let t = api
-                    .create(&PostParams::default(), &task_body(&name, run))
-                    .await?;
+                // An API server still digesting the previous step may refuse connections for a while.
+                let mut attempt = 0;
+                let t = loop {
+                    match api.create(&PostParams::default(), &task_body(&name, run)).await {
+                        Ok(t) => break t,
+                        Err(kube::Error::Api(e)) if e.code == 409 => break api.get(&name).await?,
+                        Err(e) if attempt < 10 => {
+                            attempt += 1;
+                            eprintln!("creating {name} (attempt {attempt}): {e}");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
                 if let (Some(uid), Ok(mut c)) = (t.uid(), created.lock()) {
                     c.insert(uid, at);
                 }
