@@ -396,7 +396,10 @@ async fn create_tasks(
                 // An API server still digesting the previous step may refuse connections for a while.
                 let mut attempt = 0;
                 let t = loop {
-                    match api.create(&PostParams::default(), &task_body(&name, run)).await {
+                    match api
+                        .create(&PostParams::default(), &task_body(&name, run))
+                        .await
+                    {
                         Ok(t) => break t,
                         Err(kube::Error::Api(e)) if e.code == 409 => break api.get(&name).await?,
                         Err(e) if attempt < 10 => {
@@ -628,8 +631,23 @@ async fn steady_step(
         max_task_queue: max_queue.lock().map(|m| *m).unwrap_or(f64::NAN),
     };
     watch.abort();
-    let lat = lat?;
     remove_run(client, ns, &run).await?;
+    // A rate the API server cannot absorb at all leaves tasks unfinished: the step failed, the search goes on.
+    let lat = match lat {
+        Ok(lat) => lat,
+        Err(e) => {
+            eprintln!("steady {rate:.0}/s: {e}");
+            return Ok((
+                f64::INFINITY,
+                Latencies {
+                    dispatch_ms: Vec::new(),
+                    completion_ms: Vec::new(),
+                    last_completion: None,
+                },
+                load,
+            ));
+        }
+    };
     let p99 = percentile(&sorted(lat.dispatch_ms.clone()), 99.0)
         .max(percentile(&sorted(lat.completion_ms.clone()), 99.0));
     Ok((p99, lat, load))
