@@ -27,13 +27,16 @@ const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs until SIGINT/SIGTERM, with the client from the environment (in-cluster or KUBECONFIG).
 pub async fn run(config: OperatorConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered before anything starts: a signal that comes while the operator starts is not lost (and
+    // does not kill the process with the default handler).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let client = crate::clusters::from_environment().await?;
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         info!("shutdown signal received");
     };
