@@ -60,8 +60,10 @@ pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Task>) {
 /// A running task deleted without our finalizer (it had not run long enough to earn one): its stop goes out
 /// from the delete event. (With the finalizer, the controller sends it before letting the Task go.)
 fn stop_deleted(ctx: &Arc<Context>, t: &Task) {
-    // Results still waiting for it are moot: acknowledged now.
-    ctx.results.forget(&t.uid().unwrap_or_default());
+    // Results still waiting for it are moot (acknowledged now), and it needs no start any more.
+    let uid = t.uid().unwrap_or_default();
+    ctx.results.forget(&uid);
+    ctx.launched.forget(&uid);
     let status = t.status.clone().unwrap_or_default();
     let owned = status
         .assigned_client_id
@@ -72,7 +74,6 @@ fn stop_deleted(ctx: &Arc<Context>, t: &Task) {
     if !t.phase().is_active() || waited || status.job_name.is_some() || !owned {
         return;
     }
-    ctx.launched.forget(&t.uid().unwrap_or_default());
     let (ctx, t) = (Arc::clone(ctx), t.clone());
     tokio::spawn(async move { launch::stop(&t, &ctx, &status).await });
 }
