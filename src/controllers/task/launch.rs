@@ -78,16 +78,7 @@ pub(super) async fn launch(
         Some(channel) => format!("start sent to {client_id} on {channel}"),
         None => format!("start sent to {client_id}"),
     };
-    set_condition(
-        &mut status.conditions,
-        "Started",
-        ConditionStatus::True,
-        "Dispatched",
-        &msg,
-        g,
-    );
-    let running = write_status(ctx, task, status).await?;
-    send_start(&running, ctx).await?;
+    record_and_send(task, ctx, status, &msg).await?;
     if let Some(created) = task.metadata.creation_timestamp.as_ref() {
         let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
         ctx.metrics.task_dispatch_seconds.observe(secs.max(0.0));
@@ -95,6 +86,27 @@ pub(super) async fn launch(
     info!(task = %task.name_any(), proplet = %proplet.name_any(), "task dispatched");
     ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
     Ok(Action::requeue(next_look(task, ctx)))
+}
+
+/// Writes `status` as running with the Started condition (`msg`), then sends the start: the write first, so
+/// that a stale view sends nothing.
+async fn record_and_send(
+    task: &Task,
+    ctx: &Context,
+    mut status: TaskStatus,
+    msg: &str,
+) -> Result<()> {
+    let g = task.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        "Started",
+        ConditionStatus::True,
+        "Dispatched",
+        msg,
+        g,
+    );
+    let running = write_status(ctx, task, status).await?;
+    send_start(&running, ctx).await
 }
 
 /// A task left `scheduled` by an operator version that wrote the assignment first: it is launched now.
@@ -260,16 +272,7 @@ pub(super) async fn dispatch_broadcast(
     status.attempts = Some(status.attempts.unwrap_or(0) + 1);
     status.results = Some(json!({}));
     let msg = format!("broadcast to {} proplets", status.broadcast_targets.len());
-    set_condition(
-        &mut status.conditions,
-        "Started",
-        ConditionStatus::True,
-        "Dispatched",
-        &msg,
-        g,
-    );
-    let running = write_status(ctx, task, status).await?;
-    send_start(&running, ctx).await?;
+    record_and_send(task, ctx, status, &msg).await?;
     ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
     Ok(Action::requeue(next_look(task, ctx)))
 }
