@@ -217,9 +217,29 @@ pub struct OperatorConfig {
     /// Accepted for compatibility (secure metrics are not offered).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub metrics_secure: bool,
-    /// Accepted for compatibility; one replica runs (leader election comes with HA).
-    #[arg(long, default_value_t = false)]
+    /// Run as one of several replicas: a leader (Lease `--leader-election-id`) and shards (a Lease
+    /// `propeller-shard-{identity}` each) that split the proplets by clientId. See docs/sharding.md.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub leader_elect: bool,
+    /// Name of the leader Lease (upstream's manager uses the same).
+    #[arg(long, default_value = "fa27fa49.propeller.abstractmachines.fr")]
+    pub leader_election_id: String,
+    /// Namespace of the leader and shard Leases (default: POD_NAMESPACE, else the watched namespace,
+    /// else `default`).
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE", default_value = "")]
+    pub leader_election_namespace: String,
+    /// How long a Lease stays valid without renewal.
+    #[arg(long, default_value = "15s")]
+    pub lease_duration: GoDuration,
+    /// A replica that could not renew its Lease for this long stops publishing and stops.
+    #[arg(long, default_value = "10s")]
+    pub renew_deadline: GoDuration,
+    /// How often Leases are renewed and the ring is recomputed.
+    #[arg(long, default_value = "2s")]
+    pub retry_period: GoDuration,
+    /// Proplets handed over between live shards at the same time.
+    #[arg(long, default_value_t = 100)]
+    pub max_concurrent_moves: usize,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -269,6 +289,36 @@ impl OperatorConfig {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+    }
+
+    /// Where the Leases live.
+    pub fn lease_namespace(&self) -> String {
+        if !self.leader_election_namespace.is_empty() {
+            return self.leader_election_namespace.clone();
+        }
+        match std::env::var("POD_NAMESPACE") {
+            Ok(ns) if !ns.is_empty() => ns,
+            _ if !self.watch_namespace.is_empty() => self.watch_namespace.clone(),
+            _ => "default".to_string(),
+        }
+    }
+
+    /// Lease timings, checked: renewal must be able to succeed before the Lease runs out.
+    pub fn lease_timings(&self) -> anyhow::Result<crate::sharding::lease::Timings> {
+        let t = crate::sharding::lease::Timings {
+            duration: self.lease_duration.0,
+            renew_deadline: self.renew_deadline.0,
+            retry_period: self.retry_period.0,
+        };
+        if !(t.retry_period < t.renew_deadline && t.renew_deadline < t.duration) {
+            anyhow::bail!(
+                "--retry-period ({:?}) < --renew-deadline ({:?}) < --lease-duration ({:?}) must hold",
+                t.retry_period,
+                t.renew_deadline,
+                t.duration
+            );
+        }
+        Ok(t)
     }
 
     /// The MQTT client id: `--mqtt-client-id`, else one derived from [`OperatorConfig::identity`].

@@ -37,8 +37,14 @@ pub struct Context {
     pub mqtt: Option<MqttClient>,
     pub ownership: Ownership,
     pub metrics: Arc<Metrics>,
+    /// The Proplets this replica owns (all of them for a single replica; a shard's label-selected watch).
     pub proplets: Store<Proplet>,
+    /// The Tasks this replica holds (all for a single replica; a shard's label-selected watch).
     pub tasks: Store<Task>,
+    /// Proplets moving to this shard (empty for a single replica).
+    pub incoming: Store<Proplet>,
+    /// Tasks no shard has claimed yet (empty for a single replica).
+    pub unclaimed: Store<Task>,
     /// Jobs of the job backend (empty when the backend is mqtt).
     pub jobs: Store<Job>,
     pub propeller_jobs: Store<PropellerJob>,
@@ -74,6 +80,8 @@ pub struct Context {
 pub struct Writers {
     pub proplets: Writer<Proplet>,
     pub tasks: Writer<Task>,
+    pub incoming: Writer<Proplet>,
+    pub unclaimed: Writer<Task>,
     pub jobs: Writer<Job>,
     pub propeller_jobs: Writer<PropellerJob>,
     pub federated_jobs: Writer<FederatedJob>,
@@ -92,6 +100,8 @@ impl Context {
     ) -> (Context, Writers) {
         let (proplets, proplet_writer) = reflector::store();
         let (tasks, task_writer) = reflector::store();
+        let (incoming, incoming_writer) = reflector::store();
+        let (unclaimed, unclaimed_writer) = reflector::store();
         let (jobs, job_writer) = reflector::store();
         let (propeller_jobs, pjob_writer) = reflector::store();
         let (federated_jobs, fjob_writer) = reflector::store();
@@ -102,6 +112,11 @@ impl Context {
             instance: Some(config.identity()),
         };
         let backlog = Backlog::new(config.default_channel().as_ref(), &config.mqtt_client_id());
+        let ownership = if config.leader_elect {
+            Ownership::sharded(&config.identity(), config.renew_deadline.0)
+        } else {
+            Ownership::single()
+        };
         let ctx = Context {
             backlog,
             launched: Launched::default(),
@@ -110,10 +125,12 @@ impl Context {
             client,
             config,
             mqtt,
-            ownership: Ownership::single(),
+            ownership,
             metrics,
             proplets,
             tasks,
+            incoming,
+            unclaimed,
             jobs,
             propeller_jobs,
             federated_jobs,
@@ -133,6 +150,8 @@ impl Context {
         let writers = Writers {
             proplets: proplet_writer,
             tasks: task_writer,
+            incoming: incoming_writer,
+            unclaimed: unclaimed_writer,
             jobs: job_writer,
             propeller_jobs: pjob_writer,
             federated_jobs: fjob_writer,
@@ -192,6 +211,10 @@ impl Context {
             + Serialize
             + std::fmt::Debug,
     {
+        // A shard whose Lease is not fresh may already have a successor: it decides nothing more.
+        if !self.ownership.may_act() {
+            return Err(Error::Fenced(format!("status of {}", obj.name_any())));
+        }
         let ns = obj
             .namespace()
             .ok_or_else(|| Error::NoNamespace(obj.name_any()))?;

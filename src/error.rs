@@ -13,6 +13,8 @@ pub enum Error {
     Conflict(String),
     #[error("invalid object: {0}")]
     Invalid(String),
+    #[error("this shard may not act (its Lease is not fresh): {0}")]
+    Fenced(String),
     #[error("{0} has no namespace")]
     NoNamespace(String),
 }

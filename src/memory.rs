@@ -67,6 +67,26 @@ impl PendingResults {
             m.remove(uid);
         }
     }
+
+    /// Drops (acknowledging them) results of tasks `known` does not know that have waited `longer` than
+    /// this: a shard parks results of tasks it does not hold yet, since a Task moving to it may reach its
+    /// cache after its result. Returns how many were dropped.
+    pub fn sweep(&self, longer: Duration, known: impl Fn(&str) -> bool) -> usize {
+        let Ok(mut m) = self.inner.lock() else {
+            return 0;
+        };
+        let mut dropped = 0;
+        m.retain(|uid, waiting| {
+            let stale = waiting.iter().all(|((_, at), _)| at.elapsed() >= longer);
+            if stale && !known(uid) {
+                dropped += waiting.len();
+                false
+            } else {
+                true
+            }
+        });
+        dropped
+    }
 }
 
 /// The latest task_metrics sample of each running task, written to status at most every

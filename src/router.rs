@@ -133,12 +133,14 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                 // Discovery is sent once, at proplet start-up, often before its Proplet is created:
                 // keep it (bounded) so the Proplet shows it whenever it appears.
                 // (Only for unknown proplets: for a known one, `discovery` below must see the change.)
-                if ctx.ownership.owns_client(&m.proplet_id)
+                // (A shard knows only its own proplets: unknown ones are the leader's.)
+                if (ctx.ownership.owns_client(&m.proplet_id) || ctx.ownership.is_leader())
                     && proplet_for(ctx, &channel, &m.proplet_id).is_none()
                 {
                     ctx.liveness.remember_discovery(&m.proplet_id, md.clone());
                     // Unknown anywhere (not merely on another channel): a candidate for discovery.
                     if let Some(d) = &triggers.discovery
+                        && ctx.ownership.is_leader()
                         && ctx.proplet_index.by_client(&m.proplet_id).is_none()
                     {
                         d.offer(crate::discovery::Announcement {
@@ -184,6 +186,12 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         Inbound::Results => match wire::decode_result(payload) {
             Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(r) => match traced_task(&r.task_id, ctx) {
+                None if ctx.ownership.is_sharded() => {
+                    // Another shard's task, or one moving here whose Task is not in our cache yet:
+                    // parked, unacknowledged, until it shows up or the sweep drops it as not ours.
+                    ctx.metrics.mqtt_message(kind.as_str(), "parked");
+                    ctx.results.push(&r.task_id.clone(), r, msg.ack.take());
+                }
                 None => {
                     ctx.metrics.mqtt_message(kind.as_str(), "unknown_task");
                     debug!(topic = %msg.topic, task_id = %r.task_id, "result for an unknown task");

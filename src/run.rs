@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::Client;
-use tokio::sync::{Notify, oneshot};
+use kube::runtime::controller::Action;
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -14,7 +15,9 @@ use crate::clock::Clock;
 use crate::config::{K8sTaskBackend, OperatorConfig};
 use crate::context::Context;
 use crate::controllers::runtime::{Queue, Seen, Watches, run_controller, shutdown_from};
+use crate::controllers::sharding::{claim, handover, sharder};
 use crate::controllers::{federated_job, propeller_job, proplet, task, training_round};
+use crate::sharding::membership::{self, Membership};
 use crate::mqtt::subscriptions::{self, Policy};
 use crate::mqtt::{MqttClient, MqttSettings};
 use crate::router::{self, Triggers};
@@ -60,7 +63,14 @@ pub async fn run_with_clock(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let operator = Operator::start(client, config, clock).await?;
-    shutdown.await;
+    let halted = operator.halted();
+    tokio::select! {
+        _ = shutdown => {}
+        _ = halted => {
+            operator.stop().await;
+            anyhow::bail!("this replica lost a Lease it needs and stopped");
+        }
+    }
     operator.stop().await;
     Ok(())
 }
@@ -72,6 +82,9 @@ pub struct Operator {
     health_address: Option<SocketAddr>,
     fl_address: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
+    /// Set when a Lease this replica needs is lost: it stops acting, and should stop.
+    halt: watch::Receiver<bool>,
+    membership: Option<Membership>,
     controllers: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
@@ -89,11 +102,17 @@ impl Operator {
             .auto_discover_proplets
             .then(|| config.discovery_namespace())
             .transpose()?;
+        let timings = config.lease_timings()?;
         let metrics = Arc::new(Metrics::new()?);
         let readiness = Readiness::default();
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let shutdown = shutdown_from(async {
-            let _ = stop_rx.await;
+        let (halt_tx, halt) = watch::channel(false);
+        let mut halted = halt.clone();
+        let shutdown = shutdown_from(async move {
+            tokio::select! {
+                _ = stop_rx => {}
+                _ = halted.wait_for(|h| *h) => {}
+            }
         });
         let mut background = Vec::new();
 
@@ -119,12 +138,29 @@ impl Operator {
         let (ctx, writers) = Context::new(client.clone(), config, metrics, mqtt.clone(), clock);
         let ctx = Arc::new(ctx);
         let config = &ctx.config;
+        let shard = ctx.ownership.identity().map(str::to_string);
+        let membership = shard.as_ref().map(|identity| {
+            info!(%identity, namespace = %config.lease_namespace(), "sharded: leader election and shard Lease on");
+            membership::spawn(
+                client.clone(),
+                membership::Settings {
+                    identity: identity.clone(),
+                    namespace: config.lease_namespace(),
+                    leader_lease: config.leader_election_id.clone(),
+                    timings,
+                },
+                ctx.ownership.clone(),
+                Arc::clone(&ctx.metrics),
+                halt_tx,
+            )
+        });
 
         let proplets = Queue::new("proplet", Arc::clone(&ctx.metrics));
         let tasks = Queue::new("task", Arc::clone(&ctx.metrics));
         let propeller_jobs = Queue::new("propellerjob", Arc::clone(&ctx.metrics));
         let federated_jobs = Queue::new("federatedjob", Arc::clone(&ctx.metrics));
         let training_rounds = Queue::new("traininground", Arc::clone(&ctx.metrics));
+        let claims = Queue::new("taskclaim", Arc::clone(&ctx.metrics));
 
         let job_selector = (config.k8s_task_backend == K8sTaskBackend::Job)
             .then_some(task::job_backend::MANAGED_SELECTOR);
@@ -132,6 +168,7 @@ impl Operator {
             &client,
             &config.watch_namespace,
             writers,
+            shard.as_deref(),
             job_selector,
             crate::fl::store::UPDATE_LABEL,
         );
@@ -141,11 +178,28 @@ impl Operator {
         propeller_job::wake_ups(&ctx, &mut watches, &propeller_jobs.waker());
         federated_job::wake_ups(&mut watches, &federated_jobs.waker());
         training_round::wake_ups(&mut watches, &training_rounds.waker());
+        if let Some(unclaimed) = &mut watches.unclaimed {
+            unclaimed.wake_self(&claims.waker());
+        }
+        // Proplets arriving, leaving or moving: the handover looks again.
+        let moves = Arc::new(Notify::new());
+        for w in [Some(&mut watches.proplets), watches.incoming.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let m = Arc::clone(&moves);
+            w.on_event(move |_| m.notify_one());
+        }
 
+        let changed = Arc::new(Notify::new());
         if let (Some(mqtt), Some(inbox)) = (mqtt, inbox) {
-            let changed = Arc::new(Notify::new());
-            let notify = Arc::clone(&changed);
-            watches.proplets.on_event(move |_| notify.notify_one());
+            for w in [Some(&mut watches.proplets), watches.incoming.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                let notify = Arc::clone(&changed);
+                w.on_event(move |_| notify.notify_one());
+            }
             let marker = ctx.backlog.marker();
             let mut policy = Policy {
                 default_channel: config.default_channel(),
@@ -156,12 +210,14 @@ impl Operator {
                 .fixed
                 .extend(marker.as_ref().map(|(topic, _)| topic.clone()));
             let index = Arc::clone(&ctx);
+            let probes = Arc::clone(&ctx);
             background.push(subscriptions::follow(
                 mqtt,
                 policy,
-                move || index.proplet_index.channels(),
-                changed,
+                move || served_channels(&index),
+                Arc::clone(&changed),
                 marker,
+                move |generation| probes.backlog.probe(generation),
                 shutdown.clone(),
             ));
             let (registry, worker) = crate::registry::spawn(Arc::clone(&ctx), tasks.waker());
@@ -199,6 +255,24 @@ impl Operator {
             shutdown.clone(),
         )));
         background.extend(watches.spawn(&shutdown));
+        if shard.is_some() {
+            background.push(handover::spawn(
+                Arc::clone(&ctx),
+                moves,
+                Arc::clone(&changed),
+                shutdown.clone(),
+            ));
+            background.push(sharder::spawn(Arc::clone(&ctx), shutdown.clone()));
+            background.push(wake_on_leading(
+                Arc::clone(&ctx),
+                [
+                    propeller_jobs.waker().into_erased(&ctx.propeller_jobs),
+                    federated_jobs.waker().into_erased(&ctx.federated_jobs),
+                    training_rounds.waker().into_erased(&ctx.training_rounds),
+                ],
+                shutdown.clone(),
+            ));
+        }
 
         let controllers = tokio::spawn(futures::FutureExt::map(
             futures::future::join_all([
@@ -219,21 +293,28 @@ impl Operator {
                 run_controller(
                     propeller_jobs,
                     ctx.propeller_jobs.clone(),
-                    propeller_job::reconcile,
+                    leader_only(propeller_job::reconcile),
                     Arc::clone(&ctx),
                     shutdown.clone(),
                 ),
                 run_controller(
                     federated_jobs,
                     ctx.federated_jobs.clone(),
-                    federated_job::reconcile,
+                    leader_only(federated_job::reconcile),
                     Arc::clone(&ctx),
                     shutdown.clone(),
                 ),
                 run_controller(
                     training_rounds,
                     ctx.training_rounds.clone(),
-                    training_round::reconcile,
+                    leader_only(training_round::reconcile),
+                    Arc::clone(&ctx),
+                    shutdown.clone(),
+                ),
+                run_controller(
+                    claims,
+                    ctx.unclaimed.clone(),
+                    claim::reconcile,
                     Arc::clone(&ctx),
                     shutdown.clone(),
                 ),
@@ -247,6 +328,8 @@ impl Operator {
             health_address,
             fl_address,
             stop,
+            halt,
+            membership,
             controllers,
             background,
         })
@@ -266,8 +349,34 @@ impl Operator {
         &self.ctx
     }
 
-    /// Stops: no reconcile starts any more, those in flight finish, then the watches, the endpoints and
-    /// the MQTT connection close. Returns how long it took.
+    /// Completes when this replica lost a Lease it needs (it has stopped acting; [`Operator::stop`] it).
+    pub fn halted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut halt = self.halt.clone();
+        async move {
+            let _ = halt.wait_for(|h| *h).await;
+        }
+    }
+
+    /// Dies without any goodbye, as a killed process does: nothing drains, no Lease is released (they
+    /// expire), the broker keeps the MQTT session. For tests of failover.
+    pub async fn crash(self) {
+        if let Some(m) = self.membership {
+            m.abandon();
+        }
+        self.controllers.abort();
+        for task in &self.background {
+            task.abort();
+        }
+        for task in self.background {
+            let _ = task.await;
+        }
+        if let Some(m) = &self.ctx.mqtt {
+            m.disconnect().await;
+        }
+    }
+
+    /// Stops: no reconcile starts any more, those in flight finish, the Leases are released, then the
+    /// watches, the endpoints and the MQTT connection close. Returns how long it took.
     pub async fn stop(self) -> Duration {
         let asked = Instant::now();
         let _ = self.stop.send(());
@@ -278,6 +387,9 @@ impl Operator {
         {
             warn!(deadline = ?STOP_DEADLINE, "controllers still busy after the stop; exiting anyway");
             controllers.abort();
+        }
+        if let Some(m) = self.membership {
+            m.release().await;
         }
         for task in &self.background {
             task.abort();
@@ -340,6 +452,7 @@ fn connect(
 fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
     let c = Arc::clone(ctx);
     watches.proplets.on_event(move |ev| {
+        c.ownership.apply(ev);
         c.proplet_index.apply(ev);
         if let kube::runtime::watcher::Event::InitDone = ev {
             c.caches_ready.proplets_listed();
@@ -363,4 +476,60 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
             c.caches_ready.tasks_listed();
         }
     });
+}
+
+/// The channels whose messages this replica must hear: those of its Proplets and of those moving to it.
+fn served_channels(ctx: &Context) -> std::collections::BTreeSet<crate::mqtt::topics::Channel> {
+    let mut channels = ctx.proplet_index.channels();
+    channels.extend(
+        ctx.incoming
+            .state()
+            .iter()
+            .filter_map(|p| task::wire::channel_of(p)),
+    );
+    channels
+}
+
+/// A reconcile that runs only on the leader (a single replica always leads); elsewhere it waits for
+/// [`wake_on_leading`].
+fn leader_only<K, F>(
+    reconcile: fn(Arc<K>, Arc<Context>) -> F,
+) -> impl Fn(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, crate::error::Result<Action>>
+where
+    K: Send + Sync + 'static,
+    F: std::future::Future<Output = crate::error::Result<Action>> + Send + 'static,
+{
+    move |obj, ctx| {
+        if ctx.ownership.is_leader() {
+            Box::pin(reconcile(obj, ctx))
+        } else {
+            Box::pin(async { Ok(Action::await_change()) })
+        }
+    }
+}
+
+/// Wakes every object of the leader's controllers when this replica becomes the leader.
+fn wake_on_leading<const N: usize>(
+    ctx: Arc<Context>,
+    wakers: [Box<dyn Fn() + Send + Sync>; N],
+    shutdown: crate::controllers::runtime::Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut leading = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(ctx.config.retry_period.0 / 4) => {}
+                _ = &mut shutdown => return,
+            }
+            let now = ctx.ownership.is_leader();
+            if now && !leading {
+                info!("this replica leads: the leader's controllers look at everything");
+                for wake in &wakers {
+                    wake();
+                }
+            }
+            leading = now;
+        }
+    })
 }

@@ -6,6 +6,7 @@ pub mod proplet;
 pub mod runtime;
 pub mod schedule;
 pub mod selection;
+pub mod sharding;
 pub mod task;
 pub mod training_round;
 

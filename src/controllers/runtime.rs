@@ -96,6 +96,17 @@ impl<K: Resource> Waker<K> {
             self.wake(r);
         }
     }
+
+    /// A call that wakes every object `store` holds.
+    pub fn into_erased(self, store: &Store<K>) -> Box<dyn Fn() + Send + Sync>
+    where
+        K: Kind,
+    {
+        let store = store.clone();
+        Box::new(move || {
+            self.wake_all(store.state().iter().map(|o| ObjectRef::from_obj(o.as_ref())))
+        })
+    }
 }
 
 /// A controller's work queue: its [`Waker`]s fill it, [`run_controller`] drains it.
@@ -235,8 +246,14 @@ fn lean<K: Kind>(
 
 /// Every watch of one operator. Controllers add their wake-ups, then [`Watches::spawn`] starts them.
 pub struct Watches {
+    /// A single replica's Proplets are all; a shard's, those labelled with it.
     pub proplets: Watch<Proplet>,
+    /// Same for Tasks.
     pub tasks: Watch<Task>,
+    /// A shard's Proplets moving to it.
+    pub incoming: Option<Watch<Proplet>>,
+    /// A shard's view of the Tasks nobody has claimed.
+    pub unclaimed: Option<Watch<Task>>,
     /// Jobs of the job backend: only watched with `--k8s-task-backend=job`.
     pub jobs: Option<Watch<Job>>,
     pub propeller_jobs: Watch<PropellerJob>,
@@ -247,18 +264,39 @@ pub struct Watches {
 }
 
 impl Watches {
-    /// Watches in `namespace` (empty: all namespaces).
+    /// Watches in `namespace` (empty: all namespaces); a shard's Proplet and Task watches are restricted
+    /// to what is labelled with `shard`.
     pub fn new(
         client: &Client,
         namespace: &str,
         writers: Writers,
+        shard: Option<&str>,
         job_selector: Option<&str>,
         fl_update_selector: &str,
     ) -> Self {
+        use crate::sharding::{incoming_selector, own_selector, unclaimed_selector};
         let all = watcher::Config::default;
+        let own = || match shard {
+            Some(s) => all().labels(&own_selector(s)),
+            None => all(),
+        };
         Watches {
-            proplets: Watch::new(api(client, namespace), all(), writers.proplets),
-            tasks: Watch::new(api(client, namespace), all(), writers.tasks),
+            proplets: Watch::new(api(client, namespace), own(), writers.proplets),
+            tasks: Watch::new(api(client, namespace), own(), writers.tasks),
+            incoming: shard.map(|s| {
+                Watch::new(
+                    api(client, namespace),
+                    all().labels(&incoming_selector(s)),
+                    writers.incoming,
+                )
+            }),
+            unclaimed: shard.map(|_| {
+                Watch::new(
+                    api(client, namespace),
+                    all().labels(&unclaimed_selector()),
+                    writers.unclaimed,
+                )
+            }),
             jobs: job_selector
                 .map(|s| Watch::new(api(client, namespace), all().labels(s), writers.jobs)),
             propeller_jobs: Watch::new(api(client, namespace), all(), writers.propeller_jobs),
@@ -283,6 +321,12 @@ impl Watches {
         ];
         if let Some(jobs) = self.jobs {
             handles.push(jobs.spawn(shutdown.clone()));
+        }
+        if let Some(w) = self.incoming {
+            handles.push(w.spawn(shutdown.clone()));
+        }
+        if let Some(w) = self.unclaimed {
+            handles.push(w.spawn(shutdown.clone()));
         }
         handles
     }

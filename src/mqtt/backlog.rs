@@ -4,7 +4,7 @@
 //! its own right after subscribing: the broker delivers a session's messages in order, so the marker comes
 //! back after everything queued before it. A broker that refuses the marker topic (an ACL) leaves the
 //! operator waiting [`Backlog::FALLBACK`] instead.
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::topics::Channel;
@@ -14,6 +14,8 @@ pub struct Backlog {
     nonce: String,
     drained: AtomicBool,
     since: Instant,
+    /// The newest subscription generation a probe came back for.
+    confirmed: AtomicU64,
 }
 
 impl Backlog {
@@ -32,6 +34,7 @@ impl Backlog {
             nonce: format!("{}-{nanos}", std::process::id()),
             drained: AtomicBool::new(false),
             since: Instant::now(),
+            confirmed: AtomicU64::new(0),
         }
     }
 
@@ -40,15 +43,38 @@ impl Backlog {
         Some((self.topic.clone()?, self.nonce.clone().into_bytes()))
     }
 
-    /// Whether a received message is this operator's marker; the backlog is drained when it is.
+    /// A probe for subscription generation `generation`, published right after subscribing: when it comes
+    /// back, the broker has processed every subscription of that generation.
+    pub fn probe(&self, generation: u64) -> Option<(String, Vec<u8>)> {
+        Some((
+            self.topic.clone()?,
+            format!("{}/probe/{generation}", self.nonce).into_bytes(),
+        ))
+    }
+
+    /// Whether a received message is this operator's marker or probe; the backlog is drained when the
+    /// marker comes back.
     pub fn receive(&self, topic: &str, payload: &[u8]) -> bool {
         if self.topic.as_deref() != Some(topic) {
             return false;
         }
         if payload == self.nonce.as_bytes() {
             self.drained.store(true, Ordering::SeqCst);
+        } else if let Some(g) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.strip_prefix(self.nonce.as_str()))
+            .and_then(|rest| rest.strip_prefix("/probe/"))
+            .and_then(|g| g.parse::<u64>().ok())
+        {
+            self.confirmed.fetch_max(g, Ordering::SeqCst);
         }
         true
+    }
+
+    /// Whether the broker is known to have the subscriptions of `generation` (always, when the operator
+    /// has no marker topic to probe with: it can only trust its own order of packets).
+    pub fn confirmed(&self, generation: u64) -> bool {
+        self.topic.is_none() || self.confirmed.load(Ordering::SeqCst) >= generation
     }
 
     pub fn drained(&self) -> bool {
@@ -72,5 +98,20 @@ mod tests {
         assert!(b.receive(&topic, &marker));
         assert!(b.drained());
         assert!(Backlog::new(None, "x").marker().is_none());
+    }
+
+    #[test]
+    fn a_probe_confirms_its_generation_and_those_before() {
+        let b = Backlog::new(Some(&Channel::new("d", "c")), "op-0");
+        let (topic, probe) = b.probe(3).expect("a probe");
+        assert!(!b.confirmed(1));
+        assert!(b.receive(&topic, &probe));
+        assert!(b.confirmed(3) && b.confirmed(2) && !b.confirmed(4));
+        assert!(!b.drained(), "a probe is not the marker");
+        let other = Backlog::new(Some(&Channel::new("d", "c")), "op-0");
+        let (_, foreign) = other.probe(9).expect("a probe");
+        assert!(b.receive(&topic, &foreign));
+        assert!(!b.confirmed(4), "another run's probe proves nothing");
+        assert!(Backlog::new(None, "x").confirmed(7));
     }
 }

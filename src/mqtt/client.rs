@@ -110,6 +110,8 @@ pub struct MqttClient {
     qos: QoS,
     timeout: Duration,
     subscriptions: Arc<Mutex<BTreeSet<String>>>,
+    /// Counts changes of the subscription set (see [`MqttClient::subscribed`]).
+    generation: Arc<std::sync::atomic::AtomicU64>,
     connected: Arc<AtomicBool>,
     closing: Arc<AtomicBool>,
 }
@@ -151,6 +153,7 @@ impl MqttClient {
             qos: qos(settings.qos),
             timeout: settings.timeout,
             subscriptions: Arc::new(Mutex::new(BTreeSet::new())),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             connected: Arc::new(AtomicBool::new(false)),
             closing: Arc::new(AtomicBool::new(false)),
         };
@@ -251,6 +254,22 @@ impl MqttClient {
         }
         info!(count = wanted.len(), "MQTT subscriptions updated");
         *current = wanted;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The generation of the subscription set if it holds every topic of `topics`: once a probe published
+    /// after that generation came back, the broker has them (it handles a connection's packets in order).
+    pub async fn subscribed(&self, topics: &[String]) -> Option<u64> {
+        let current = self.subscriptions.lock().await;
+        topics
+            .iter()
+            .all(|t| current.contains(t))
+            .then(|| self.generation.load(Ordering::SeqCst))
+    }
+
+    /// The current generation of the subscription set.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     async fn resubscribe(&self) {

@@ -39,23 +39,35 @@ impl Policy {
 /// Keeps `mqtt`'s subscriptions equal to the policy over `channels()`, recomputed after each
 /// [`Notify::notify_one`] on `changed` (a burst of changes costs one recomputation) until `shutdown`. Once
 /// the first set is subscribed, `marker` (a topic among the fixed ones, and a payload) is published: see
-/// [`super::backlog`].
+/// [`super::backlog`]; after every change, `probe(generation)` is published, so that the change can be
+/// known to have reached the broker.
 pub fn follow(
     mqtt: MqttClient,
     policy: Policy,
     channels: impl Fn() -> BTreeSet<Channel> + Send + 'static,
     changed: Arc<Notify>,
     mut marker: Option<(String, Vec<u8>)>,
+    probe: impl Fn(u64) -> Option<(String, Vec<u8>)> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut shutdown = std::pin::pin!(shutdown.fuse());
+        let mut probed = 0;
         loop {
             mqtt.set_subscriptions(policy.wanted(&channels())).await;
             if let Some((topic, payload)) = marker.take()
                 && let Err(e) = mqtt.publish(&topic, payload).await
             {
                 tracing::warn!(error = %e, "the session marker was not sent; waiting out the fallback");
+            }
+            let generation = mqtt.generation();
+            if generation != probed
+                && let Some((topic, payload)) = probe(generation)
+            {
+                probed = generation;
+                if let Err(e) = mqtt.publish(&topic, payload).await {
+                    tracing::warn!(error = %e, "subscription probe not sent");
+                }
             }
             tokio::select! {
                 _ = changed.notified() => {}

@@ -1,11 +1,81 @@
-//! Which proplets this replica owns. Every controller and the MQTT router ask this one component, so
-//! that replicas can later split the proplets by clientId without touching them. Today one replica runs
-//! and owns everything.
+//! Which proplets this replica owns. Every controller and the MQTT router ask this one component. A single
+//! replica owns everything; with `--leader-elect`, replicas are shards that each own the Proplets labelled
+//! with their name (the leader's sharder writes the labels from the ring), and only while they hold their
+//! shard Lease. See docs/sharding.md for the protocol.
+pub mod lease;
+pub mod members;
+pub mod membership;
 pub mod ring;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::runtime::watcher;
+
+use crate::api::proplet::Proplet;
+
+/// The shard that owns a Proplet, or a Task.
+pub const SHARD_LABEL: &str = "propeller.propeller.abstractmachines.fr/shard";
+/// Set by the leader on a Proplet that moves between live shards: the shard it goes to.
+pub const DRAIN_LABEL: &str = "propeller.propeller.abstractmachines.fr/drain-to";
+/// Set by the shard a Proplet moves to, once it is subscribed to the Proplet's channel.
+pub const DRAIN_READY_LABEL: &str = "propeller.propeller.abstractmachines.fr/drain-ready";
+/// On shard Leases: the ring they belong to.
+pub const RING_LABEL: &str = "propeller.propeller.abstractmachines.fr/ring";
+pub const RING: &str = "propeller-operator";
+/// On a Task: shards that claimed it and could not place it.
+pub const PASSED_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/passed-by";
+
+/// The shard Lease of a replica.
+pub fn shard_lease_name(identity: &str) -> String {
+    format!("propeller-shard-{identity}")
+}
+
+/// The replica a shard Lease belongs to.
+pub fn shard_of_lease(name: &str) -> Option<&str> {
+    name.strip_prefix("propeller-shard-")
+}
+
+fn label(obj: &impl ResourceExt, key: &str) -> Option<String> {
+    obj.labels().get(key).cloned()
+}
+
+/// The shard named on an object.
+pub fn shard_of(obj: &impl ResourceExt) -> Option<String> {
+    label(obj, SHARD_LABEL)
+}
+
+/// The shard an object is moving to.
+pub fn drain_of(obj: &impl ResourceExt) -> Option<String> {
+    label(obj, DRAIN_LABEL)
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct Ownership {
-    _private: (),
+    shard: Option<Arc<Shard>>,
+}
+
+#[derive(Debug)]
+pub struct Shard {
+    identity: String,
+    renew_deadline: Duration,
+    /// When our shard Lease was last renewed.
+    renewed: Mutex<Option<Instant>>,
+    leader: AtomicBool,
+    /// clientId → keys of our Proplets with it that are not moving away.
+    owned: RwLock<Owned>,
+    /// Every shard with a Lease, with its state, sorted.
+    states: RwLock<Vec<(String, members::State)>>,
+}
+
+#[derive(Debug, Default)]
+struct Owned {
+    by_client: HashMap<String, HashSet<String>>,
+    /// While the watch relists: what the new list holds so far.
+    relisting: Option<HashMap<String, HashSet<String>>>,
 }
 
 impl Ownership {
@@ -14,19 +84,252 @@ impl Ownership {
         Ownership::default()
     }
 
-    /// Whether this replica handles the proplet with this clientId (and the tasks placed on it).
-    pub fn owns_client(&self, _client_id: &str) -> bool {
-        true
+    /// One shard of several: owns nothing until its Lease is held and Proplets are labelled for it.
+    pub fn sharded(identity: &str, renew_deadline: Duration) -> Self {
+        Ownership {
+            shard: Some(Arc::new(Shard {
+                identity: identity.to_string(),
+                renew_deadline,
+                renewed: Mutex::new(None),
+                leader: AtomicBool::new(false),
+                owned: RwLock::new(Owned::default()),
+                states: RwLock::new(Vec::new()),
+            })),
+        }
     }
+
+    pub fn is_sharded(&self) -> bool {
+        self.shard.is_some()
+    }
+
+    /// This shard's name (None for a single replica).
+    pub fn identity(&self) -> Option<&str> {
+        self.shard.as_ref().map(|s| s.identity.as_str())
+    }
+
+    /// Whether this replica may publish and write for what it owns: always for a single replica; for a
+    /// shard, only while its Lease was renewed within the renew deadline.
+    pub fn may_act(&self) -> bool {
+        match &self.shard {
+            None => true,
+            Some(s) => s
+                .renewed
+                .lock()
+                .ok()
+                .and_then(|r| *r)
+                .is_some_and(|at| at.elapsed() < s.renew_deadline),
+        }
+    }
+
+    /// Whether this replica handles the proplet with this clientId (and the tasks placed on it).
+    pub fn owns_client(&self, client_id: &str) -> bool {
+        match &self.shard {
+            None => true,
+            Some(s) => {
+                self.may_act()
+                    && s.owned
+                        .read()
+                        .is_ok_and(|o| o.by_client.contains_key(client_id))
+            }
+        }
+    }
+
+    /// Whether this replica runs the singleton work (always, for a single replica).
+    pub fn is_leader(&self) -> bool {
+        match &self.shard {
+            None => true,
+            Some(s) => s.leader.load(Ordering::SeqCst) && self.may_act(),
+        }
+    }
+
+    /// Every shard with a Lease and its state, as last judged (empty for a single replica).
+    pub fn states(&self) -> Vec<(String, members::State)> {
+        self.shard
+            .as_ref()
+            .and_then(|s| s.states.read().ok().map(|m| m.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The live shards (the ring's members), sorted.
+    pub fn members(&self) -> Vec<String> {
+        self.states()
+            .into_iter()
+            .filter(|(_, s)| s.is_member())
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// How many clientIds this shard owns now.
+    pub fn owned_count(&self) -> usize {
+        self.shard
+            .as_ref()
+            .and_then(|s| s.owned.read().ok().map(|o| o.by_client.len()))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn renewed(&self, at: Instant) {
+        if let Some(s) = &self.shard
+            && let Ok(mut r) = s.renewed.lock()
+        {
+            *r = Some(at);
+        }
+    }
+
+    /// Stops acting at once (the Lease is lost or released).
+    pub(crate) fn revoke(&self) {
+        if let Some(s) = &self.shard {
+            if let Ok(mut r) = s.renewed.lock() {
+                *r = None;
+            }
+            s.leader.store(false, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn set_leader(&self, leading: bool) {
+        if let Some(s) = &self.shard {
+            s.leader.store(leading, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn set_states(&self, states: Vec<(String, members::State)>) {
+        if let Some(s) = &self.shard
+            && let Ok(mut m) = s.states.write()
+        {
+            *m = states;
+        }
+    }
+
+    /// Follows the (label-selected) Proplet watch: a Proplet in it is ours unless it is moving away.
+    pub fn apply(&self, ev: &watcher::Event<Proplet>) {
+        let Some(s) = &self.shard else { return };
+        let Ok(mut owned) = s.owned.write() else {
+            return;
+        };
+        let key = |p: &Proplet| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        let ours = |p: &Proplet| {
+            shard_of(p).as_deref() == Some(s.identity.as_str()) && drain_of(p).is_none()
+        };
+        let client = |p: &Proplet| p.spec.connection_config.client().map(str::to_string);
+        fn insert(map: &mut HashMap<String, HashSet<String>>, client: String, key: String) {
+            map.entry(client).or_default().insert(key);
+        }
+        fn remove(map: &mut HashMap<String, HashSet<String>>, key: &str) {
+            map.retain(|_, keys| {
+                keys.remove(key);
+                !keys.is_empty()
+            });
+        }
+        match ev {
+            watcher::Event::Init => owned.relisting = Some(HashMap::new()),
+            watcher::Event::InitApply(p) => {
+                if let (Some(c), true) = (client(p), ours(p)) {
+                    let k = key(p);
+                    if let Some(next) = owned.relisting.as_mut() {
+                        insert(next, c, k);
+                    }
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(next) = owned.relisting.take() {
+                    owned.by_client = next;
+                }
+            }
+            watcher::Event::Apply(p) => {
+                let k = key(p);
+                remove(&mut owned.by_client, &k);
+                if let (Some(c), true) = (client(p), ours(p)) {
+                    insert(&mut owned.by_client, c, k);
+                }
+            }
+            watcher::Event::Delete(p) => remove(&mut owned.by_client, &key(p)),
+        }
+    }
+}
+
+/// The label selector of what a shard watches.
+pub fn own_selector(identity: &str) -> String {
+    format!("{SHARD_LABEL}={identity}")
+}
+
+/// The label selector of Proplets moving to a shard.
+pub fn incoming_selector(identity: &str) -> String {
+    format!("{DRAIN_LABEL}={identity}")
+}
+
+/// The label selector of Tasks no shard has claimed.
+pub fn unclaimed_selector() -> String {
+    format!("!{SHARD_LABEL}")
+}
+
+/// The label selector of shard Leases.
+pub fn ring_selector() -> String {
+    format!("{RING_LABEL}={RING}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::proplet::PropletSpec;
 
     #[test]
     fn a_single_replica_owns_everything() {
         let o = Ownership::single();
         assert!(["a", "proplet-1", ""].iter().all(|c| o.owns_client(c)));
+        assert!(o.is_leader() && o.may_act());
+    }
+
+    fn proplet(name: &str, client: &str, labels: &[(&str, &str)]) -> Proplet {
+        let spec: PropletSpec =
+            serde_json::from_value(serde_json::json!({"type": "external", "connectionConfig": {"clientId": client, "channelId": "c", "mqttAddress": "tcp://m:1883"}}))
+                .expect("spec");
+        let mut p = Proplet::new(name, spec);
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        p
+    }
+
+    #[test]
+    fn a_shard_owns_its_labelled_proplets_only_while_its_lease_is_fresh_and_they_stay() {
+        let o = Ownership::sharded("op-0", Duration::from_secs(10));
+        let mine = proplet("a", "client-a", &[(SHARD_LABEL, "op-0")]);
+        o.apply(&watcher::Event::Apply(mine.clone()));
+        assert!(!o.owns_client("client-a"), "no Lease yet");
+        o.renewed(Instant::now());
+        assert!(o.owns_client("client-a"));
+        assert!(!o.owns_client("client-b"));
+        assert!(!o.is_leader());
+        let moving = proplet(
+            "a",
+            "client-a",
+            &[(SHARD_LABEL, "op-0"), (DRAIN_LABEL, "op-1")],
+        );
+        o.apply(&watcher::Event::Apply(moving));
+        assert!(!o.owns_client("client-a"), "a draining proplet is let go at once");
+        o.apply(&watcher::Event::Apply(mine.clone()));
+        assert!(o.owns_client("client-a"));
+        o.revoke();
+        assert!(!o.owns_client("client-a"), "a lost Lease stops everything");
+        o.renewed(Instant::now());
+        // A relist that no longer holds it drops it.
+        o.apply(&watcher::Event::Init);
+        o.apply(&watcher::Event::InitApply(proplet(
+            "b",
+            "client-b",
+            &[(SHARD_LABEL, "op-0")],
+        )));
+        assert!(o.owns_client("client-a"), "kept until the relist is done");
+        o.apply(&watcher::Event::InitDone);
+        assert!(!o.owns_client("client-a") && o.owns_client("client-b"));
+        o.apply(&watcher::Event::Delete(proplet(
+            "b",
+            "client-b",
+            &[(SHARD_LABEL, "op-0")],
+        )));
+        assert_eq!(o.owned_count(), 0);
     }
 }

@@ -52,6 +52,11 @@ impl Ring {
     }
 
     /// The member `key` hashes to, ignoring load.
+    /// The members in the order they are asked for `key`: its owner first, then clockwise.
+    pub fn preference(&self, key: &str) -> Vec<&str> {
+        self.walk(key).map(|m| self.members[m].as_str()).collect()
+    }
+
     pub fn owner(&self, key: &str) -> Option<&str> {
         self.walk(key).next().map(|m| self.members[m].as_str())
     }

@@ -1,6 +1,7 @@
 //! Prometheus metrics (controller-runtime's names where they exist) and the HTTP endpoint serving them
 //! with the health probes.
 pub mod server;
+pub mod sharding;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -34,6 +35,7 @@ pub struct Metrics {
     pub fl_updates_total: IntCounterVec,
     pub fl_rounds_total: IntCounterVec,
     pub fl_model_requests_total: IntCounterVec,
+    pub shards: sharding::ShardMetrics,
     /// Queued objects per controller (a key is queued once until its reconcile starts), with the time it
     /// was first queued.
     queued: Mutex<HashMap<(&'static str, String), Instant>>,
@@ -206,6 +208,7 @@ impl Metrics {
         registry.register(Box::new(task_dispatch_seconds.clone()))?;
         registry.register(Box::new(task_completion_seconds.clone()))?;
         registry.register(Box::new(proplets.clone()))?;
+        let shards = sharding::ShardMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             reconcile_total,
@@ -227,6 +230,7 @@ impl Metrics {
             fl_updates_total,
             fl_rounds_total,
             fl_model_requests_total,
+            shards,
             queued: Mutex::new(HashMap::new()),
         })
     }

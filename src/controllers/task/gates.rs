@@ -134,22 +134,44 @@ pub(super) fn dependency_cycle(task: &Task, ctx: &Context) -> Option<String> {
 }
 
 /// Waits for dependencies (`dependsOn`, same namespace). `Ok(None)`: go ahead.
-pub(super) fn dependency_gate(
+/// The phase of each dependency of `task`: from the cache, and for a shard (whose cache holds only its
+/// own Tasks) from the API server for those it does not hold.
+pub(super) async fn dependency_phases(
     task: &Task,
     ctx: &Context,
+) -> crate::error::Result<std::collections::HashMap<String, TaskPhase>> {
+    let ns = task.namespace();
+    let mut phases = std::collections::HashMap::new();
+    for dep in task.spec.depends_on.iter().flatten() {
+        let cached = ctx
+            .tasks
+            .state()
+            .into_iter()
+            .find(|t| t.namespace() == ns && &t.name_any() == dep)
+            .map(|t| t.phase());
+        let phase = match (cached, ns.as_deref()) {
+            (Some(p), _) => Some(p),
+            (None, Some(ns)) if ctx.ownership.is_sharded() => {
+                let api: kube::Api<Task> = kube::Api::namespaced(ctx.client.clone(), ns);
+                api.get_opt(dep).await?.map(|t| t.phase())
+            }
+            (None, _) => None,
+        };
+        phases.extend(phase.map(|p| (dep.clone(), p)));
+    }
+    Ok(phases)
+}
+
+pub(super) fn dependency_gate(
+    task: &Task,
+    phases: &std::collections::HashMap<String, TaskPhase>,
 ) -> std::result::Result<Option<String>, String> {
     let Some(deps) = task.spec.depends_on.as_ref().filter(|d| !d.is_empty()) else {
         return Ok(None);
     };
-    let ns = task.namespace();
     let mut failed = Vec::new();
     for dep in deps {
-        let found = ctx
-            .tasks
-            .state()
-            .into_iter()
-            .find(|t| t.namespace() == ns && &t.name_any() == dep);
-        match found.map(|t| t.phase()) {
+        match phases.get(dep).copied() {
             None => return Ok(Some(format!("waiting for dependency {dep} (not found)"))),
             Some(TaskPhase::Completed) => {}
             Some(p) if p.is_terminal() => failed.push(dep.clone()),

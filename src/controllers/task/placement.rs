@@ -7,7 +7,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::gates::{dependency_cycle, dependency_gate};
+use super::gates::{dependency_cycle, dependency_gate, dependency_phases};
 use super::job_backend;
 use super::launch::{WAIT_FOR_PROPLET, dispatch_broadcast, launch};
 use super::outcome::{Ending, end_task, refuse};
@@ -42,7 +42,8 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
     if let Some(cycle) = dependency_cycle(task, ctx) {
         return refuse(task, ctx, status, "InvalidSpec", &cycle).await;
     }
-    match dependency_gate(task, ctx) {
+    let phases = dependency_phases(task, ctx).await?;
+    match dependency_gate(task, &phases) {
         Ok(None) => {}
         Ok(Some(wait)) => {
             set_condition(
@@ -56,7 +57,12 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
             if status != old {
                 super::launch::write_status(ctx, task, status.clone()).await?;
             }
-            return Ok(Action::await_change());
+            // A shard is not woken by dependencies other shards hold: it looks again.
+            return Ok(if ctx.ownership.is_sharded() {
+                Action::requeue(ctx.config.retry_period.0)
+            } else {
+                Action::await_change()
+            });
         }
         Err(skip) => {
             let end = Ending {
@@ -105,6 +111,12 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         }
         Choice::AsJob(proplet) => return job_backend::dispatch(task, ctx, status, &proplet).await,
         Choice::Wait { reason, message } => {
+            // A shard sees only its own proplets: another may have one that fits, or room.
+            if ctx.ownership.is_sharded()
+                && crate::controllers::sharding::claim::pass(task, ctx).await?
+            {
+                return Ok(Action::await_change());
+            }
             set_condition(
                 &mut status.conditions,
                 "Scheduled",

@@ -1,0 +1,167 @@
+//! Both ends of a live move (drain → acknowledge → reassign), run by every shard:
+//! - the shard a Proplet moves to subscribes to its channel and, once the broker has the subscription (a
+//!   probe came back), labels it `drain-ready`: from then on its session gets every message about it;
+//! - the shard it leaves stopped acting on it when `drain-to` appeared ([`crate::sharding::Ownership`]);
+//!   seeing `drain-ready`, it relabels the Proplet's Tasks and then the Proplet itself to the new shard,
+//!   which is its acknowledgement and the reassignment in one resourceVersion-checked write.
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::labels::patch_meta;
+use super::plan::drain_ready;
+use crate::api::proplet::Proplet;
+use crate::context::Context;
+use crate::controllers::runtime::Shutdown;
+use crate::controllers::task::wire::channel_of;
+use crate::error::Result;
+use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, drain_of, shard_of};
+
+/// While a move waits for its subscription to reach the broker, it is looked at this often.
+const PENDING_POLL: Duration = Duration::from_millis(100);
+
+/// Runs until `shutdown`, woken by `wake` (Proplet events) and every retry period. `resubscribe` is told
+/// when an incoming Proplet's channel must be added to the subscriptions.
+pub fn spawn(
+    ctx: Arc<Context>,
+    wake: Arc<Notify>,
+    resubscribe: Arc<Notify>,
+    shutdown: Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut pending = false;
+        loop {
+            let idle = if pending {
+                PENDING_POLL
+            } else {
+                ctx.config.retry_period.0
+            };
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+                _ = &mut shutdown => return,
+            }
+            if !ctx.ownership.may_act() {
+                continue;
+            }
+            pending = match incoming(&ctx, &resubscribe).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "incoming handover failed; retrying");
+                    true
+                }
+            };
+            if let Err(e) = outgoing(&ctx).await {
+                warn!(error = %e, "outgoing handover failed; retrying");
+                pending = true;
+            }
+            ctx.metrics
+                .shards
+                .proplets
+                .set(ctx.ownership.owned_count() as i64);
+            ctx.metrics.shards.tasks.set(ctx.tasks.state().len() as i64);
+        }
+    })
+}
+
+/// Proplets moving here: labelled `drain-ready` once their channel's subscription is confirmed. Returns
+/// whether some still wait for it.
+async fn incoming(ctx: &Context, resubscribe: &Notify) -> Result<bool> {
+    let (Some(me), Some(mqtt)) = (ctx.ownership.identity(), &ctx.mqtt) else {
+        return Ok(false);
+    };
+    let mut waiting = false;
+    for p in ctx.incoming.state() {
+        if drain_of(p.as_ref()).as_deref() != Some(me) || drain_ready(&p) {
+            continue;
+        }
+        let topics = channel_of(&p).map(|c| c.subscriptions()).unwrap_or_default();
+        match mqtt.subscribed(&topics).await {
+            Some(g) if ctx.backlog.confirmed(g) => {
+                let ok = patch_meta(
+                    &ctx.client,
+                    &ctx.metrics,
+                    p.as_ref(),
+                    &[(DRAIN_READY_LABEL, Some("true"))],
+                    &[],
+                    true,
+                )
+                .await?;
+                debug!(proplet = %p.name_any(), ok, "subscribed for an incoming proplet");
+            }
+            Some(_) => waiting = true,
+            None => {
+                resubscribe.notify_one();
+                waiting = true;
+            }
+        }
+    }
+    Ok(waiting)
+}
+
+/// Our Proplets whose new owner is ready: their Tasks, then they, are relabelled to it.
+async fn outgoing(ctx: &Context) -> Result<()> {
+    let Some(me) = ctx.ownership.identity() else {
+        return Ok(());
+    };
+    let ready: Vec<Arc<Proplet>> = ctx
+        .proplets
+        .state()
+        .into_iter()
+        .filter(|p| shard_of(p.as_ref()).as_deref() == Some(me))
+        .filter(|p| drain_of(p.as_ref()).is_some() && drain_ready(p))
+        .collect();
+    for p in ready {
+        let Some(to) = drain_of(p.as_ref()) else {
+            continue;
+        };
+        let ns = p.namespace();
+        let name = p.name_any();
+        let client = p.spec.connection_config.client().map(str::to_string);
+        for t in ctx.tasks.state() {
+            let status = t.status.as_ref();
+            let on_it = t.namespace() == ns
+                && (status.and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str())
+                    || (client.is_some()
+                        && status.and_then(|s| s.assigned_client_id.clone()) == client));
+            if on_it && shard_of(t.as_ref()).as_deref() == Some(me) {
+                patch_meta(
+                    &ctx.client,
+                    &ctx.metrics,
+                    t.as_ref(),
+                    &[(SHARD_LABEL, Some(&to))],
+                    &[],
+                    false,
+                )
+                .await?;
+            }
+        }
+        let moved = patch_meta(
+            &ctx.client,
+            &ctx.metrics,
+            p.as_ref(),
+            &[
+                (SHARD_LABEL, Some(&to)),
+                (DRAIN_LABEL, None),
+                (DRAIN_READY_LABEL, None),
+            ],
+            &[],
+            true,
+        )
+        .await?;
+        if moved {
+            ctx.metrics
+                .shards
+                .moves_total
+                .with_label_values(&["live"])
+                .inc();
+            info!(proplet = %name, %to, "proplet handed over");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The leader's assignment of Proplets to shards, decided from a snapshot (pure): the ring over the live
+//! shards says where each Proplet belongs; a Proplet with no owner, or whose owner is dead or released, is
+//! assigned at once; one owned by a live shard that should move is drained first (bounded concurrency).
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kube::ResourceExt;
+
+use crate::api::proplet::Proplet;
+use crate::sharding::members::State;
+use crate::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
+use crate::sharding::{DRAIN_READY_LABEL, drain_of, shard_of};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveKind {
+    /// Never assigned.
+    New,
+    /// From a shard that is dead (fenced) or released: nobody is left to acknowledge.
+    Dead,
+}
+
+impl MoveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveKind::New => "new",
+            MoveKind::Dead => "dead",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Label the Proplet with `to` (and clear any drain). `from` is its previous, dead shard.
+    Assign {
+        proplet: Arc<Proplet>,
+        from: Option<String>,
+        to: String,
+        kind: MoveKind,
+    },
+    /// Ask its live owner to hand it to `to`.
+    Drain { proplet: Arc<Proplet>, to: String },
+    /// A drain that no longer makes sense (the ring changed back, or its target left): cleared.
+    CancelDrain { proplet: Arc<Proplet> },
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Proplets whose owner is silent and not yet fenced: they wait.
+    pub unowned: usize,
+    pub drains_in_flight: usize,
+}
+
+/// The key a Proplet is hashed by: its clientId (its name when it has none yet).
+pub fn key(p: &Proplet) -> String {
+    p.spec
+        .connection_config
+        .client()
+        .map(str::to_string)
+        .unwrap_or_else(|| p.name_any())
+}
+
+/// What to do now. `states` holds every shard with a Lease; a shard without one counts as gone.
+pub fn plan(proplets: &[Arc<Proplet>], states: &HashMap<String, State>, max_moves: usize) -> Plan {
+    let members = states
+        .iter()
+        .filter(|(_, s)| s.is_member())
+        .map(|(n, _)| n.clone());
+    let ring = Ring::new(members, VIRTUAL_NODES);
+    let mut out = Plan::default();
+    if ring.members().is_empty() {
+        out.unowned = proplets.iter().filter(|p| shard_of(p.as_ref()).is_none()).count();
+        return out;
+    }
+    let keys: Vec<String> = proplets.iter().map(|p| key(p)).collect();
+    let desired = ring.assign(keys.iter().map(String::as_str), LOAD_FACTOR);
+    let state = |s: &str| states.get(s).copied();
+    let mut new_drains = Vec::new();
+    for (p, k) in proplets.iter().zip(&keys) {
+        let Some(want) = desired.get(k) else { continue };
+        let drain = drain_of(p.as_ref());
+        let Some(current) = shard_of(p.as_ref()) else {
+            out.steps.push(Step::Assign {
+                proplet: Arc::clone(p),
+                from: None,
+                to: want.clone(),
+                kind: MoveKind::New,
+            });
+            continue;
+        };
+        match state(&current) {
+            Some(s) if s.is_member() => {}
+            Some(State::Uncertain) => {
+                out.unowned += 1;
+                continue;
+            }
+            // Dead, released, or no Lease at all.
+            _ => {
+                out.steps.push(Step::Assign {
+                    proplet: Arc::clone(p),
+                    from: Some(current),
+                    to: want.clone(),
+                    kind: MoveKind::Dead,
+                });
+                continue;
+            }
+        }
+        if &current == want {
+            if drain.is_some() {
+                out.steps.push(Step::CancelDrain {
+                    proplet: Arc::clone(p),
+                });
+            }
+            continue;
+        }
+        match drain {
+            Some(d) if &d == want => out.drains_in_flight += 1,
+            Some(_) => out.steps.push(Step::CancelDrain {
+                proplet: Arc::clone(p),
+            }),
+            None => new_drains.push(Step::Drain {
+                proplet: Arc::clone(p),
+                to: want.clone(),
+            }),
+        }
+    }
+    let room = max_moves.saturating_sub(out.drains_in_flight);
+    out.steps.extend(new_drains.into_iter().take(room));
+    out
+}
+
+/// Whether the shard a Proplet moves to has said it listens on the Proplet's channel.
+pub fn drain_ready(p: &Proplet) -> bool {
+    p.labels().get(DRAIN_READY_LABEL).map(String::as_str) == Some("true")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::proplet::PropletSpec;
+    use crate::sharding::{DRAIN_LABEL, SHARD_LABEL};
+
+    fn proplet(i: usize, labels: &[(&str, &str)]) -> Arc<Proplet> {
+        let spec: PropletSpec = serde_json::from_value(serde_json::json!({
+            "type": "external",
+            "connectionConfig": {"clientId": format!("client-{i}"), "channelId": "c", "mqttAddress": "tcp://m:1883"}
+        }))
+        .expect("spec");
+        let mut p = Proplet::new(&format!("p-{i}"), spec);
+        p.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        Arc::new(p)
+    }
+
+    fn states(s: &[(&str, State)]) -> HashMap<String, State> {
+        s.iter().map(|(n, st)| (n.to_string(), *st)).collect()
+    }
+
+    fn assigned(plan: &Plan) -> HashMap<String, String> {
+        plan.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Assign { proplet, to, .. } => Some((proplet.name_any(), to.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_proplets_are_spread_over_the_live_shards_only() {
+        let ps: Vec<_> = (0..300).map(|i| proplet(i, &[])).collect();
+        let st = states(&[
+            ("a", State::Ready),
+            ("b", State::Expired),
+            ("c", State::Uncertain),
+            ("d", State::Released),
+        ]);
+        let plan = plan(&ps, &st, 10);
+        let to = assigned(&plan);
+        assert_eq!(to.len(), 300);
+        let on_a = to.values().filter(|s| *s == "a").count();
+        assert!(to.values().all(|s| s == "a" || s == "b"));
+        assert!((100..=200).contains(&on_a), "{on_a} of 300 on a");
+    }
+
+    #[test]
+    fn a_dead_shards_proplets_move_at_once_and_an_uncertain_ones_wait() {
+        let ps = vec![
+            proplet(1, &[(SHARD_LABEL, "dead")]),
+            proplet(2, &[(SHARD_LABEL, "gone")]),
+            proplet(3, &[(SHARD_LABEL, "silent")]),
+        ];
+        let st = states(&[
+            ("a", State::Ready),
+            ("dead", State::Dead),
+            ("silent", State::Uncertain),
+        ]);
+        let plan = plan(&ps, &st, 10);
+        assert_eq!(plan.unowned, 1);
+        let to = assigned(&plan);
+        assert_eq!(to.get("p-1").map(String::as_str), Some("a"));
+        assert_eq!(to.get("p-2").map(String::as_str), Some("a"), "no Lease at all");
+        assert!(!to.contains_key("p-3"));
+    }
+
+    #[test]
+    fn live_owners_are_drained_first_and_no_more_than_the_limit_at_once() {
+        // Everything on a; b joins: about half should move, 5 at a time.
+        let ps: Vec<_> = (0..100).map(|i| proplet(i, &[(SHARD_LABEL, "a")])).collect();
+        let st = states(&[("a", State::Ready), ("b", State::Ready)]);
+        let plan1 = plan(&ps, &st, 5);
+        assert!(assigned(&plan1).is_empty(), "a live owner is never bypassed");
+        let drains: Vec<_> = plan1
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Drain { to, .. } if to == "b"))
+            .collect();
+        assert_eq!(drains.len(), 5);
+        // With 3 already draining to b, 2 more start.
+        let moving: Vec<String> = drains
+            .iter()
+            .take(3)
+            .filter_map(|s| match s {
+                Step::Drain { proplet, .. } => Some(proplet.name_any()),
+                _ => None,
+            })
+            .collect();
+        let ps2: Vec<_> = (0..100)
+            .map(|i| {
+                if moving.contains(&format!("p-{i}")) {
+                    proplet(i, &[(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")])
+                } else {
+                    proplet(i, &[(SHARD_LABEL, "a")])
+                }
+            })
+            .collect();
+        let plan2 = plan(&ps2, &st, 5);
+        assert_eq!(plan2.drains_in_flight, 3);
+        let new = plan2
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Drain { .. }))
+            .count();
+        assert_eq!(new, 2);
+    }
+
+    #[test]
+    fn a_drain_whose_reason_went_away_is_cancelled() {
+        let p = proplet(7, &[(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")]);
+        let only_a = states(&[("a", State::Ready)]);
+        let plan = plan(&[p], &only_a, 10);
+        assert!(matches!(plan.steps.as_slice(), [Step::CancelDrain { .. }]));
+    }
+}

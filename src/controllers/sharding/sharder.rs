@@ -1,0 +1,195 @@
+//! The leader's sharder: it keeps a cache of every Proplet (only while leading), and every retry period
+//! applies [`super::plan`]: labels new Proplets, reassigns those of dead or released shards together with
+//! their Tasks, and starts or cancels drains of live shards' Proplets.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::api::ListParams;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::labels::patch_meta;
+use super::plan::{MoveKind, Step, key, plan};
+use crate::api::proplet::Proplet;
+use crate::api::task::Task;
+use crate::context::Context;
+use crate::controllers::runtime::Shutdown;
+use crate::error::Result;
+use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, own_selector, shard_of};
+
+pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let period = ctx.config.retry_period.0;
+        // Until this replica leads, it keeps no cache of other shards' Proplets.
+        while !ctx.ownership.is_leader() {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+        info!("leading: the sharder starts");
+        let (store, writer) = reflector::store::<Proplet>();
+        let api: Api<Proplet> = if ctx.config.watch_namespace.is_empty() {
+            Api::all(ctx.client.clone())
+        } else {
+            Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
+        };
+        let listed = std::sync::atomic::AtomicBool::new(false);
+        let watch = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(|ev| {
+                if let Ok(watcher::Event::InitDone) = ev {
+                    listed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                futures::future::ready(())
+            });
+        let mut watch = std::pin::pin!(watch);
+        let mut orphaned: BTreeSet<String> = BTreeSet::new();
+        let mut every = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = &mut watch => return,
+                _ = every.tick() => {}
+                _ = &mut shutdown => return,
+            }
+            if !ctx.ownership.is_leader() || !listed.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            if let Err(e) = round(&ctx, &store, &mut orphaned).await {
+                warn!(error = %e, "sharding round failed; retrying");
+            }
+        }
+    })
+}
+
+async fn round(
+    ctx: &Context,
+    store: &Store<Proplet>,
+    orphaned: &mut BTreeSet<String>,
+) -> Result<()> {
+    let states: HashMap<_, _> = ctx.ownership.states().into_iter().collect();
+    let proplets = store.state();
+    let p = plan(&proplets, &states, ctx.config.max_concurrent_moves);
+    ctx.metrics.shards.unowned.set(p.unowned as i64);
+    let mut owner_of: HashMap<String, String> = proplets
+        .iter()
+        .filter_map(|p| shard_of(p.as_ref()).map(|s| (key(p), s)))
+        .collect();
+    let mut draining = p.drains_in_flight;
+    for step in p.steps {
+        match step {
+            Step::Assign {
+                proplet,
+                from,
+                to,
+                kind,
+            } => {
+                let done = patch_meta(
+                    &ctx.client,
+                    &ctx.metrics,
+                    proplet.as_ref(),
+                    &[
+                        (SHARD_LABEL, Some(&to)),
+                        (DRAIN_LABEL, None),
+                        (DRAIN_READY_LABEL, None),
+                    ],
+                    &[],
+                    true,
+                )
+                .await?;
+                if done {
+                    ctx.metrics
+                        .shards
+                        .moves_total
+                        .with_label_values(&[kind.as_str()])
+                        .inc();
+                    owner_of.insert(key(&proplet), to.clone());
+                    if kind == MoveKind::Dead
+                        && let Some(from) = from
+                    {
+                        info!(proplet = %proplet.name_any(), %from, %to, "proplet of a gone shard reassigned");
+                        orphaned.insert(from);
+                    }
+                }
+            }
+            Step::Drain { proplet, to } => {
+                if patch_meta(
+                    &ctx.client,
+                    &ctx.metrics,
+                    proplet.as_ref(),
+                    &[(DRAIN_LABEL, Some(&to))],
+                    &[],
+                    true,
+                )
+                .await?
+                {
+                    draining += 1;
+                }
+            }
+            Step::CancelDrain { proplet } => {
+                patch_meta(
+                    &ctx.client,
+                    &ctx.metrics,
+                    proplet.as_ref(),
+                    &[(DRAIN_LABEL, None), (DRAIN_READY_LABEL, None)],
+                    &[],
+                    true,
+                )
+                .await?;
+            }
+        }
+    }
+    ctx.metrics.shards.drains_in_flight.set(draining as i64);
+    let live: BTreeSet<String> = ctx.ownership.members().into_iter().collect();
+    for shard in orphaned.clone() {
+        if live.contains(&shard) {
+            // It came back: what is still labelled with it is its own again.
+            orphaned.remove(&shard);
+        } else if adopt_tasks(ctx, &shard, &owner_of).await? {
+            orphaned.remove(&shard);
+        }
+    }
+    Ok(())
+}
+
+/// Relabels the Tasks of a gone shard: those on a proplet follow it; the others go back to be claimed.
+/// Returns true when none is left.
+async fn adopt_tasks(ctx: &Context, shard: &str, owner_of: &HashMap<String, String>) -> Result<bool> {
+    let api: Api<Task> = if ctx.config.watch_namespace.is_empty() {
+        Api::all(ctx.client.clone())
+    } else {
+        Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
+    };
+    let listed = api
+        .list(&ListParams::default().labels(&own_selector(shard)).limit(500))
+        .await?;
+    let more = listed.metadata.continue_.as_ref().is_some_and(|c| !c.is_empty());
+    let proplet_owner = |t: &Task| {
+        t.status
+            .as_ref()
+            .and_then(|s| s.assigned_client_id.as_ref())
+            .and_then(|c| owner_of.get(c))
+            .cloned()
+    };
+    for t in &listed.items {
+        let to = proplet_owner(t);
+        patch_meta(
+            &ctx.client,
+            &ctx.metrics,
+            t,
+            &[(SHARD_LABEL, to.as_deref())],
+            &[],
+            false,
+        )
+        .await?;
+    }
+    if !listed.items.is_empty() {
+        info!(%shard, tasks = listed.items.len(), "tasks of a gone shard reassigned");
+    }
+    Ok(!more && listed.items.is_empty())
+}

@@ -1,0 +1,122 @@
+//! The states of the shards, judged from their Leases (as timebertt's sharder does): ready, expired (still
+//! in the ring: its proplets wait), uncertain (the leader tries to take its Lease), dead (someone else holds
+//! it: the old holder is fenced) and released (a graceful stop). Only ready and expired shards are members
+//! of the ring.
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+
+use super::lease::{Observed, holder};
+use super::shard_of_lease;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    Expired,
+    Uncertain,
+    Dead,
+    Released,
+}
+
+impl State {
+    pub fn is_member(self) -> bool {
+        matches!(self, State::Ready | State::Expired)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ready => "ready",
+            State::Expired => "expired",
+            State::Uncertain => "uncertain",
+            State::Dead => "dead",
+            State::Released => "released",
+        }
+    }
+}
+
+/// The state of one shard Lease that has been unchanged for `unchanged_for`.
+pub fn judge(lease: &Lease, unchanged_for: Duration, lease_duration: Duration) -> State {
+    let name = lease.name_any();
+    let shard = shard_of_lease(&name).unwrap_or_default();
+    match holder(lease) {
+        None => State::Released,
+        Some(h) if h != shard => State::Dead,
+        Some(_) if unchanged_for < lease_duration => State::Ready,
+        Some(_) if unchanged_for < 2 * lease_duration => State::Expired,
+        Some(_) => State::Uncertain,
+    }
+}
+
+/// Every shard with its state, sorted by name.
+pub fn judge_all(
+    leases: &[Lease],
+    observed: &mut Observed,
+    now: Instant,
+    lease_duration: Duration,
+) -> Vec<(String, State)> {
+    let names = leases.iter().map(|l| l.name_any()).collect();
+    observed.retain(&names);
+    let mut shards: Vec<(String, State)> = leases
+        .iter()
+        .filter_map(|l| {
+            let name = l.name_any();
+            let shard = shard_of_lease(&name)?.to_string();
+            let unchanged = observed.observe(l, now);
+            Some((shard, judge(l, unchanged, lease_duration)))
+        })
+        .collect();
+    shards.sort_by(|a, b| a.0.cmp(&b.0));
+    shards
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use kube::api::ObjectMeta;
+
+    fn lease(shard: &str, rv: &str, holder: Option<&str>) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(super::super::shard_lease_name(shard)),
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_silent_shard_goes_expired_then_uncertain_and_is_dead_only_once_fenced() {
+        let d = Duration::from_secs(15);
+        let l = lease("op-1", "5", Some("op-1"));
+        assert_eq!(judge(&l, Duration::from_secs(3), d), State::Ready);
+        assert_eq!(judge(&l, Duration::from_secs(16), d), State::Expired);
+        assert_eq!(judge(&l, Duration::from_secs(31), d), State::Uncertain);
+        assert_eq!(judge(&lease("op-1", "6", Some("op-0")), Duration::ZERO, d), State::Dead);
+        assert_eq!(judge(&lease("op-1", "6", None), Duration::ZERO, d), State::Released);
+        assert!(State::Expired.is_member() && !State::Uncertain.is_member());
+    }
+
+    #[test]
+    fn states_follow_what_this_replica_saw_change() {
+        let d = Duration::from_secs(15);
+        let mut o = Observed::default();
+        let t0 = Instant::now();
+        let all = vec![lease("b", "1", Some("b")), lease("a", "1", Some("a"))];
+        assert_eq!(
+            judge_all(&all, &mut o, t0, d),
+            vec![("a".into(), State::Ready), ("b".into(), State::Ready)]
+        );
+        let later = t0 + Duration::from_secs(20);
+        let renewed = vec![lease("b", "1", Some("b")), lease("a", "2", Some("a"))];
+        assert_eq!(
+            judge_all(&renewed, &mut o, later, d),
+            vec![("a".into(), State::Ready), ("b".into(), State::Expired)]
+        );
+    }
+}

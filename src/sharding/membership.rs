@@ -1,0 +1,281 @@
+//! One replica's membership: it keeps its shard Lease (the right to act on its proplets) and competes for
+//! the leader Lease (kube-leader-election), every retry period; it judges the other shards' Leases into the
+//! ring's members; as leader, it fences shards that went silent by taking their Lease. A replica that
+//! cannot renew within the renew deadline, or that loses the leadership it had, stops acting at once and
+//! halts (its successor starts clean, as controller-runtime's managers do).
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::api::ListParams;
+use kube::{Client, ResourceExt};
+use kube_leader_election::{LeaseLock, LeaseLockParams, LeaseLockResult};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use super::lease::{Hold, Leases, Observed, Timings, holder};
+use super::members::{State, judge_all};
+use super::{Ownership, RING, RING_LABEL, ring_selector, shard_lease_name};
+use crate::telemetry::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub identity: String,
+    pub namespace: String,
+    pub leader_lease: String,
+    pub timings: Timings,
+}
+
+/// The running membership loop, and what a graceful stop releases.
+pub struct Membership {
+    loop_: JoinHandle<()>,
+    leases: Leases,
+    leader: Arc<LeaseLock>,
+    ownership: Ownership,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the loop. `halt` is set when this replica must stop (a Lease lost).
+pub fn spawn(
+    client: Client,
+    settings: Settings,
+    ownership: Ownership,
+    metrics: Arc<Metrics>,
+    halt: tokio::sync::watch::Sender<bool>,
+) -> Membership {
+    let leases = Leases::new(
+        client.clone(),
+        &settings.namespace,
+        &settings.identity,
+        settings.timings.duration,
+    );
+    let leader = Arc::new(LeaseLock::new(
+        client,
+        &settings.namespace,
+        LeaseLockParams {
+            lease_name: settings.leader_lease.clone(),
+            holder_id: settings.identity.clone(),
+            lease_ttl: settings.timings.duration,
+        },
+    ));
+    let state = Loop {
+        leases: leases.clone(),
+        leader: Arc::clone(&leader),
+        ownership: ownership.clone(),
+        settings: settings.clone(),
+        metrics: Arc::clone(&metrics),
+        observed: Observed::default(),
+        renewed: None,
+        leading: None,
+    };
+    let loop_ = tokio::spawn(state.run(halt));
+    Membership {
+        loop_,
+        leases,
+        leader,
+        ownership,
+        settings,
+        metrics,
+    }
+}
+
+impl Membership {
+    /// Stops renewing without releasing anything (a crash, for tests: the Leases expire).
+    pub fn abandon(self) {
+        self.loop_.abort();
+        self.ownership.revoke();
+    }
+
+    /// After the controllers drained: gives up both Leases so that others take over within a retry
+    /// period instead of a Lease duration.
+    pub async fn release(self) {
+        self.loop_.abort();
+        let _ = self.loop_.await;
+        let leading = self.ownership.is_leader();
+        self.ownership.revoke();
+        let name = shard_lease_name(&self.settings.identity);
+        match self.leases.release(&name).await {
+            Ok(()) => self.metrics.shards.lease("shard", "released"),
+            Err(e) => warn!(error = %e, lease = %name, "shard Lease not released; it will expire"),
+        }
+        if leading {
+            match self.leader.step_down().await {
+                Ok(()) => self.metrics.shards.lease("leader", "released"),
+                Err(e) => warn!(error = %e, "leader Lease not released; it will expire"),
+            }
+            self.metrics
+                .shards
+                .leader
+                .with_label_values(&[&self.settings.leader_lease])
+                .set(0);
+        }
+    }
+}
+
+struct Loop {
+    leases: Leases,
+    leader: Arc<LeaseLock>,
+    ownership: Ownership,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    observed: Observed,
+    /// When the shard Lease was last renewed.
+    renewed: Option<Instant>,
+    /// When the leader Lease was last renewed, while leading.
+    leading: Option<Instant>,
+}
+
+impl Loop {
+    async fn run(mut self, halt: tokio::sync::watch::Sender<bool>) {
+        let mut every = tokio::time::interval(self.settings.timings.retry_period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if let Err(why) = self.round().await {
+                error!(identity = %self.settings.identity, "{why}: this replica stops acting and halts");
+                self.ownership.revoke();
+                self.metrics
+                    .shards
+                    .leader
+                    .with_label_values(&[&self.settings.leader_lease])
+                    .set(0);
+                halt.send_replace(true);
+                return;
+            }
+        }
+    }
+
+    /// One retry period's work; an error means this replica lost a Lease it needs.
+    async fn round(&mut self) -> Result<(), String> {
+        let deadline = self.settings.timings.renew_deadline;
+        let duration = self.settings.timings.duration;
+        let started = Instant::now();
+        let own = shard_lease_name(&self.settings.identity);
+        // Our own Lease held by someone else (the leader fenced us while we were away) is ours again once
+        // it expired.
+        let expired = self
+            .observed
+            .unchanged_for(&own, started)
+            .is_some_and(|d| d >= duration);
+        match self
+            .leases
+            .hold(&own, &[(RING_LABEL, RING)], |_| expired)
+            .await
+        {
+            Ok(Hold::Held { .. }) => {
+                if self.renewed.is_none() {
+                    info!(lease = %own, "shard Lease acquired");
+                    self.metrics.shards.lease("shard", "acquired");
+                }
+                self.renewed = Some(started);
+                self.ownership.renewed(started);
+            }
+            Ok(Hold::HeldBy(other)) => {
+                if self.renewed.is_some() {
+                    self.metrics.shards.lease("shard", "lost");
+                    return Err(format!("shard Lease {own} taken by {other:?}"));
+                }
+            }
+            Err(e) => {
+                self.metrics.shards.lease("shard", "error");
+                warn!(error = %e, lease = %own, "shard Lease not renewed");
+                if self.renewed.is_some_and(|t| t.elapsed() >= deadline) {
+                    return Err(format!("shard Lease {own} not renewed within {deadline:?}"));
+                }
+            }
+        }
+
+        match self.leader.try_acquire_or_renew().await {
+            Ok(LeaseLockResult::Acquired(_)) => {
+                if self.leading.is_none() {
+                    info!(lease = %self.settings.leader_lease, "leader Lease acquired");
+                    self.metrics.shards.lease("leader", "acquired");
+                }
+                self.leading = Some(started);
+                self.ownership.set_leader(true);
+                self.metrics
+                    .shards
+                    .leader
+                    .with_label_values(&[&self.settings.leader_lease])
+                    .set(1);
+            }
+            Ok(LeaseLockResult::NotAcquired(_)) => {
+                if self.leading.is_some() {
+                    self.metrics.shards.lease("leader", "lost");
+                    return Err("leadership lost".to_string());
+                }
+            }
+            Err(e) => {
+                self.metrics.shards.lease("leader", "error");
+                warn!(error = %e, "leader Lease not renewed");
+                if self.leading.is_some_and(|t| t.elapsed() >= deadline) {
+                    return Err(format!("leader Lease not renewed within {deadline:?}"));
+                }
+            }
+        }
+
+        let listed = self
+            .leases
+            .api()
+            .list(&ListParams::default().labels(&ring_selector()))
+            .await;
+        let leases = match listed {
+            Ok(l) => l.items,
+            Err(e) => {
+                warn!(error = %e, "shard Leases not listed; the ring stays as it was");
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let states = judge_all(&leases, &mut self.observed, now, duration);
+        let members = states.iter().filter(|(_, s)| s.is_member()).count();
+        for s in [
+            State::Ready,
+            State::Expired,
+            State::Uncertain,
+            State::Dead,
+            State::Released,
+        ] {
+            let n = states.iter().filter(|(_, st)| *st == s).count();
+            self.metrics
+                .shards
+                .shard_states
+                .with_label_values(&[s.as_str()])
+                .set(n as i64);
+        }
+        self.metrics.shards.ring_members.set(members as i64);
+        self.ownership.set_states(states.clone());
+
+        if self.ownership.is_leader() {
+            for (shard, _) in states.iter().filter(|(_, s)| *s == State::Uncertain) {
+                self.fence(shard, &leases).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the Lease of a shard silent for two Lease durations: from then on it cannot renew, and it
+    /// stopped acting at its renew deadline long before; its proplets may move.
+    async fn fence(&self, shard: &str, leases: &[k8s_openapi::api::coordination::v1::Lease]) {
+        let name = shard_lease_name(shard);
+        let Some(judged) = leases.iter().find(|l| l.name_any() == name) else {
+            return;
+        };
+        let rv = judged.resource_version();
+        let result = self
+            .leases
+            .hold(&name, &[], |current| {
+                // Only the version judged silent: a renewal in between keeps the shard alive.
+                current.resource_version() == rv && holder(current) == Some(shard)
+            })
+            .await;
+        match result {
+            Ok(Hold::Held { .. }) => {
+                warn!(%shard, "shard silent for two Lease durations: its Lease is taken, its proplets move");
+                self.metrics.shards.lease("shard", "fenced");
+            }
+            Ok(Hold::HeldBy(_)) => {}
+            Err(e) => warn!(error = %e, %shard, "could not fence a silent shard"),
+        }
+    }
+}
