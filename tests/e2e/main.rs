@@ -8,6 +8,7 @@ mod job_backend;
 mod observability;
 mod parity;
 mod samples;
+mod sharding;
 mod support;
 mod testbed_smoke;
 mod workflows;

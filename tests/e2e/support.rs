@@ -229,6 +229,25 @@ impl Env {
         Ok(i)
     }
 
+    /// Kills operator `i` as `kill -9` would: no drain, no Lease released.
+    pub async fn crash_operator_n(&mut self, i: usize) {
+        if let Some(op) = self.operators.get_mut(i).and_then(Option::take) {
+            op.crash().await;
+        }
+    }
+
+    /// Starts operator `i` again with its own flags (the same identity: a StatefulSet pod coming back).
+    pub async fn restart_operator_n(&mut self, i: usize) -> anyhow::Result<()> {
+        let op = self.launch(i).await?;
+        self.operators[i] = Some(op);
+        Ok(())
+    }
+
+    /// How many operators this test started (running or not).
+    pub fn operator_count(&self) -> usize {
+        self.operators.len()
+    }
+
     /// Operator `i`, if it runs.
     pub fn operator(&self, i: usize) -> Option<&Operator> {
         self.operators.get(i).and_then(Option::as_ref)
@@ -405,6 +424,14 @@ fn first_args(config: &OperatorConfig) -> Vec<String> {
     ];
     if let Some(ca) = &config.mqtt_ca_cert {
         args.push(format!("--mqtt-ca-cert={}", ca.display()));
+    }
+    if config.leader_elect {
+        args.extend([
+            "--leader-elect".to_string(),
+            format!("--lease-duration={}ms", config.lease_duration.0.as_millis()),
+            format!("--renew-deadline={}ms", config.renew_deadline.0.as_millis()),
+            format!("--retry-period={}ms", config.retry_period.0.as_millis()),
+        ]);
     }
     args
 }

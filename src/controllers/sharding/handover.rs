@@ -60,6 +60,18 @@ pub fn spawn(
                 warn!(error = %e, "outgoing handover failed; retrying");
                 pending = true;
             }
+            // Results parked for tasks we do not hold: kept long enough for a dead shard's tasks to be
+            // fenced and moved here (two Lease durations), then dropped as another shard's.
+            let park = 3 * ctx.config.lease_duration.0 + Duration::from_secs(5);
+            let dropped = ctx
+                .results
+                .sweep(park, |uid| ctx.task_index.by_uid(uid).is_some());
+            if dropped > 0 {
+                ctx.metrics
+                    .mqtt_messages_total
+                    .with_label_values(&["results", "not_owned"])
+                    .inc_by(dropped as u64);
+            }
             ctx.metrics
                 .shards
                 .proplets
