@@ -17,10 +17,10 @@ use crate::context::Context;
 use crate::controllers::runtime::{Queue, Seen, Watches, run_controller, shutdown_from};
 use crate::controllers::sharding::{claim, handover, sharder};
 use crate::controllers::{federated_job, propeller_job, proplet, task, training_round};
-use crate::sharding::membership::{self, Membership};
 use crate::mqtt::subscriptions::{self, Policy};
 use crate::mqtt::{MqttClient, MqttSettings};
 use crate::router::{self, Triggers};
+use crate::sharding::membership::{self, Membership};
 use crate::telemetry::Metrics;
 use crate::telemetry::server::Readiness;
 

@@ -104,7 +104,12 @@ impl<K: Resource> Waker<K> {
     {
         let store = store.clone();
         Box::new(move || {
-            self.wake_all(store.state().iter().map(|o| ObjectRef::from_obj(o.as_ref())))
+            self.wake_all(
+                store
+                    .state()
+                    .iter()
+                    .map(|o| ObjectRef::from_obj(o.as_ref())),
+            )
         })
     }
 }

@@ -151,11 +151,7 @@ impl Leases {
         spec.lease_duration_seconds = Some(self.duration_seconds());
         let transitions = spec.lease_transitions.unwrap_or(0);
         // The PUT carries the resourceVersion read above: a concurrent change makes it fail.
-        match self
-            .api
-            .replace(name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(Hold::Held { transitions }),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Hold::HeldBy(String::new())),
             Err(e) => Err(e),
@@ -174,11 +170,7 @@ impl Leases {
             spec.holder_identity = None;
             spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
         }
-        match self
-            .api
-            .replace(name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
             Err(e) => Err(e),
@@ -214,11 +206,17 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(o.observe(&lease("a", "1", Some("a")), t0), Duration::ZERO);
         let t1 = t0 + Duration::from_secs(7);
-        assert_eq!(o.observe(&lease("a", "1", Some("a")), t1), Duration::from_secs(7));
+        assert_eq!(
+            o.observe(&lease("a", "1", Some("a")), t1),
+            Duration::from_secs(7)
+        );
         // A renewal (new resourceVersion) restarts the count, whatever its renewTime says.
         assert_eq!(o.observe(&lease("a", "2", Some("a")), t1), Duration::ZERO);
         let t2 = t1 + Duration::from_secs(3);
-        assert_eq!(o.observe(&lease("a", "2", Some("a")), t2), Duration::from_secs(3));
+        assert_eq!(
+            o.observe(&lease("a", "2", Some("a")), t2),
+            Duration::from_secs(3)
+        );
         o.retain(&Default::default());
         assert_eq!(o.observe(&lease("a", "2", Some("a")), t2), Duration::ZERO);
     }

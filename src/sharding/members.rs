@@ -1,7 +1,11 @@
-//! The states of the shards, judged from their Leases (as timebertt's sharder does): ready, expired (still
-//! in the ring: its proplets wait), uncertain (the leader tries to take its Lease), dead (someone else holds
-//! it: the old holder is fenced) and released (a graceful stop). Only ready and expired shards are members
-//! of the ring.
+//! The states of the shards, judged from their Leases (after timebertt's sharder): ready, expired (not
+//! renewed for a Lease duration: its proplets wait while the leader takes its Lease), dead (someone else
+//! holds it: the old holder is fenced) and released (a graceful stop). Only ready shards are members of
+//! the ring.
+//!
+//! Taking an expired Lease at once is safe: a holder stops acting a renew deadline after the start of its
+//! last successful renewal, and this replica saw that renewal no earlier than it was made, so a Lease
+//! duration (longer than the renew deadline) after seeing it, the holder has stopped.
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -14,21 +18,19 @@ use super::shard_of_lease;
 pub enum State {
     Ready,
     Expired,
-    Uncertain,
     Dead,
     Released,
 }
 
 impl State {
     pub fn is_member(self) -> bool {
-        matches!(self, State::Ready | State::Expired)
+        self == State::Ready
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             State::Ready => "ready",
             State::Expired => "expired",
-            State::Uncertain => "uncertain",
             State::Dead => "dead",
             State::Released => "released",
         }
@@ -43,8 +45,7 @@ pub fn judge(lease: &Lease, unchanged_for: Duration, lease_duration: Duration) -
         None => State::Released,
         Some(h) if h != shard => State::Dead,
         Some(_) if unchanged_for < lease_duration => State::Ready,
-        Some(_) if unchanged_for < 2 * lease_duration => State::Expired,
-        Some(_) => State::Uncertain,
+        Some(_) => State::Expired,
     }
 }
 
@@ -91,15 +92,20 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_shard_goes_expired_then_uncertain_and_is_dead_only_once_fenced() {
+    fn a_silent_shard_expires_and_is_dead_only_once_fenced() {
         let d = Duration::from_secs(15);
         let l = lease("op-1", "5", Some("op-1"));
         assert_eq!(judge(&l, Duration::from_secs(3), d), State::Ready);
         assert_eq!(judge(&l, Duration::from_secs(16), d), State::Expired);
-        assert_eq!(judge(&l, Duration::from_secs(31), d), State::Uncertain);
-        assert_eq!(judge(&lease("op-1", "6", Some("op-0")), Duration::ZERO, d), State::Dead);
-        assert_eq!(judge(&lease("op-1", "6", None), Duration::ZERO, d), State::Released);
-        assert!(State::Expired.is_member() && !State::Uncertain.is_member());
+        assert_eq!(
+            judge(&lease("op-1", "6", Some("op-0")), Duration::ZERO, d),
+            State::Dead
+        );
+        assert_eq!(
+            judge(&lease("op-1", "6", None), Duration::ZERO, d),
+            State::Released
+        );
+        assert!(State::Ready.is_member() && !State::Expired.is_member());
     }
 
     #[test]

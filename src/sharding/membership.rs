@@ -229,13 +229,7 @@ impl Loop {
         let now = Instant::now();
         let states = judge_all(&leases, &mut self.observed, now, duration);
         let members = states.iter().filter(|(_, s)| s.is_member()).count();
-        for s in [
-            State::Ready,
-            State::Expired,
-            State::Uncertain,
-            State::Dead,
-            State::Released,
-        ] {
+        for s in [State::Ready, State::Expired, State::Dead, State::Released] {
             let n = states.iter().filter(|(_, st)| *st == s).count();
             self.metrics
                 .shards
@@ -247,15 +241,15 @@ impl Loop {
         self.ownership.set_states(states.clone());
 
         if self.ownership.is_leader() {
-            for (shard, _) in states.iter().filter(|(_, s)| *s == State::Uncertain) {
+            for (shard, _) in states.iter().filter(|(_, s)| *s == State::Expired) {
                 self.fence(shard, &leases).await;
             }
         }
         Ok(())
     }
 
-    /// Takes the Lease of a shard silent for two Lease durations: from then on it cannot renew, and it
-    /// stopped acting at its renew deadline long before; its proplets may move.
+    /// Takes the Lease of a shard silent for a Lease duration: from then on it cannot renew, and it
+    /// stopped acting at its renew deadline before; its proplets may move.
     async fn fence(&self, shard: &str, leases: &[k8s_openapi::api::coordination::v1::Lease]) {
         let name = shard_lease_name(shard);
         let Some(judged) = leases.iter().find(|l| l.name_any() == name) else {
@@ -271,7 +265,7 @@ impl Loop {
             .await;
         match result {
             Ok(Hold::Held { .. }) => {
-                warn!(%shard, "shard silent for two Lease durations: its Lease is taken, its proplets move");
+                warn!(%shard, "shard silent for a Lease duration: its Lease is taken, its proplets move");
                 self.metrics.shards.lease("shard", "fenced");
             }
             Ok(Hold::HeldBy(_)) => {}

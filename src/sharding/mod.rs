@@ -309,7 +309,10 @@ mod tests {
             &[(SHARD_LABEL, "op-0"), (DRAIN_LABEL, "op-1")],
         );
         o.apply(&watcher::Event::Apply(moving));
-        assert!(!o.owns_client("client-a"), "a draining proplet is let go at once");
+        assert!(
+            !o.owns_client("client-a"),
+            "a draining proplet is let go at once"
+        );
         o.apply(&watcher::Event::Apply(mine.clone()));
         assert!(o.owns_client("client-a"));
         o.revoke();

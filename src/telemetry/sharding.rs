@@ -5,7 +5,7 @@ pub struct ShardMetrics {
     /// client-go's name: 1 while this replica holds the leader Lease `name`.
     pub leader: IntGaugeVec,
     pub ring_members: IntGauge,
-    /// Shards by state (ready, expired, uncertain, dead, released), as this replica judged their Leases.
+    /// Shards by state (ready, expired, dead, released), as this replica judged their Leases.
     pub shard_states: IntGaugeVec,
     /// Proplets this shard owns.
     pub proplets: IntGauge,

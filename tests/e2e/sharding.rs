@@ -82,14 +82,19 @@ fn audit(env: &Env, clients: &[String]) -> anyhow::Result<()> {
 
 /// Waits until every Proplet is labelled with a running shard and every running shard owns some, auditing
 /// meanwhile.
-async fn settled(env: &Env, clients: &[String]) -> anyhow::Result<BTreeMap<String, Option<String>>> {
+async fn settled(
+    env: &Env,
+    clients: &[String],
+) -> anyhow::Result<BTreeMap<String, Option<String>>> {
     let deadline = Instant::now() + WAIT;
     loop {
         audit(env, clients)?;
         let l = labels(env).await?;
         let live: BTreeSet<String> = identities(env).into_iter().collect();
         let used: BTreeSet<String> = l.values().flatten().cloned().collect();
-        let all_live = l.values().all(|s| s.as_ref().is_some_and(|s| live.contains(s)));
+        let all_live = l
+            .values()
+            .all(|s| s.as_ref().is_some_and(|s| live.contains(s)));
         let owned: usize = (0..env.operator_count())
             .filter_map(|i| env.operator(i))
             .map(|o| o.context().ownership.owned_count())
@@ -186,7 +191,10 @@ async fn three_shards_split_the_proplets_and_start_every_task_once() -> anyhow::
     let tasks = env.tasks().list(&ListParams::default()).await?.items;
     exactly_once(&sims, &tasks)?;
     let by_shard: BTreeSet<String> = tasks.iter().filter_map(|t| shard_of(t)).collect();
-    assert!(by_shard.len() >= 2, "tasks were claimed by {by_shard:?} only");
+    assert!(
+        by_shard.len() >= 2,
+        "tasks were claimed by {by_shard:?} only"
+    );
     for t in &tasks {
         assert_eq!(
             t.status.as_ref().and_then(|s| s.results.clone()),
@@ -217,10 +225,8 @@ async fn three_shards_split_the_proplets_and_start_every_task_once() -> anyhow::
 #[tokio::test]
 async fn a_crashed_shards_proplets_move_once_its_lease_is_taken_and_no_task_runs_twice()
 -> anyhow::Result<()> {
-    let (mut env, sims) = replicas("crash", 6, |c| {
-        c.faults.task_delay = Duration::from_secs(3)
-    })
-    .await?;
+    let (mut env, sims) =
+        replicas("crash", 6, |c| c.faults.task_delay = Duration::from_secs(3)).await?;
     let clients: Vec<String> = sims.iter().map(|s| s.client_id.clone()).collect();
     settled(&env, &clients).await?;
     let names: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
@@ -230,18 +236,27 @@ async fn a_crashed_shards_proplets_move_once_its_lease_is_taken_and_no_task_runs
     // Tasks are running everywhere when a shard that does not lead dies.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let victim = (0..3)
-        .find(|&i| env.operator(i).is_some_and(|o| !o.context().ownership.is_leader()))
+        .find(|&i| {
+            env.operator(i)
+                .is_some_and(|o| !o.context().ownership.is_leader())
+        })
         .ok_or_else(|| anyhow::anyhow!("no follower"))?;
     let crashed_at = Instant::now();
     env.crash_operator_n(victim).await;
     settled(&env, &clients).await?;
-    println!("proplets reassigned {:?} after the crash", crashed_at.elapsed());
+    println!(
+        "proplets reassigned {:?} after the crash",
+        crashed_at.elapsed()
+    );
     all_completed(&env, &names, &clients).await?;
     let tasks = env.tasks().list(&ListParams::default()).await?.items;
     exactly_once(&sims, &tasks)?;
     // The leader dies too: another replica leads, and new work still runs once.
     let leader = (0..3)
-        .find(|&i| env.operator(i).is_some_and(|o| o.context().ownership.is_leader()))
+        .find(|&i| {
+            env.operator(i)
+                .is_some_and(|o| o.context().ownership.is_leader())
+        })
         .ok_or_else(|| anyhow::anyhow!("no leader"))?;
     env.crash_operator_n(leader).await;
     env.restart_operator_n(victim).await?;
@@ -260,7 +275,8 @@ async fn a_crashed_shards_proplets_move_once_its_lease_is_taken_and_no_task_runs
 }
 
 #[tokio::test]
-async fn a_fourth_replica_takes_about_a_quarter_with_no_proplet_owned_twice() -> anyhow::Result<()> {
+async fn a_fourth_replica_takes_about_a_quarter_with_no_proplet_owned_twice() -> anyhow::Result<()>
+{
     let (mut env, sims) = replicas("join", 24, |_| {}).await?;
     let clients: Vec<String> = sims.iter().map(|s| s.client_id.clone()).collect();
     let before = settled(&env, &clients).await?;
@@ -272,7 +288,10 @@ async fn a_fourth_replica_takes_about_a_quarter_with_no_proplet_owned_twice() ->
         .iter()
         .filter(|(name, shard)| after.get(*name) != Some(*shard))
         .count();
-    let to_d = after.values().filter(|s| s.as_deref() == Some("join-d")).count();
+    let to_d = after
+        .values()
+        .filter(|s| s.as_deref() == Some("join-d"))
+        .count();
     assert_eq!(moved, to_d, "only proplets going to the new shard moved");
     assert!((3..=10).contains(&moved), "{moved} of 24 moved");
     // A graceful stop hands its proplets over at once (its Lease is released).

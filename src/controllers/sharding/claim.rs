@@ -36,7 +36,12 @@ fn claim_key(task: &Task) -> String {
 pub fn passed_by(task: &Task) -> Vec<String> {
     task.annotations()
         .get(PASSED_ANNOTATION)
-        .map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -146,7 +151,8 @@ mod tests {
     use crate::api::task::TaskSpec;
 
     fn task(uid: &str, passed: Option<&str>) -> Task {
-        let spec: TaskSpec = serde_json::from_value(serde_json::json!({"name": "t"})).expect("spec");
+        let spec: TaskSpec =
+            serde_json::from_value(serde_json::json!({"name": "t"})).expect("spec");
         let mut t = Task::new("t", spec);
         t.metadata.uid = Some(uid.into());
         if let Some(p) = passed {

@@ -92,7 +92,9 @@ async fn incoming(ctx: &Context, resubscribe: &Notify) -> Result<bool> {
         if drain_of(p.as_ref()).as_deref() != Some(me) || drain_ready(&p) {
             continue;
         }
-        let topics = channel_of(&p).map(|c| c.subscriptions()).unwrap_or_default();
+        let topics = channel_of(&p)
+            .map(|c| c.subscriptions())
+            .unwrap_or_default();
         match mqtt.subscribed(&topics).await {
             Some(g) if ctx.backlog.confirmed(g) => {
                 let ok = patch_meta(

@@ -46,7 +46,7 @@ pub enum Step {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub steps: Vec<Step>,
-    /// Proplets whose owner is silent and not yet fenced: they wait.
+    /// Proplets whose owner is silent (expired) and not yet fenced: they wait.
     pub unowned: usize,
     pub drains_in_flight: usize,
 }
@@ -69,7 +69,10 @@ pub fn plan(proplets: &[Arc<Proplet>], states: &HashMap<String, State>, max_move
     let ring = Ring::new(members, VIRTUAL_NODES);
     let mut out = Plan::default();
     if ring.members().is_empty() {
-        out.unowned = proplets.iter().filter(|p| shard_of(p.as_ref()).is_none()).count();
+        out.unowned = proplets
+            .iter()
+            .filter(|p| shard_of(p.as_ref()).is_none())
+            .count();
         return out;
     }
     let keys: Vec<String> = proplets.iter().map(|p| key(p)).collect();
@@ -90,7 +93,7 @@ pub fn plan(proplets: &[Arc<Proplet>], states: &HashMap<String, State>, max_move
         };
         match state(&current) {
             Some(s) if s.is_member() => {}
-            Some(State::Uncertain) => {
+            Some(State::Expired) => {
                 out.unowned += 1;
                 continue;
             }
@@ -175,8 +178,8 @@ mod tests {
         let ps: Vec<_> = (0..300).map(|i| proplet(i, &[])).collect();
         let st = states(&[
             ("a", State::Ready),
-            ("b", State::Expired),
-            ("c", State::Uncertain),
+            ("b", State::Ready),
+            ("c", State::Expired),
             ("d", State::Released),
         ]);
         let plan = plan(&ps, &st, 10);
@@ -188,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_shards_proplets_move_at_once_and_an_uncertain_ones_wait() {
+    fn a_dead_shards_proplets_move_at_once_and_an_expired_ones_wait() {
         let ps = vec![
             proplet(1, &[(SHARD_LABEL, "dead")]),
             proplet(2, &[(SHARD_LABEL, "gone")]),
@@ -197,23 +200,32 @@ mod tests {
         let st = states(&[
             ("a", State::Ready),
             ("dead", State::Dead),
-            ("silent", State::Uncertain),
+            ("silent", State::Expired),
         ]);
         let plan = plan(&ps, &st, 10);
         assert_eq!(plan.unowned, 1);
         let to = assigned(&plan);
         assert_eq!(to.get("p-1").map(String::as_str), Some("a"));
-        assert_eq!(to.get("p-2").map(String::as_str), Some("a"), "no Lease at all");
+        assert_eq!(
+            to.get("p-2").map(String::as_str),
+            Some("a"),
+            "no Lease at all"
+        );
         assert!(!to.contains_key("p-3"));
     }
 
     #[test]
     fn live_owners_are_drained_first_and_no_more_than_the_limit_at_once() {
         // Everything on a; b joins: about half should move, 5 at a time.
-        let ps: Vec<_> = (0..100).map(|i| proplet(i, &[(SHARD_LABEL, "a")])).collect();
+        let ps: Vec<_> = (0..100)
+            .map(|i| proplet(i, &[(SHARD_LABEL, "a")]))
+            .collect();
         let st = states(&[("a", State::Ready), ("b", State::Ready)]);
         let plan1 = plan(&ps, &st, 5);
-        assert!(assigned(&plan1).is_empty(), "a live owner is never bypassed");
+        assert!(
+            assigned(&plan1).is_empty(),
+            "a live owner is never bypassed"
+        );
         let drains: Vec<_> = plan1
             .steps
             .iter()

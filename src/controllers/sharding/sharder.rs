@@ -50,7 +50,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             });
         let mut watch = std::pin::pin!(watch);
         let mut orphaned: BTreeSet<String> = BTreeSet::new();
-        let mut every = tokio::time::interval(period);
+        let mut every = tokio::time::interval(period / 2);
         loop {
             tokio::select! {
                 _ = &mut watch => return,
@@ -159,16 +159,28 @@ async fn round(
 
 /// Relabels the Tasks of a gone shard: those on a proplet follow it; the others go back to be claimed.
 /// Returns true when none is left.
-async fn adopt_tasks(ctx: &Context, shard: &str, owner_of: &HashMap<String, String>) -> Result<bool> {
+async fn adopt_tasks(
+    ctx: &Context,
+    shard: &str,
+    owner_of: &HashMap<String, String>,
+) -> Result<bool> {
     let api: Api<Task> = if ctx.config.watch_namespace.is_empty() {
         Api::all(ctx.client.clone())
     } else {
         Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
     };
     let listed = api
-        .list(&ListParams::default().labels(&own_selector(shard)).limit(500))
+        .list(
+            &ListParams::default()
+                .labels(&own_selector(shard))
+                .limit(500),
+        )
         .await?;
-    let more = listed.metadata.continue_.as_ref().is_some_and(|c| !c.is_empty());
+    let more = listed
+        .metadata
+        .continue_
+        .as_ref()
+        .is_some_and(|c| !c.is_empty());
     let proplet_owner = |t: &Task| {
         t.status
             .as_ref()
