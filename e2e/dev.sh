@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make dev-up` / `make dev-down`: the test bed's cluster and mosquitto, the CRDs, the operator built from
 # this tree and PROPLETS simulated proplets (default 3) registered as external Proplets in `default`, all
-# left running in the background. Connection details are appended to .testbed/env.
+# left running in the background. Connection details are appended to .testbed/env. REPLICAS=3 runs three
+# operator processes sharing the fleet (--leader-elect; shard identities propeller-operator-0..2, as a
+# StatefulSet names its pods), each with its own log and metrics port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=.testbed
@@ -9,6 +11,7 @@ BIN=target/debug
 DOMAIN=dev-domain
 CHANNEL=dev-channel
 PROPLETS=${PROPLETS:-3}
+REPLICAS=${REPLICAS:-1}
 
 stop_dev() {
   if [ -f "$DIR/dev.pids" ]; then
@@ -31,11 +34,23 @@ up)
   done
   kill -HUP "$(cat "$DIR/mosquitto.pid")"
   sleep 0.3
-  probe=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$BIN/propeller-operator" --mqtt-address "$MQTT_ADDRESS" --client-id "$MQTT_USERNAME" \
-    --client-key "$MQTT_PASSWORD" --domain-id "$DOMAIN" --channel-id "$CHANNEL" \
-    --health-probe-bind-address "127.0.0.1:$probe" >"$DIR/operator.log" 2>&1 &
-  echo $! >> "$DIR/dev.pids"
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  urls=()
+  for r in $(seq 0 $((REPLICAS - 1))); do
+    probe=$(free_port)
+    urls+=("http://127.0.0.1:$probe/metrics")
+    ha=()
+    log="$DIR/operator.log"
+    if [ "$REPLICAS" -gt 1 ]; then
+      ha=(--leader-elect --identity "propeller-operator-$r" --leader-election-namespace default)
+      log="$DIR/operator-$r.log"
+    fi
+    "$BIN/propeller-operator" --mqtt-address "$MQTT_ADDRESS" --client-id "$MQTT_USERNAME" \
+      --client-key "$MQTT_PASSWORD" --domain-id "$DOMAIN" --channel-id "$CHANNEL" \
+      --health-probe-bind-address "127.0.0.1:$probe" --fl-bind-address "127.0.0.1:$(free_port)" \
+      "${ha[@]}" >"$log" 2>&1 &
+    echo $! >> "$DIR/dev.pids"
+  done
   for id in "${ids[@]}"; do
     "$BIN/proplet-sim" --mqtt-address "$MQTT_ADDRESS" --domain-id "$DOMAIN" --channel-id "$CHANNEL" \
       --client-ids "$id" --password "$id-key" >>"$DIR/proplet-sim.log" 2>&1 &
@@ -50,16 +65,23 @@ spec:
   connectionConfig: {domainId: $DOMAIN, channelId: $CHANNEL, clientId: $id, clientKey: $id-key, mqttAddress: "$MQTT_ADDRESS"}
 YAML
   done
-  sed -i '/^DEV_/d;/^OPERATOR_METRICS_URL=/d' "$DIR/env"
+  sed -i '/^DEV_/d;/^OPERATOR_METRICS_URL/d' "$DIR/env"
   {
     echo "DEV_DOMAIN_ID=$DOMAIN"
     echo "DEV_CHANNEL_ID=$CHANNEL"
     echo "DEV_PROPLETS=$(IFS=,; echo "${ids[*]}")"
-    echo "OPERATOR_METRICS_URL=http://127.0.0.1:$probe/metrics"
+    echo "OPERATOR_METRICS_URL=${urls[0]}"
+    echo "OPERATOR_METRICS_URLS=$(IFS=,; echo "${urls[*]}")"
   } >> "$DIR/env"
   kubectl wait --for=jsonpath='{.status.phase}'=Running proplet --all -n default --timeout=60s >/dev/null
-  kubectl get proplets -n default
-  echo "dev: up. set -a; . $DIR/env; set +a   (operator log: $DIR/operator.log)"
+  if [ "$REPLICAS" -gt 1 ]; then
+    kubectl get proplets -n default -L propeller.propeller.abstractmachines.fr/shard
+    kubectl get leases -n default
+    echo "dev: up with $REPLICAS replicas. set -a; . $DIR/env; set +a   (logs: $DIR/operator-N.log)"
+  else
+    kubectl get proplets -n default
+    echo "dev: up. set -a; . $DIR/env; set +a   (operator log: $DIR/operator.log)"
+  fi
   ;;
 down)
   stop_dev

@@ -56,7 +56,9 @@ pub enum K8sTaskBackend {
 #[command(
     name = "propeller-operator",
     version,
-    about = "Kubernetes operator for Propeller WebAssembly proplets"
+    about = "Kubernetes operator for Propeller WebAssembly proplets",
+    // A flag given twice takes its last value (a Deployment's args extended by an overlay).
+    args_override_self = true
 )]
 pub struct OperatorConfig {
     /// MQTT broker address (tcp://host:1883, ssl://host:8883, host:port). Empty: no MQTT (tasks fail with

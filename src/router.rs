@@ -134,7 +134,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                 // keep it (bounded) so the Proplet shows it whenever it appears.
                 // (Only for unknown proplets: for a known one, `discovery` below must see the change.)
                 // (A shard knows only its own proplets: unknown ones are the leader's.)
-                if (ctx.ownership.owns_client(&m.proplet_id) || ctx.ownership.is_leader())
+                if (ctx.ownership.holds_client(&m.proplet_id) || ctx.ownership.is_leader())
                     && proplet_for(ctx, &channel, &m.proplet_id).is_none()
                 {
                     ctx.liveness.remember_discovery(&m.proplet_id, md.clone());
@@ -259,7 +259,9 @@ fn with_proplet(
     f: impl FnOnce(ObjectRef<Proplet>),
 ) {
     tracing::Span::current().record("proplet", client_id);
-    if !ctx.ownership.owns_client(client_id) {
+    // Heartbeats are kept while the Lease is being renewed late: dropping them would make our proplets
+    // look Offline once it is renewed.
+    if !ctx.ownership.holds_client(client_id) {
         ctx.metrics.mqtt_message(kind.as_str(), "not_owned");
         return;
     }

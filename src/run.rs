@@ -111,7 +111,7 @@ impl Operator {
         let shutdown = shutdown_from(async move {
             tokio::select! {
                 _ = stop_rx => {}
-                _ = halted.wait_for(|h| *h) => {}
+                _ = until_halted(&mut halted) => {}
             }
         });
         let mut background = Vec::new();
@@ -352,9 +352,7 @@ impl Operator {
     /// Completes when this replica lost a Lease it needs (it has stopped acting; [`Operator::stop`] it).
     pub fn halted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut halt = self.halt.clone();
-        async move {
-            let _ = halt.wait_for(|h| *h).await;
-        }
+        async move { until_halted(&mut halt).await }
     }
 
     /// Dies without any goodbye, as a killed process does: nothing drains, no Lease is released (they
@@ -404,6 +402,13 @@ impl Operator {
         let took = asked.elapsed();
         info!(?took, "stopped");
         took
+    }
+}
+
+/// Completes when `halt` is set; never when nobody can set it (a single replica has no Leases to lose).
+async fn until_halted(halt: &mut watch::Receiver<bool>) {
+    if halt.wait_for(|h| *h).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

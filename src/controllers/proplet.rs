@@ -133,8 +133,12 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     // Our last status write may not be in the cache yet: start from it (no stale-view conflict).
     let p = ctx.own_writes.latest(p);
     let client_id = p.client_id();
-    if !ctx.ownership.owns_client(&client_id) {
+    if !ctx.ownership.holds_client(&client_id) {
         return Ok(Action::await_change());
+    }
+    if !ctx.ownership.may_act() {
+        // Our Lease is being renewed late: nothing is written until it is fresh again.
+        return Ok(Action::requeue(ctx.config.retry_period.0));
     }
     let generation = p.metadata.generation;
     let old = p.status.clone().unwrap_or_default();
@@ -166,7 +170,12 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     let age = last_seen.map(|t| now.duration_since(t).unsigned_abs());
     // Right after a (re)start no heartbeat has been heard yet: keep the recorded phase for one threshold
     // instead of declaring every proplet Offline.
-    let warming_up = observed.last_seen.is_none() && ctx.started.elapsed() < threshold;
+    // (A shard hears a proplet only since it became its owner.)
+    let listening = ctx
+        .ownership
+        .owned_since(&client_id)
+        .map_or(ctx.started, |since| since.max(ctx.started));
+    let warming_up = observed.last_seen.is_none() && listening.elapsed() < threshold;
     let phase = if observed.offline {
         PropletPhase::Offline
     } else if warming_up && old.phase.is_some() {
@@ -341,7 +350,7 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
 
     if warming_up {
         return Ok(Action::requeue(
-            threshold.saturating_sub(ctx.started.elapsed()) + Duration::from_millis(100),
+            threshold.saturating_sub(listening.elapsed()) + Duration::from_millis(100),
         ));
     }
     // Wake up when the proplet would go Offline, to refresh lastSeen, and to write a held-back taskCount.

@@ -107,6 +107,21 @@ pub fn spawn(ctx: Arc<Context>, wake: Waker<Task>) -> (RegistryQueue, tokio::tas
     (RegistryQueue { tx, metrics }, handle)
 }
 
+/// Whether this replica holds an active task for module `app_name` on a proplet of `channel`.
+fn started_here(ctx: &Context, channel: &Channel, app_name: &str) -> bool {
+    ctx.tasks.state().iter().any(|t| {
+        t.phase().is_active()
+            && t.spec.image_url.as_deref().map(str::trim) == Some(app_name)
+            && t.status
+                .as_ref()
+                .and_then(|s| s.assigned_client_id.as_deref())
+                .and_then(|c| ctx.proplet_index.by_client(c))
+                .and_then(|r| ctx.proplets.get(&r))
+                .and_then(|p| crate::controllers::task::wire::channel_of(&p))
+                .is_some_and(|c| &c == channel)
+    })
+}
+
 /// The Proplets registered on `channel`: their namespaces and clientIds.
 fn proplets_on(ctx: &Context, channel: &Channel) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut namespaces = BTreeSet::new();
@@ -124,11 +139,17 @@ fn proplets_on(ctx: &Context, channel: &Channel) -> (BTreeSet<String>, BTreeSet<
 /// Answers one request; true when it was answered (served, or found missing).
 async fn serve(ctx: &Context, req: &Request, wake: &Waker<Task>) -> bool {
     let (namespaces, clients) = proplets_on(ctx, &req.channel);
-    // Exactly one replica answers: the owner of the channel's first clientId (it is subscribed there).
-    if !clients
-        .first()
-        .is_some_and(|c| ctx.ownership.owns_client(c))
-    {
+    // One replica answers: a single replica; among shards, the one that started a task needing this
+    // module on this channel (two shards that both did answer both: a proplet takes the same chunks
+    // twice).
+    let answers = if ctx.ownership.is_sharded() {
+        started_here(ctx, &req.channel, &req.app_name)
+    } else {
+        clients
+            .first()
+            .is_some_and(|c| ctx.ownership.owns_client(c))
+    };
+    if !answers {
         ctx.metrics
             .registry_requests_total
             .with_label_values(&["other_replica"])

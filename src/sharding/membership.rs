@@ -157,10 +157,14 @@ impl Loop {
             .observed
             .unchanged_for(&own, started)
             .is_some_and(|d| d >= duration);
-        match self
-            .leases
-            .hold(&own, &[(RING_LABEL, RING)], |_| expired)
-            .await
+        // Every call is bounded: a stuck request must not keep this replica believing in a Lease it no
+        // longer renews (may_act goes false at the deadline all the same), nor stop it from halting.
+        let retry = self.settings.timings.retry_period;
+        match bounded(
+            deadline / 2,
+            self.leases.hold(&own, &[(RING_LABEL, RING)], |_| expired),
+        )
+        .await
         {
             Ok(Hold::Held { .. }) => {
                 if self.renewed.is_none() {
@@ -185,7 +189,13 @@ impl Loop {
             }
         }
 
-        match self.leader.try_acquire_or_renew().await {
+        match tokio::time::timeout(retry.max(deadline / 2), self.leader.try_acquire_or_renew())
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube_leader_election::Error::TraverseLease {
+                    key: "(request timed out)".to_string(),
+                })
+            }) {
             Ok(LeaseLockResult::Acquired(_)) => {
                 if self.leading.is_none() {
                     info!(lease = %self.settings.leader_lease, "leader Lease acquired");
@@ -214,11 +224,13 @@ impl Loop {
             }
         }
 
-        let listed = self
-            .leases
-            .api()
-            .list(&ListParams::default().labels(&ring_selector()))
-            .await;
+        let listed = bounded(
+            retry.max(deadline / 2),
+            self.leases
+                .api()
+                .list(&ListParams::default().labels(&ring_selector())),
+        )
+        .await;
         let leases = match listed {
             Ok(l) => l.items,
             Err(e) => {
@@ -241,7 +253,11 @@ impl Loop {
         self.ownership.set_states(states.clone());
 
         if self.ownership.is_leader() {
-            for (shard, _) in states.iter().filter(|(_, s)| *s == State::Expired) {
+            // Never our own: if it expired, our own renewal is failing and we stop acting anyway.
+            for (shard, _) in states
+                .iter()
+                .filter(|(n, s)| *s == State::Expired && n != &self.settings.identity)
+            {
                 self.fence(shard, &leases).await;
             }
         }
@@ -256,13 +272,14 @@ impl Loop {
             return;
         };
         let rv = judged.resource_version();
-        let result = self
-            .leases
-            .hold(&name, &[], |current| {
+        let result = bounded(
+            self.settings.timings.renew_deadline / 2,
+            self.leases.hold(&name, &[], |current| {
                 // Only the version judged silent: a renewal in between keeps the shard alive.
                 current.resource_version() == rv && holder(current) == Some(shard)
-            })
-            .await;
+            }),
+        )
+        .await;
         match result {
             Ok(Hold::Held { .. }) => {
                 warn!(%shard, "shard silent for a Lease duration: its Lease is taken, its proplets move");
@@ -272,4 +289,16 @@ impl Loop {
             Err(e) => warn!(error = %e, %shard, "could not fence a silent shard"),
         }
     }
+}
+
+/// `call`, or a timeout error after `limit`.
+async fn bounded<T>(
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = kube::Result<T>>,
+) -> kube::Result<T> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(kube::Error::Service(
+            format!("no answer within {limit:?}").into(),
+        ))
+    })
 }

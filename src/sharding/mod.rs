@@ -29,6 +29,17 @@ pub const RING: &str = "propeller-operator";
 /// On a Task: shards that claimed it and could not place it.
 pub const PASSED_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/passed-by";
 
+/// On a Task handed over between live shards: the attempt whose start the old shard had sent (the new
+/// one need not send it again).
+pub const START_SENT_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/start-sent";
+
+/// The attempt whose start was sent before a handover, if the Task says so.
+pub fn start_sent(obj: &impl ResourceExt) -> Option<i32> {
+    obj.annotations()
+        .get(START_SENT_ANNOTATION)
+        .and_then(|a| a.parse().ok())
+}
+
 /// The shard Lease of a replica.
 pub fn shard_lease_name(identity: &str) -> String {
     format!("propeller-shard-{identity}")
@@ -74,6 +85,8 @@ pub struct Shard {
 #[derive(Debug, Default)]
 struct Owned {
     by_client: HashMap<String, HashSet<String>>,
+    /// When each owned clientId became ours: its heartbeats reach us only from then on.
+    since: HashMap<String, Instant>,
     /// While the watch relists: what the new list holds so far.
     relisting: Option<HashMap<String, HashSet<String>>>,
 }
@@ -131,6 +144,18 @@ impl Ownership {
                         .read()
                         .is_ok_and(|o| o.by_client.contains_key(client_id))
             }
+        }
+    }
+
+    /// Whether this replica's Proplet watch holds the proplet as its own (not moving away), whatever the
+    /// state of its Lease: for bookkeeping in memory (heartbeats), never for acting.
+    pub fn holds_client(&self, client_id: &str) -> bool {
+        match &self.shard {
+            None => true,
+            Some(s) => s
+                .owned
+                .read()
+                .is_ok_and(|o| o.by_client.contains_key(client_id)),
         }
     }
 
@@ -243,6 +268,19 @@ impl Ownership {
             }
             watcher::Event::Delete(p) => remove(&mut owned.by_client, &key(p)),
         }
+        let Owned {
+            by_client, since, ..
+        } = &mut *owned;
+        since.retain(|c, _| by_client.contains_key(c));
+        for c in by_client.keys() {
+            since.entry(c.clone()).or_insert_with(Instant::now);
+        }
+    }
+
+    /// Since when this replica has owned `client_id` (None for a single replica, which always has).
+    pub fn owned_since(&self, client_id: &str) -> Option<Instant> {
+        let s = self.shard.as_ref()?;
+        s.owned.read().ok()?.since.get(client_id).copied()
     }
 }
 

@@ -297,6 +297,40 @@ impl Env {
         sim::spawn(c)
     }
 
+    /// Starts `n` simulated proplets `{prefix}-c{i}` (one broker reload for all) with their external
+    /// Proplets `p{i}`.
+    pub async fn proplet_fleet(
+        &mut self,
+        prefix: &str,
+        n: usize,
+        tune: impl Fn(&mut SimConfig),
+    ) -> anyhow::Result<Vec<SimHandle>> {
+        let clients: Vec<String> = (0..n).map(|i| format!("{prefix}-c{i}")).collect();
+        let users: Vec<(String, String)> = clients
+            .iter()
+            .map(|c| (c.clone(), format!("{c}-key")))
+            .collect();
+        self.broker.add_users(&users)?;
+        let mut sims = Vec::new();
+        for (i, c) in clients.iter().enumerate() {
+            let mut config = SimConfig::new(
+                &self.broker.address(),
+                DOMAIN,
+                CHANNEL,
+                c,
+                &format!("{c}-key"),
+            );
+            config.liveliness_interval = Duration::from_millis(500);
+            config.metrics_interval = Duration::from_secs(1);
+            config.namespace = self.ns.clone();
+            tune(&mut config);
+            sims.push(sim::spawn(config)?);
+            self.external_proplet(&format!("p{i}"), c, json!({}))
+                .await?;
+        }
+        Ok(sims)
+    }
+
     /// Creates an object from JSON in the test namespace.
     pub async fn create<K>(&self, value: Value) -> anyhow::Result<K>
     where

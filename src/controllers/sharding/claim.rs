@@ -9,7 +9,7 @@ use std::time::Duration;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 
-use super::labels::patch_meta;
+use super::labels::{Guard, patch_meta};
 use crate::api::task::Task;
 use crate::context::Context;
 use crate::error::Result;
@@ -99,7 +99,7 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
         task.as_ref(),
         &[(SHARD_LABEL, Some(me))],
         &[],
-        true,
+        Guard::Version,
     )
     .await?;
     let outcome = if claimed { "claimed" } else { "conflict" };
@@ -132,7 +132,7 @@ pub async fn pass(task: &Task, ctx: &Context) -> Result<bool> {
         task,
         &[(SHARD_LABEL, None)],
         &[(PASSED_ANNOTATION, Some(&list))],
-        true,
+        Guard::Version,
     )
     .await?;
     if done {

@@ -12,14 +12,17 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::labels::patch_meta;
+use super::labels::{Guard, patch_meta};
 use super::plan::drain_ready;
 use crate::api::proplet::Proplet;
+use crate::api::task::TaskPhase;
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
 use crate::controllers::task::wire::channel_of;
 use crate::error::Result;
-use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, drain_of, shard_of};
+use crate::sharding::{
+    DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, START_SENT_ANNOTATION, drain_of, shard_of,
+};
 
 /// While a move waits for its subscription to reach the broker, it is looked at this often.
 const PENDING_POLL: Duration = Duration::from_millis(100);
@@ -103,7 +106,7 @@ async fn incoming(ctx: &Context, resubscribe: &Notify) -> Result<bool> {
                     p.as_ref(),
                     &[(DRAIN_READY_LABEL, Some("true"))],
                     &[],
-                    true,
+                    Guard::Labels(&[(DRAIN_LABEL, me)]),
                 )
                 .await?;
                 debug!(proplet = %p.name_any(), ok, "subscribed for an incoming proplet");
@@ -137,22 +140,50 @@ async fn outgoing(ctx: &Context) -> Result<()> {
         let ns = p.namespace();
         let name = p.name_any();
         let client = p.spec.connection_config.client().map(str::to_string);
-        for t in ctx.tasks.state() {
-            let status = t.status.as_ref();
-            let on_it = t.namespace() == ns
-                && (status.and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str())
-                    || (client.is_some()
-                        && status.and_then(|s| s.assigned_client_id.clone()) == client));
-            if on_it && shard_of(t.as_ref()).as_deref() == Some(me) {
-                patch_meta(
-                    &ctx.client,
-                    &ctx.metrics,
-                    t.as_ref(),
-                    &[(SHARD_LABEL, Some(&to))],
-                    &[],
-                    false,
-                )
-                .await?;
+        let on_it: Vec<_> = ctx
+            .tasks
+            .state()
+            .into_iter()
+            .filter(|t| {
+                let status = t.status.as_ref();
+                t.namespace() == ns
+                    && shard_of(t.as_ref()).as_deref() == Some(me)
+                    && (status.and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str())
+                        || (client.is_some()
+                            && status.and_then(|s| s.assigned_client_id.clone()) == client))
+            })
+            .collect();
+        for chunk in on_it.chunks(32) {
+            let relabels = chunk.iter().map(|t| {
+                // Its start went out from here: the new owner must not send it again.
+                let sent = (t.phase() == TaskPhase::Running
+                    && ctx.launched.contains(&t.uid().unwrap_or_default()))
+                .then(|| {
+                    t.status
+                        .as_ref()
+                        .and_then(|s| s.attempts)
+                        .unwrap_or(0)
+                        .to_string()
+                });
+                let to = to.clone();
+                async move {
+                    let annotations: Vec<(&str, Option<&str>)> = sent
+                        .as_deref()
+                        .map(|a| vec![(START_SENT_ANNOTATION, Some(a))])
+                        .unwrap_or_default();
+                    patch_meta(
+                        &ctx.client,
+                        &ctx.metrics,
+                        t.as_ref(),
+                        &[(SHARD_LABEL, Some(&to))],
+                        &annotations,
+                        Guard::None,
+                    )
+                    .await
+                }
+            });
+            for r in futures::future::join_all(relabels).await {
+                r?;
             }
         }
         let moved = patch_meta(
@@ -165,7 +196,7 @@ async fn outgoing(ctx: &Context) -> Result<()> {
                 (DRAIN_READY_LABEL, None),
             ],
             &[],
-            true,
+            Guard::Labels(&[(SHARD_LABEL, me), (DRAIN_LABEL, &to)]),
         )
         .await?;
         if moved {

@@ -12,14 +12,19 @@ use kube::{Api, ResourceExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::labels::patch_meta;
+use super::labels::{Guard, patch_meta};
 use super::plan::{MoveKind, Step, key, plan};
 use crate::api::proplet::Proplet;
 use crate::api::task::Task;
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
 use crate::error::Result;
-use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, own_selector, shard_of};
+use crate::sharding::{
+    DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, drain_of, own_selector, shard_of,
+};
+
+/// Label writes in flight at once (moves of a dead shard's Proplets and Tasks).
+const AT_ONCE: usize = 32;
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -81,67 +86,35 @@ async fn round(
         .filter_map(|p| shard_of(p.as_ref()).map(|s| (key(p), s)))
         .collect();
     let mut draining = p.drains_in_flight;
-    for step in p.steps {
+    let mut applied = Vec::new();
+    for chunk in p.steps.chunks(AT_ONCE) {
+        let done = futures::future::join_all(chunk.iter().map(|step| apply(ctx, step))).await;
+        applied.extend(chunk.iter().cloned().zip(done));
+    }
+    for (step, done) in applied {
+        let done = done?;
         match step {
             Step::Assign {
                 proplet,
                 from,
                 to,
                 kind,
-            } => {
-                let done = patch_meta(
-                    &ctx.client,
-                    &ctx.metrics,
-                    proplet.as_ref(),
-                    &[
-                        (SHARD_LABEL, Some(&to)),
-                        (DRAIN_LABEL, None),
-                        (DRAIN_READY_LABEL, None),
-                    ],
-                    &[],
-                    true,
-                )
-                .await?;
-                if done {
-                    ctx.metrics
-                        .shards
-                        .moves_total
-                        .with_label_values(&[kind.as_str()])
-                        .inc();
-                    owner_of.insert(key(&proplet), to.clone());
-                    if kind == MoveKind::Dead
-                        && let Some(from) = from
-                    {
-                        info!(proplet = %proplet.name_any(), %from, %to, "proplet of a gone shard reassigned");
-                        orphaned.insert(from);
-                    }
-                }
-            }
-            Step::Drain { proplet, to } => {
-                if patch_meta(
-                    &ctx.client,
-                    &ctx.metrics,
-                    proplet.as_ref(),
-                    &[(DRAIN_LABEL, Some(&to))],
-                    &[],
-                    true,
-                )
-                .await?
+            } if done => {
+                ctx.metrics
+                    .shards
+                    .moves_total
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+                owner_of.insert(key(&proplet), to.clone());
+                if kind == MoveKind::Dead
+                    && let Some(from) = from
                 {
-                    draining += 1;
+                    info!(proplet = %proplet.name_any(), %from, %to, "proplet of a gone shard reassigned");
+                    orphaned.insert(from);
                 }
             }
-            Step::CancelDrain { proplet } => {
-                patch_meta(
-                    &ctx.client,
-                    &ctx.metrics,
-                    proplet.as_ref(),
-                    &[(DRAIN_LABEL, None), (DRAIN_READY_LABEL, None)],
-                    &[],
-                    true,
-                )
-                .await?;
-            }
+            Step::Drain { .. } if done => draining += 1,
+            _ => {}
         }
     }
     ctx.metrics.shards.drains_in_flight.set(draining as i64);
@@ -155,6 +128,61 @@ async fn round(
         }
     }
     Ok(())
+}
+
+/// Writes one step; false when its guard no longer held (the next round looks again).
+async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
+    match step {
+        Step::Assign {
+            proplet, from, to, ..
+        } => {
+            // From a gone shard: only if still labelled with it. New: only if nobody wrote it since (an
+            // unowned Proplet's status does not change, so this rarely races).
+            let was = [(SHARD_LABEL, from.as_deref().unwrap_or_default())];
+            let guard = if from.is_some() {
+                Guard::Labels(&was)
+            } else {
+                Guard::Version
+            };
+            patch_meta(
+                &ctx.client,
+                &ctx.metrics,
+                proplet.as_ref(),
+                &[
+                    (SHARD_LABEL, Some(to)),
+                    (DRAIN_LABEL, None),
+                    (DRAIN_READY_LABEL, None),
+                ],
+                &[],
+                guard,
+            )
+            .await
+        }
+        Step::Drain { proplet, to } => {
+            let owner = shard_of(proplet.as_ref()).unwrap_or_default();
+            patch_meta(
+                &ctx.client,
+                &ctx.metrics,
+                proplet.as_ref(),
+                &[(DRAIN_LABEL, Some(to))],
+                &[],
+                Guard::Labels(&[(SHARD_LABEL, &owner)]),
+            )
+            .await
+        }
+        Step::CancelDrain { proplet } => {
+            let target = drain_of(proplet.as_ref()).unwrap_or_default();
+            patch_meta(
+                &ctx.client,
+                &ctx.metrics,
+                proplet.as_ref(),
+                &[(DRAIN_LABEL, None), (DRAIN_READY_LABEL, None)],
+                &[],
+                Guard::Labels(&[(DRAIN_LABEL, &target)]),
+            )
+            .await
+        }
+    }
 }
 
 /// Relabels the Tasks of a gone shard: those on a proplet follow it; the others go back to be claimed.
@@ -188,17 +216,28 @@ async fn adopt_tasks(
             .and_then(|c| owner_of.get(c))
             .cloned()
     };
-    for t in &listed.items {
-        let to = proplet_owner(t);
-        patch_meta(
-            &ctx.client,
-            &ctx.metrics,
-            t,
-            &[(SHARD_LABEL, to.as_deref())],
-            &[],
-            false,
-        )
-        .await?;
+    let mut relabels = Vec::new();
+    for chunk in listed.items.chunks(AT_ONCE) {
+        relabels.extend(
+            futures::future::join_all(chunk.iter().map(|t| {
+                let to = proplet_owner(t);
+                async move {
+                    patch_meta(
+                        &ctx.client,
+                        &ctx.metrics,
+                        t,
+                        &[(SHARD_LABEL, to.as_deref())],
+                        &[],
+                        Guard::None,
+                    )
+                    .await
+                }
+            }))
+            .await,
+        );
+    }
+    for r in relabels {
+        r?;
     }
     if !listed.items.is_empty() {
         info!(%shard, tasks = listed.items.len(), "tasks of a gone shard reassigned");

@@ -133,6 +133,12 @@ pub(super) async fn resume(task: &Task, ctx: &Context) -> Result<Option<Action>>
     if ctx.launched.contains(&uid) || ctx.mqtt.is_none() {
         return Ok(None);
     }
+    // Handed over by a live shard that had sent this attempt's start itself.
+    let attempt = task.status.as_ref().and_then(|s| s.attempts).unwrap_or(0);
+    if crate::sharding::start_sent(task) == Some(attempt) {
+        ctx.launched.insert(&uid);
+        return Ok(None);
+    }
     if !ctx.backlog.drained() {
         return Ok(Some(Action::requeue(Duration::from_millis(250))));
     }

@@ -153,11 +153,6 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
         return launch::cleanup(&task, &ctx).await;
     }
     let status = task.status.clone().unwrap_or_default();
-    if let Some(client) = status.assigned_client_id.as_deref()
-        && !ctx.ownership.owns_client(client)
-    {
-        return Ok(Action::await_change());
-    }
     let uid = task.uid().unwrap_or_default();
 
     // Results first: they may arrive before our own write of `running` is back from the watch, so a
@@ -180,6 +175,18 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
                 Ok(Action::await_change())
             }
         };
+    }
+
+    // Results are recorded by whoever holds the Task (a status write, resourceVersion-checked); anything
+    // that may publish waits for the proplet to be ours (not moving away).
+    if let Some(client) = status.assigned_client_id.as_deref()
+        && !ctx.ownership.holds_client(client)
+    {
+        return Ok(Action::await_change());
+    }
+    if !ctx.ownership.may_act() {
+        // Our Lease is being renewed late: nothing is decided until it is fresh again.
+        return Ok(Action::requeue(ctx.config.retry_period.0));
     }
 
     if let Err(msg) = validate(&task) {
