@@ -188,9 +188,11 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
             Ok(r) => match traced_task(&r.task_id, ctx) {
                 None if ctx.ownership.is_sharded() => {
                     // Another shard's task, or one moving here whose Task is not in our cache yet:
-                    // parked, unacknowledged, until it shows up or the sweep drops it as not ours.
+                    // parked in memory until it shows up or the sweep drops it as not ours. Acknowledged
+                    // now: the broker delivers only so many unacknowledged messages, and parking most of a
+                    // shared channel's results would stall this session's heartbeats behind them.
                     ctx.metrics.mqtt_message(kind.as_str(), "parked");
-                    ctx.results.push(&r.task_id.clone(), r, msg.ack.take());
+                    ctx.results.push(&r.task_id.clone(), r, None);
                 }
                 None => {
                     ctx.metrics.mqtt_message(kind.as_str(), "unknown_task");

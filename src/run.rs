@@ -362,15 +362,7 @@ impl Operator {
             m.abandon();
         }
         self.controllers.abort();
-        for task in &self.background {
-            task.abort();
-        }
-        for task in self.background {
-            let _ = task.await;
-        }
-        if let Some(m) = &self.ctx.mqtt {
-            m.disconnect().await;
-        }
+        close(self.background, &self.ctx).await;
     }
 
     /// Stops: no reconcile starts any more, those in flight finish, the Leases are released, then the
@@ -389,19 +381,24 @@ impl Operator {
         if let Some(m) = self.membership {
             m.release().await;
         }
-        for task in &self.background {
-            task.abort();
-        }
-        // Awaited so that their listeners are closed when this returns: a successor may bind the same ports.
-        for task in self.background {
-            let _ = task.await;
-        }
-        if let Some(m) = &self.ctx.mqtt {
-            m.disconnect().await;
-        }
+        close(self.background, &self.ctx).await;
         let took = asked.elapsed();
         info!(?took, "stopped");
         took
+    }
+}
+
+/// Ends the watches, endpoints and loops, then the MQTT connection.
+async fn close(background: Vec<JoinHandle<()>>, ctx: &Context) {
+    for task in &background {
+        task.abort();
+    }
+    // Awaited so that their listeners are closed when this returns: a successor may bind the same ports.
+    for task in background {
+        let _ = task.await;
+    }
+    if let Some(m) = &ctx.mqtt {
+        m.disconnect().await;
     }
 }
 

@@ -117,8 +117,10 @@ fn started_here(ctx: &Context, channel: &Channel, app_name: &str) -> bool {
                 .and_then(|s| s.assigned_client_id.as_deref())
                 .and_then(|c| ctx.proplet_index.by_client(c))
                 .and_then(|r| ctx.proplets.get(&r))
-                .and_then(|p| crate::controllers::task::wire::channel_of(&p))
-                .is_some_and(|c| &c == channel)
+                .is_some_and(|p| {
+                    let cc = &p.spec.connection_config;
+                    cc.domain() == Some(channel.domain.as_str()) && cc.channel_id == channel.channel
+                })
     })
 }
 

@@ -182,22 +182,28 @@ impl Leases {
     }
 }
 
+/// A Lease as a test sees it.
+#[cfg(test)]
+pub(crate) fn test_lease(name: &str, rv: &str, holder: Option<&str>) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            ..Default::default()
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn lease(name: &str, rv: &str, holder: Option<&str>) -> Lease {
-        Lease {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                resource_version: Some(rv.into()),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: holder.map(str::to_string),
-                ..Default::default()
-            }),
-        }
+        test_lease(name, rv, holder)
     }
 
     #[test]

@@ -74,21 +74,9 @@ pub fn judge_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use kube::api::ObjectMeta;
 
     fn lease(shard: &str, rv: &str, holder: Option<&str>) -> Lease {
-        Lease {
-            metadata: ObjectMeta {
-                name: Some(super::super::shard_lease_name(shard)),
-                resource_version: Some(rv.into()),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: holder.map(str::to_string),
-                ..Default::default()
-            }),
-        }
+        super::super::lease::test_lease(&super::super::shard_lease_name(shard), rv, holder)
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub(super) async fn launch_scheduled(task: &Task, ctx: &Context) -> Result<Actio
     launch(task, ctx, status, &proplet).await
 }
 
+/// How long a shard waits, after a proplet became its own, before it sends the start of a running task
+/// again (see [`resume`]).
+const RESUME_GRACE: Duration = Duration::from_secs(3);
+
 /// A running task this process has not started (an earlier operator did, or its start did not go out):
 /// once what the broker queued for us is handled — its result would be among it — the start goes out again.
 /// A proplet ignores a start for a task it is running. `None`: nothing to do.
@@ -141,6 +145,19 @@ pub(super) async fn resume(task: &Task, ctx: &Context) -> Result<Option<Action>>
     }
     if !ctx.backlog.drained() {
         return Ok(Some(Action::requeue(Duration::from_millis(250))));
+    }
+    // A task that just moved here (its shard went away): a result its proplet published a moment ago may
+    // still be on its way to us; sending the start again now could make a finished task run twice.
+    if let Some(since) = task
+        .status
+        .as_ref()
+        .and_then(|s| s.assigned_client_id.as_deref())
+        .and_then(|c| ctx.ownership.owned_since(c))
+    {
+        let left = RESUME_GRACE.saturating_sub(since.elapsed());
+        if !left.is_zero() {
+            return Ok(Some(Action::requeue(left)));
+        }
     }
     // Looked at only now: the backlog's results are all in once it is drained, and this reconcile may
     // have started before its result came.

@@ -134,6 +134,7 @@ pub(super) async fn watch_running(task: &Task, ctx: &Context) -> Result<Action> 
             _ => None,
         };
         if let Some(why) = gone {
+            tracing::info!(task = %task.name_any(), shard = ?ctx.ownership.identity(), %why, "task interrupted");
             let end = Ending {
                 phase: TaskPhase::Interrupted,
                 reason: "Interrupted",
