@@ -376,12 +376,23 @@ async fn running_on(env: &Env, shard: &str) -> anyhow::Result<BTreeSet<String>> 
 // Many proplets and three operators: on threads of their own, as separate processes would be, so that
 // heartbeats are not delayed behind the test's own work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known failure (docs/sharding.md, open work): after a shard is killed under this load, some tasks \
-            are started on a second proplet and some passed tasks stay pending; run with --ignored"]
+#[ignore = "known failure (docs/sharding.md, What is not built yet): under this load on one machine healthy \
+            shards renew their Lease too late and are fenced; run with --ignored"]
 async fn killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task() -> anyhow::Result<()>
 {
-    const PROPLETS: usize = 100;
-    const TASKS: usize = 2000;
+    kill_under_load("load", 100, 2000).await
+}
+
+// The same at a scale one machine carries beside the rest of the suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_and_a_shard_under_moderate_load_loses_and_repeats_no_task()
+-> anyhow::Result<()> {
+    kill_under_load("mload", 30, 600).await
+}
+
+/// Three replicas, `PROPLETS` proplets, `TASKS` tasks created in four waves; a follower is killed after the
+/// second, the leader after the third (each comes back as itself once its proplets moved).
+async fn kill_under_load(prefix: &str, proplets: usize, count: usize) -> anyhow::Result<()> {
     // Under this load on one machine a Lease write can take seconds: client-go-like timings (a Lease of
     // 10 s), so that only the replicas killed lose theirs.
     let flags = [
@@ -391,17 +402,17 @@ async fn killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task() -
         "--retry-period=1s",
         "--last-seen-threshold=10s",
     ];
-    let (mut env, sims) = replicas_with("load", PROPLETS, &flags, |c| {
+    let (mut env, sims) = replicas_with(prefix, proplets, &flags, |c| {
         c.faults.task_delay = Duration::from_secs(2);
         c.liveliness_interval = Duration::from_secs(1);
     })
     .await?;
     let clients: Vec<String> = sims.iter().map(|s| s.client_id.clone()).collect();
     settled(&env, &clients).await?;
-    let names: Vec<String> = (0..TASKS).map(|i| format!("l{i}")).collect();
+    let names: Vec<String> = (0..count).map(|i| format!("l{i}")).collect();
     let mut may_repeat = BTreeSet::new();
     let mut recoveries = Vec::new();
-    for (i, chunk) in names.chunks(TASKS / 4).enumerate() {
+    for (i, chunk) in names.chunks(count / 4).enumerate() {
         create_all(&env, chunk).await?;
         let lead = leader(&env).await?;
         let kill = match i {
@@ -423,7 +434,7 @@ async fn killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task() -
     let tasks = env.tasks().list(&ListParams::default()).await?.items;
     let resent = ran_once(&sims, &tasks, &may_repeat)?;
     println!(
-        "{TASKS} tasks over {PROPLETS} proplets: each ran once; {resent} starts sent again for tasks that \
+        "{count} tasks over {proplets} proplets: each ran once; {resent} starts sent again for tasks that \
          were running on a killed shard"
     );
     for s in sims {
