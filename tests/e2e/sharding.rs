@@ -15,14 +15,14 @@ use serde_json::json;
 use crate::support::{Env, WAIT};
 
 const ADD: &str = "AGFzbQEAAAABBwFgAn9/AX8DAgEABwcBA2FkZAAACgkBBwAgACABags=";
-/// Lease 4 s, renew deadline 3 s, retry 0.5 s: a crashed shard is fenced about 4 s after its last renewal.
+/// client-go-like timings scaled down (Lease 10 s, renew deadline 7 s, retry 1 s): short enough for tests,
+/// long enough that a loaded 2-core machine renews in time (4 s Leases got healthy shards fenced there).
 const HA: &[&str] = &[
     "--leader-elect",
-    "--lease-duration=4s",
-    "--renew-deadline=3s",
-    "--retry-period=500ms",
+    "--lease-duration=10s",
+    "--renew-deadline=7s",
+    "--retry-period=1s",
 ];
-
 /// The operator holding the leader Lease (read from the API server, not from its own belief).
 async fn leader(env: &Env) -> anyhow::Result<Option<usize>> {
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
