@@ -253,6 +253,23 @@ async fn three_shards_split_the_proplets_and_start_every_task_once() -> anyhow::
             Some(json!("42"))
         );
     }
+    // A broadcast would reach one shard's proplets only: it is refused, visibly, instead.
+    env.create::<Task>(json!({"metadata": {"name": "everyone"},
+        "spec": {"name": "everyone", "functionName": "add", "file": ADD, "inputs": [1, 2], "broadcast": true}}))
+        .await?;
+    env.wait_for(
+        &env.tasks(),
+        "everyone",
+        "refused as a broadcast",
+        |t: &Task| {
+            t.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "Ready" && c.reason.as_deref() == Some("BroadcastNotSharded")
+                })
+            })
+        },
+    )
+    .await?;
     // Each shard's caches hold its own share only.
     for i in 0..3 {
         let ctx = env.operator(i).map(|o| std::sync::Arc::clone(o.context()));

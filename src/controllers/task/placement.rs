@@ -95,6 +95,18 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
     };
 
     if task.spec.broadcast == Some(true) {
+        if ctx.ownership.is_sharded() {
+            // A shard knows only its own proplets: a broadcast from one would silently miss the others.
+            return refuse(
+                task,
+                ctx,
+                status,
+                "BroadcastNotSharded",
+                "broadcast tasks are not run by sharded replicas (--leader-elect) yet: each shard knows \
+                 only its own proplets",
+            )
+            .await;
+        }
         return dispatch_broadcast(task, ctx, status).await;
     }
 
