@@ -134,9 +134,24 @@ async fn settled(
         if placed && owned == clients.len() {
             return Ok(l);
         }
+        let moving: Vec<(String, Option<String>, Option<String>)> = proplets
+            .iter()
+            .filter(|p| propeller_operator::sharding::drain_of(*p).is_some())
+            .map(|p| {
+                let ready = p
+                    .labels()
+                    .get(propeller_operator::sharding::DRAIN_READY_LABEL)
+                    .cloned();
+                (
+                    p.name_any(),
+                    propeller_operator::sharding::drain_of(p),
+                    ready,
+                )
+            })
+            .collect();
         anyhow::ensure!(
             Instant::now() < deadline,
-            "shards did not settle: labels {l:?}, wanted {want:?}, owned {owned}"
+            "shards did not settle: labels {l:?}, wanted {want:?}, moving {moving:?}, owned {owned}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -24,6 +24,9 @@ use crate::sharding::{
     DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, START_SENT_ANNOTATION, drain_of, shard_of,
 };
 
+/// A subscription not confirmed this long after its probe is probed again.
+const REPROBE: Duration = Duration::from_secs(1);
+
 /// While a move waits for its subscription to reach the broker, it is looked at this often.
 const PENDING_POLL: Duration = Duration::from_millis(100);
 
@@ -38,6 +41,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut pending = false;
+        let mut reprobed = std::time::Instant::now();
         loop {
             let idle = if pending {
                 PENDING_POLL
@@ -52,7 +56,7 @@ pub fn spawn(
             if !ctx.ownership.may_act() {
                 continue;
             }
-            pending = match incoming(&ctx, &resubscribe).await {
+            pending = match incoming(&ctx, &resubscribe, &mut reprobed).await {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(error = %e, "incoming handover failed; retrying");
@@ -86,7 +90,11 @@ pub fn spawn(
 
 /// Proplets moving here: labelled `drain-ready` once their channel's subscription is confirmed. Returns
 /// whether some still wait for it.
-async fn incoming(ctx: &Context, resubscribe: &Notify) -> Result<bool> {
+async fn incoming(
+    ctx: &Context,
+    resubscribe: &Notify,
+    reprobed: &mut std::time::Instant,
+) -> Result<bool> {
     let (Some(me), Some(mqtt)) = (ctx.ownership.identity(), &ctx.mqtt) else {
         return Ok(false);
     };
@@ -111,7 +119,18 @@ async fn incoming(ctx: &Context, resubscribe: &Notify) -> Result<bool> {
                 .await?;
                 debug!(proplet = %p.name_any(), ok, "subscribed for an incoming proplet");
             }
-            Some(_) => waiting = true,
+            Some(g) => {
+                waiting = true;
+                // The probe of this generation may have been lost (a reconnect): another one.
+                if reprobed.elapsed() >= REPROBE
+                    && let Some((topic, payload)) = ctx.backlog.probe(g)
+                {
+                    *reprobed = std::time::Instant::now();
+                    if let Err(e) = mqtt.publish(&topic, payload).await {
+                        warn!(error = %e, "subscription probe not sent");
+                    }
+                }
+            }
             None => {
                 resubscribe.notify_one();
                 waiting = true;
