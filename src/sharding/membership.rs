@@ -1,8 +1,8 @@
 //! One replica's membership: it keeps its shard Lease (the right to act on its proplets) and competes for
 //! the leader Lease (kube-leader-election), every retry period; it judges the other shards' Leases into the
 //! ring's members; as leader, it fences shards that went silent by taking their Lease. A replica that
-//! cannot renew within the renew deadline, or that loses the leadership it had, stops acting at once and
-//! halts (its successor starts clean, as controller-runtime's managers do).
+//! cannot renew its shard Lease within the renew deadline stops acting at once and halts (its successor
+//! starts clean, as controller-runtime's managers do); one that loses the leadership steps back.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -210,9 +210,18 @@ impl Loop {
                     .set(1);
             }
             Ok(LeaseLockResult::NotAcquired(_)) => {
-                if self.leading.is_some() {
+                // kube-leader-election takes an expired Lease without a precondition: two replicas may both
+                // believe they won, and the loser learns it here. Every leader decision is a guarded write
+                // and each leader task checks the leadership before it acts, so stepping back is enough.
+                if self.leading.take().is_some() {
+                    warn!(lease = %self.settings.leader_lease, "leadership lost: stepping back");
                     self.metrics.shards.lease("leader", "lost");
-                    return Err("leadership lost".to_string());
+                    self.ownership.set_leader(false);
+                    self.metrics
+                        .shards
+                        .leader
+                        .with_label_values(&[&self.settings.leader_lease])
+                        .set(0);
                 }
             }
             Err(e) => {
