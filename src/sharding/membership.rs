@@ -103,11 +103,7 @@ impl Membership {
                 Ok(()) => self.metrics.shards.lease("leader", "released"),
                 Err(e) => warn!(error = %e, "leader Lease not released; it will expire"),
             }
-            self.metrics
-                .shards
-                .leader
-                .with_label_values(&[&self.settings.leader_lease])
-                .set(0);
+            leader_gauge(&self.metrics, &self.settings, 0);
         }
     }
 }
@@ -126,6 +122,15 @@ struct Loop {
 }
 
 impl Loop {
+    /// Gives up the leadership without halting: the leader's tasks check it before each action.
+    fn step_back(&mut self, why: &str) {
+        warn!(lease = %self.settings.leader_lease, "{why}: stepping back");
+        self.leading = None;
+        self.metrics.shards.lease("leader", "lost");
+        self.ownership.set_leader(false);
+        leader_gauge(&self.metrics, &self.settings, 0);
+    }
+
     async fn run(mut self, halt: tokio::sync::watch::Sender<bool>) {
         let mut every = tokio::time::interval(self.settings.timings.retry_period);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,11 +139,7 @@ impl Loop {
             if let Err(why) = self.round().await {
                 error!(identity = %self.settings.identity, "{why}: this replica stops acting and halts");
                 self.ownership.revoke();
-                self.metrics
-                    .shards
-                    .leader
-                    .with_label_values(&[&self.settings.leader_lease])
-                    .set(0);
+                leader_gauge(&self.metrics, &self.settings, 0);
                 halt.send_replace(true);
                 return;
             }
@@ -203,32 +204,21 @@ impl Loop {
                 }
                 self.leading = Some(started);
                 self.ownership.set_leader(true);
-                self.metrics
-                    .shards
-                    .leader
-                    .with_label_values(&[&self.settings.leader_lease])
-                    .set(1);
+                leader_gauge(&self.metrics, &self.settings, 1);
             }
             Ok(LeaseLockResult::NotAcquired(_)) => {
                 // kube-leader-election takes an expired Lease without a precondition: two replicas may both
                 // believe they won, and the loser learns it here. Every leader decision is a guarded write
                 // and each leader task checks the leadership before it acts, so stepping back is enough.
-                if self.leading.take().is_some() {
-                    warn!(lease = %self.settings.leader_lease, "leadership lost: stepping back");
-                    self.metrics.shards.lease("leader", "lost");
-                    self.ownership.set_leader(false);
-                    self.metrics
-                        .shards
-                        .leader
-                        .with_label_values(&[&self.settings.leader_lease])
-                        .set(0);
+                if self.leading.is_some() {
+                    self.step_back("leadership lost");
                 }
             }
             Err(e) => {
                 self.metrics.shards.lease("leader", "error");
                 warn!(error = %e, "leader Lease not renewed");
                 if self.leading.is_some_and(|t| t.elapsed() >= deadline) {
-                    return Err(format!("leader Lease not renewed within {deadline:?}"));
+                    self.step_back("leader Lease not renewed within the renew deadline");
                 }
             }
         }
@@ -310,4 +300,13 @@ async fn bounded<T>(
             format!("no answer within {limit:?}").into(),
         ))
     })
+}
+
+/// `leader_election_master_status` of this replica's leader Lease.
+fn leader_gauge(metrics: &Metrics, settings: &Settings, value: i64) {
+    metrics
+        .shards
+        .leader
+        .with_label_values(&[&settings.leader_lease])
+        .set(value);
 }
