@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
+.PHONY: all build test lint fl-client provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
 
 all: build
 
@@ -20,8 +20,15 @@ lint:
 
 ## Unit, integration and e2e tests on a real kube-apiserver, etcd, kube-controller-manager and mosquitto.
 ## With E2E_KUBECONFIG=path they run against that cluster instead of a local one.
-test: provision lint
+test: provision lint fl-client
 	$(CARGO) test --no-fail-fast --all-targets -- --test-threads=2
+
+## The example FL client (examples/fl-client/fl_client.c) as a WASI command, with Debian's clang and wasi-libc.
+FL_CLIENT := target/wasm32-wasi/fl-client.wasm
+fl-client: $(FL_CLIENT)
+$(FL_CLIENT): examples/fl-client/fl_client.c | provision
+	@mkdir -p $(dir $@)
+	clang-14 --target=wasm32-wasi -Os -Wall -Wextra -Werror -Wl,--strip-all -o $@ $<
 
 cluster-up: provision
 	$(CARGO) run --quiet --bin testbed -- --dir $(TESTBED_DIR) up

@@ -18,7 +18,8 @@ log() { echo "provision: $*" >&2; }
 
 need_pkgs=(etcd-server golang-go mosquitto mosquitto-clients openssl
            golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
-           curl ca-certificates dpkg-dev)
+           curl ca-certificates dpkg-dev
+           clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32)
 
 missing=()
 for p in "${need_pkgs[@]}"; do

@@ -50,6 +50,11 @@ pub struct FederatedJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub initial_model: Option<serde_json::Value>,
+    /// Participants' training data: ConfigMaps in this namespace labelled
+    /// `propeller.propeller.abstractmachines.fr/dataset: <this name>`, each key `<clientId>.json` one
+    /// participant's data. Round tasks then get `DATA_STORE_URL`, and each participant fetches its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -46,6 +46,13 @@ struct Args {
     /// Milliseconds every task takes in addition to running it.
     #[arg(long, default_value_t = 0)]
     task_delay_ms: u64,
+    /// Where FL participants fetch their data (`GET {url}/datasets/{clientId}`), as the real proplet's
+    /// DATA_STORE_URL; a task's own DATA_STORE_URL takes precedence.
+    #[arg(long, env = "DATA_STORE_URL")]
+    data_store_url: Option<String>,
+    /// Milliseconds between looks for a module's registry chunks (the real proplet: 5000).
+    #[arg(long, default_value_t = 5000)]
+    registry_poll_ms: u64,
 }
 
 #[tokio::main]
@@ -77,6 +84,8 @@ async fn main() {
         c.metrics_interval = Duration::from_secs(args.metrics_interval.max(1));
         c.namespace = args.namespace.clone();
         c.qos = args.qos;
+        c.data_store_url = args.data_store_url.clone();
+        c.registry_poll = Duration::from_millis(args.registry_poll_ms.max(10));
         c.faults = Faults {
             fail_tasks: args.fail_tasks,
             task_delay: Duration::from_millis(args.task_delay_ms),

@@ -84,12 +84,16 @@ pub fn participant_task(
         ("ROUND_ID".to_string(), round.spec.round_id.clone()),
         ("MODEL_URI".to_string(), round.spec.model_ref.clone()),
         ("MODEL_REGISTRY_URL".to_string(), url.clone()),
-        ("MANAGER_COORDINATOR_URL".to_string(), url),
+        ("MANAGER_COORDINATOR_URL".to_string(), url.clone()),
         ("PROPLET_ID".to_string(), proplet_id.to_string()),
         ("FL_JOB_ID".to_string(), job.spec.experiment_id.clone()),
     ]);
     if let Some(h) = &round.spec.hyperparams {
         env.insert("HYPERPARAMS".into(), h.to_string());
+    }
+    if job.spec.dataset.as_deref().is_some_and(|d| !d.is_empty()) {
+        // The coordinator serves `…/datasets/{clientId}` under the same experiment URL.
+        env.insert("DATA_STORE_URL".into(), url);
     }
     let owner = round
         .controller_owner_ref(&())
@@ -600,6 +604,17 @@ mod tests {
     }
 
     #[test]
+    fn a_named_dataset_gives_round_tasks_a_data_store() {
+        let mut j = job();
+        j.spec.dataset = Some("digits".into());
+        let mut r = super::super::federated_job::round(&j, 1, 0).expect("round");
+        r.metadata.uid = Some("r-1".into());
+        let t = participant_task(&r, &j, "edge-1", None, "http://op:8082").expect("task");
+        let env = t.spec.env.unwrap_or_default();
+        assert_eq!(env["DATA_STORE_URL"], "http://op:8082/fl/ns/exp");
+    }
+
+    #[test]
     fn round_tasks_are_what_a_real_proplet_needs() {
         let j = job();
         let r = super::super::federated_job::round(&j, 1, 0).expect("round");
@@ -608,7 +623,15 @@ mod tests {
         let t =
             participant_task(&r, &j, "edge-1", Some("client-9"), "http://op:8082/").expect("task");
         assert_eq!(t.spec.name, "fl-round-round-1-client-9");
+        // The name on the wire: the real proplet runs a WASI command only for `fl-round-…`.
+        let mut named = t.clone();
+        named.metadata.name = Some("exp-round-1-edge-1".into());
+        assert_eq!(
+            crate::controllers::task::wire::start_name(&named),
+            "fl-round-round-1-client-9"
+        );
         let env = t.spec.env.clone().unwrap_or_default();
+        assert!(!env.contains_key("DATA_STORE_URL"), "no dataset named");
         assert_eq!(env["MANAGER_COORDINATOR_URL"], "http://op:8082/fl/ns/exp");
         assert_eq!(env["MODEL_REGISTRY_URL"], env["MANAGER_COORDINATOR_URL"]);
         assert_eq!(env["MODEL_URI"], "fl/models/global_model_v0");

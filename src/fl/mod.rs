@@ -2,6 +2,7 @@
 //! Updates and models live in the cluster ([`store`]); proplets reach the HTTP side ([`server`]) at
 //! `--fl-public-url`, or fall back to MQTT (handled by the router through [`intake`]).
 pub mod aggregate;
+pub mod datasets;
 pub mod intake;
 pub mod params;
 pub mod server;

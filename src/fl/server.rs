@@ -2,6 +2,8 @@
 //! `MANAGER_COORDINATOR_URL` and `MODEL_REGISTRY_URL` of that experiment's round tasks):
 //! - `POST …/update`: a client update (the FL client's JSON);
 //! - `GET …/models/{version}`: a stored model; `GET …/models`: the stored versions;
+//! - `GET …/datasets/{clientId}`: a participant's training data (the round tasks' `DATA_STORE_URL`), from
+//!   the ConfigMaps of the job's `spec.dataset` (see [`super::datasets`]);
 //! - `GET …/rounds/{round_id}/complete` and `GET …/task?round_id=…&proplet_id=…`: the coordinator reads
 //!   of Propeller's own coordinator.
 //!
@@ -20,6 +22,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::datasets;
 use super::intake::{self, Receipt, Target};
 use super::store::{self, Via};
 use super::update::Update;
@@ -46,6 +49,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
             get(round_complete),
         )
         .route("/fl/{ns}/{job}/task", get(task))
+        .route("/fl/{ns}/{job}/datasets/{client}", get(dataset))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
@@ -59,6 +63,60 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) -> anyh
 fn job(ctx: &Context, ns: &str, name: &str) -> Option<Arc<FederatedJob>> {
     ctx.federated_jobs
         .get(&ObjectRef::<FederatedJob>::new(name).within(ns))
+}
+
+async fn dataset(
+    State(ctx): State<Arc<Context>>,
+    Path((ns, name, client_id)): Path<(String, String, String)>,
+) -> Response {
+    let outcome = |o: &str| {
+        ctx.metrics
+            .fl_dataset_requests_total
+            .with_label_values(&[o])
+            .inc()
+    };
+    let Some(job) = job(&ctx, &ns, &name) else {
+        outcome("not_found");
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no FederatedJob {ns}/{name}"),
+        );
+    };
+    let Some(dataset) = job.spec.dataset.clone().filter(|d| !d.is_empty()) else {
+        outcome("not_found");
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("FederatedJob {ns}/{name} names no dataset (spec.dataset)"),
+        );
+    };
+    match datasets::participant_data(&ctx.client, &ns, &dataset, &client_id).await {
+        Ok(Some(data)) => {
+            outcome("served");
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                data,
+            )
+                .into_response()
+        }
+        Ok(None) => {
+            outcome("not_found");
+            error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "dataset {dataset:?} has no key {:?} in a ConfigMap labelled {}={dataset}",
+                    datasets::key_for(&client_id),
+                    datasets::DATASET_LABEL
+                ),
+            )
+        }
+        Err(e) => {
+            outcome("error");
+            error(
+                StatusCode::BAD_GATEWAY,
+                format!("reading dataset {dataset:?}: {e}"),
+            )
+        }
+    }
 }
 
 async fn update(

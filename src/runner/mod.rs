@@ -2,6 +2,8 @@
 //! proplet results message (`{task_id, proplet_id, results, error}`) to the container's termination
 //! message, where the operator reads it. Exits 0 on success, 1 when the task failed, 2 when the module
 //! could not be loaded or the arguments are wrong.
+pub mod wasmtime_cli;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -41,6 +41,8 @@ pub struct SimConfig {
     pub registry_timeout: Duration,
     /// What the FL client module prints for a round (instead of running it); `None`: the module runs.
     pub fl_client: Option<FlClient>,
+    /// The proplet's own DATA_STORE_URL (a task's env takes precedence), for `GET …/datasets/{clientId}`.
+    pub data_store_url: Option<String>,
 }
 
 /// A federated-learning client: the proplet's FL path (model download, update POST, MQTT fallback,
@@ -97,6 +99,7 @@ impl SimConfig {
             registry_poll: Duration::from_secs(5),
             registry_timeout: Duration::from_secs(60),
             fl_client: None,
+            data_store_url: None,
         }
     }
 }
@@ -156,6 +159,15 @@ fn http_get_json(url: &str) -> Result<serde_json::Value, String> {
         .read_to_string()
         .map_err(|e| format!("GET {url}: {e}"))?;
     serde_json::from_str(&text).map_err(|e| format!("GET {url}: not JSON: {e}"))
+}
+
+fn http_get_text(url: &str) -> Result<String, String> {
+    ureq::get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("GET {url}: {e}"))
 }
 
 fn http_post_json(url: &str, body: &str) -> Result<(), String> {
@@ -474,6 +486,29 @@ impl Proplet {
         }
     }
 
+    /// `GET {DATA_STORE_URL}/datasets/{clientId}` (the task's DATA_STORE_URL, else the proplet's), as the
+    /// real proplet fetches a participant's data; `None` without a URL or when the fetch fails (logged).
+    async fn dataset(&self, env: &BTreeMap<String, String>) -> Option<String> {
+        let base = env
+            .get("DATA_STORE_URL")
+            .cloned()
+            .or_else(|| self.config.data_store_url.clone())
+            .filter(|u| !u.is_empty())?;
+        let url = format!(
+            "{}/datasets/{}",
+            base.trim_end_matches('/'),
+            self.config.client_id
+        );
+        match tokio::task::spawn_blocking(move || http_get_text(&url)).await {
+            Ok(Ok(text)) => Some(text),
+            Ok(Err(e)) => {
+                warn!(client_id = %self.config.client_id, error = %e, "dataset fetch failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// The real proplet's FL path: model from MODEL_REGISTRY_URL, the client's stdout POSTed to
     /// MANAGER_COORDINATOR_URL/update (or published on the unprefixed fallback topic), then the envelope.
     async fn federated(
@@ -500,6 +535,13 @@ impl Proplet {
                 .await
                 .map_err(|e| e.to_string())??;
         }
+        // As the real proplet: a `fl-round-`/`_start` name runs the module as a WASI command; any other name
+        // is called as an export, which an FL client does not have.
+        if !wasm::is_command(name) {
+            return Err(format!(
+                "Failed to run {name:?}: an FL round task must be named fl-round-… (no such export)"
+            ));
+        }
         let stdout = match &self.config.fl_client {
             Some(client) => {
                 if !client.delay.is_zero() {
@@ -515,10 +557,20 @@ impl Proplet {
                 (client.train)(&round).to_string()
             }
             None => {
+                let mut vars: Vec<(String, String)> =
+                    env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if !model.is_null() {
+                    vars.push(("MODEL_DATA".into(), model.to_string()));
+                }
+                if let Some(data) = self.dataset(env).await {
+                    vars.push(("DATASET_DATA".into(), data));
+                }
                 let name = name.to_string();
-                tokio::task::spawn_blocking(move || wasm::export::run(&module, &name, &[]))
-                    .await
-                    .map_err(|e| e.to_string())??
+                tokio::task::spawn_blocking(move || {
+                    wasm::command::run(&module, &name, &[], &[], &vars)
+                })
+                .await
+                .map_err(|e| e.to_string())??
             }
         };
         let Some(coordinator) = env.get("MANAGER_COORDINATOR_URL").cloned() else {
@@ -631,10 +683,13 @@ impl Proplet {
                         self.federated(&start.id, &start.name, module, &env).await
                     }
                     Ok(module) => {
+                        // A command name runs `_start` with the task's env (the external runtime's
+                        // `--env`); any other name is called as an export with the inputs.
                         let name = start.name.clone();
                         let inputs = start.inputs.unwrap_or_default();
+                        let vars: Vec<(String, String)> = env.clone().into_iter().collect();
                         tokio::task::spawn_blocking(move || {
-                            wasm::export::run(&module, &name, &inputs)
+                            wasm::command::run(&module, &name, &inputs, &[], &vars)
                         })
                         .await
                         .unwrap_or_else(|e| Err(format!("task panicked: {e}")))

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub fl_updates_total: IntCounterVec,
     pub fl_rounds_total: IntCounterVec,
     pub fl_model_requests_total: IntCounterVec,
+    pub fl_dataset_requests_total: IntCounterVec,
     pub shards: sharding::ShardMetrics,
     /// Queued objects per controller (a key is queued once until its reconcile starts), with the time it
     /// was first queued.
@@ -191,7 +192,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(fl_updates_total.clone()))?;
         registry.register(Box::new(fl_rounds_total.clone()))?;
+        let fl_dataset_requests_total = IntCounterVec::new(
+            Opts::new(
+                "propeller_fl_dataset_requests_total",
+                "Dataset reads (GET /datasets/{clientId}) by outcome (served, not_found, error)",
+            ),
+            &["outcome"],
+        )?;
         registry.register(Box::new(fl_model_requests_total.clone()))?;
+        registry.register(Box::new(fl_dataset_requests_total.clone()))?;
         registry.register(Box::new(workqueue_depth.clone()))?;
         registry.register(Box::new(workqueue_adds_total.clone()))?;
         registry.register(Box::new(workqueue_queue_duration_seconds.clone()))?;
@@ -230,6 +239,7 @@ impl Metrics {
             fl_updates_total,
             fl_rounds_total,
             fl_model_requests_total,
+            fl_dataset_requests_total,
             shards,
             queued: Mutex::new(HashMap::new()),
         })

@@ -341,3 +341,23 @@ pub fn shared_dir(test: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// The example FL client built by `make fl-client` (`make test` builds it first). Outside CI its absence
+/// is a printed skip; in CI (`CI=true`) it is a failure.
+pub fn fl_client_module(test: &str) -> Option<PathBuf> {
+    let path = cluster::repo_root().join("target/wasm32-wasi/fl-client.wasm");
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{test}: {} is missing: `make fl-client` builds it",
+            path.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED {test}: {} is absent; run `make fl-client` (or `make test`, which builds it)",
+        path.display()
+    );
+    None
+}

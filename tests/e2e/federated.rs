@@ -36,14 +36,14 @@ fn client(delta: f64, samples: u64, http_fails: bool, delay: Duration) -> FlClie
     }
 }
 
-struct Fl {
-    env: Env,
+pub(crate) struct Fl {
+    pub(crate) env: Env,
     port: u16,
     sims: Vec<SimHandle>,
 }
 
 impl Fl {
-    async fn start(prefix: &str) -> anyhow::Result<Fl> {
+    pub(crate) async fn start(prefix: &str) -> anyhow::Result<Fl> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -97,11 +97,11 @@ impl Fl {
         Ok(())
     }
 
-    fn jobs(&self) -> Api<FederatedJob> {
+    pub(crate) fn jobs(&self) -> Api<FederatedJob> {
         Api::namespaced(self.env.admin.clone(), &self.env.ns)
     }
 
-    fn rounds(&self) -> Api<TrainingRound> {
+    pub(crate) fn rounds(&self) -> Api<TrainingRound> {
         Api::namespaced(self.env.admin.clone(), &self.env.ns)
     }
 
@@ -128,7 +128,7 @@ impl Fl {
     }
 
     /// `(status, body)` of an HTTP request to the operator's FL port.
-    fn http(
+    pub(crate) fn http(
         &self,
         method: &'static str,
         path: &str,
@@ -157,7 +157,10 @@ impl Fl {
     }
 
     /// Collects the JSON messages published on `topic` from now on.
-    async fn listen(&self, topic: &str) -> anyhow::Result<Arc<std::sync::Mutex<Vec<Value>>>> {
+    pub(crate) async fn listen(
+        &self,
+        topic: &str,
+    ) -> anyhow::Result<Arc<std::sync::Mutex<Vec<Value>>>> {
         let mut opts = rumqttc::MqttOptions::new(
             format!("listen-{}", self.env.ns),
             "127.0.0.1",
@@ -194,7 +197,7 @@ impl Fl {
         Ok(seen)
     }
 
-    async fn finish(self) -> anyhow::Result<()> {
+    pub(crate) async fn finish(self) -> anyhow::Result<()> {
         for s in self.sims {
             s.shutdown().await;
         }
@@ -224,7 +227,7 @@ fn expected_model(clients: &Clients, rounds: &[Vec<String>]) -> (Vec<f64>, f64) 
     (w, b)
 }
 
-fn close(a: f64, b: f64) -> bool {
+pub(crate) fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-9
 }
 

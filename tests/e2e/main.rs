@@ -3,6 +3,7 @@
 mod core;
 mod durability;
 mod federated;
+mod federated_cli;
 mod fleet;
 mod job_backend;
 mod observability;

@@ -43,6 +43,21 @@ fn as_text(v: &Value) -> String {
     }
 }
 
+/// The `name` of a start: the export to call. `functionName` when set; else a `spec.name` that names a
+/// WASI command (`fl-round-…`, `_start`: the real proplet runs those as commands, and calls any other name
+/// as an export, which an FL client does not have); else the object's name.
+pub fn start_name(task: &Task) -> String {
+    let spec = &task.spec;
+    if let Some(f) = spec.function_name.as_deref().filter(|f| !f.is_empty()) {
+        return f.to_string();
+    }
+    if crate::wasm::is_command(&spec.name) {
+        spec.name.clone()
+    } else {
+        task.name_any()
+    }
+}
+
 pub fn start_request(
     task: &Task,
     client_id: Option<&str>,
@@ -87,11 +102,7 @@ pub fn start_request(
         });
     StartRequest {
         id: uid,
-        name: spec
-            .function_name
-            .clone()
-            .filter(|f| !f.is_empty())
-            .unwrap_or_else(|| task.name_any()),
+        name: start_name(task),
         state: 1,
         kind: match spec.kind {
             crate::api::task::TaskKind::Standard => "standard".into(),

@@ -1,0 +1,569 @@
+//! The sharding scenarios, each comparing several replicas (`--leader-elect`, one shard each) with one
+//! replica in the same run: a burst, messages per shard on one channel and on one channel per 100
+//! proplets, CPU and memory per shard over a large heartbeating fleet, failover after a SIGKILL, a graceful
+//! handover after a SIGTERM, and the largest fleet the shards hold.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use propeller_operator::api::Proplet;
+use propeller_operator::api::proplet::PropletPhase;
+use propeller_operator::sharding::{DRAIN_LABEL, SHARD_LABEL};
+use serde_json::{Value, json};
+
+use crate::Bench;
+use crate::fleet::{
+    all_running, channel_of, create_tasks, heartbeat_swarm, make_proplets, make_proplets_at,
+    remove_run, sims, wait_and_measure, watch_completions,
+};
+use crate::measure::{
+    apiserver_writes, metric_sum, operator_writes, percentile, proc_usage, sorted,
+};
+use crate::operator::{Operator, ShardSpec};
+
+/// Per Proplet leaving a shard: when its drain label appeared, and when its shard label changed.
+type Moves = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
+
+/// Proplets per MQTT channel in the scale and growth scenarios.
+const PER_CHANNEL: usize = 100;
+
+/// Where a fleet's Proplets stand: phase and shard labels.
+#[derive(Default, Debug)]
+struct Census {
+    total: usize,
+    running: usize,
+    by_shard: BTreeMap<String, usize>,
+    draining: usize,
+    unlabelled: usize,
+}
+
+async fn census(client: &Client, ns: &str) -> anyhow::Result<Census> {
+    let api: Api<Proplet> = Api::namespaced(client.clone(), ns);
+    let mut out = Census::default();
+    let mut lp = kube::api::ListParams::default().limit(1000);
+    loop {
+        let page = api.list(&lp).await?;
+        for p in &page.items {
+            out.total += 1;
+            if p.phase() == PropletPhase::Running {
+                out.running += 1;
+            }
+            match p.labels().get(SHARD_LABEL) {
+                Some(s) => *out.by_shard.entry(s.clone()).or_default() += 1,
+                None => out.unlabelled += 1,
+            }
+            if p.labels().contains_key(DRAIN_LABEL) {
+                out.draining += 1;
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Waits until `n` Proplets are Running, each labelled with one of `live`, none draining; and, when
+/// `balanced`, every live shard holds at least 80 % of a fair share. Returns the time it took.
+async fn settle(
+    client: &Client,
+    ns: &str,
+    n: usize,
+    live: &[String],
+    balanced: bool,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let c = census(client, ns).await?;
+        let labelled: usize = live.iter().filter_map(|s| c.by_shard.get(s)).sum();
+        let fair = n as f64 / live.len().max(1) as f64;
+        let even = !balanced
+            || live
+                .iter()
+                .all(|s| c.by_shard.get(s).copied().unwrap_or(0) as f64 >= 0.8 * fair);
+        if c.running >= n && labelled >= n && c.draining == 0 && even {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            anyhow::bail!("not settled after {timeout:?}: {c:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn identity(i: usize) -> String {
+    format!("bench-shard-{i}")
+}
+
+fn start_shard(b: &Bench, lease_ns: &str, i: usize) -> anyhow::Result<Operator> {
+    Operator::start_shard(
+        &b.args.operator,
+        b.cluster,
+        &b.broker,
+        &b.log,
+        &ShardSpec {
+            identity: &identity(i),
+            lease_namespace: lease_ns,
+        },
+    )
+}
+
+async fn start_shards(b: &Bench, lease_ns: &str) -> anyhow::Result<Vec<Operator>> {
+    let mut ops = Vec::new();
+    for i in 0..b.args.shards {
+        ops.push(start_shard(b, lease_ns, i)?);
+    }
+    for op in &ops {
+        op.ready().await?;
+    }
+    Ok(ops)
+}
+
+/// The index of the replica that reports itself leader.
+async fn leader(ops: &[Operator]) -> Option<usize> {
+    for (i, op) in ops.iter().enumerate() {
+        if metric_sum(&op.metrics().await, "leader_election_master_status", &[]) >= 1.0 {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// MQTT messages an operator received (every kind and outcome) and those it dropped as not its own.
+async fn messages(op: &Operator) -> (f64, f64) {
+    let text = op.metrics().await;
+    (
+        metric_sum(&text, "propeller_mqtt_messages_total", &[]),
+        metric_sum(
+            &text,
+            "propeller_mqtt_messages_total",
+            &["outcome=\"not_owned\""],
+        ),
+    )
+}
+
+/// What a set of operators used over a window: CPU cores, peak and current RSS, messages received.
+async fn usage_over(ops: &[&Operator], window: Duration) -> anyhow::Result<Vec<Value>> {
+    let mut before = Vec::new();
+    for op in ops {
+        before.push((proc_usage(op.pid())?.0, messages(op).await));
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for (op, (cpu0, (msg0, drop0))) in ops.iter().zip(before) {
+        let (cpu1, peak) = proc_usage(op.pid())?;
+        let (msg1, drop1) = messages(op).await;
+        out.push(json!({
+            "identity": op.identity,
+            "cpu_cores": (cpu1 - cpu0) / secs,
+            "peak_rss_mib": peak,
+            "rss_mib": current_rss_mib(op.pid()),
+            "messages_per_s": (msg1 - msg0) / secs,
+            "not_owned_per_s": (drop1 - drop0) / secs,
+        }));
+    }
+    Ok(out)
+}
+
+fn current_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(f64::NAN, |k| k / 1024.0)
+}
+
+fn max_of(rows: &[Value], key: &str) -> f64 {
+    rows.iter()
+        .filter_map(|r| r[key].as_f64())
+        .fold(f64::NAN, f64::max)
+}
+
+/// Heartbeats for `ids` (channel `per_channel` as they were created) until aborted.
+fn beat(b: &Bench, ids: &[String], per_channel: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(heartbeat_swarm(
+        b.broker.port,
+        b.broker.username.clone(),
+        b.broker.password.clone(),
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), channel_of(i, per_channel)))
+            .collect(),
+    ))
+}
+
+/// One burst of `b.args.burst_tasks` in `ns`: tasks/s and operator writes per task.
+async fn burst_once(b: &Bench, ns: &str, run: &str) -> anyhow::Result<(f64, f64)> {
+    let done = Arc::new(Mutex::new(HashMap::new()));
+    let watch = watch_completions(&b.client, ns, Arc::clone(&done));
+    let before = apiserver_writes(&b.client).await?;
+    let t0 = Instant::now();
+    let names: Vec<String> = (0..b.args.burst_tasks)
+        .map(|i| format!("{run}-{i}"))
+        .collect();
+    let created = create_tasks(&b.client, ns, run, names, 0.0).await?;
+    let lat = wait_and_measure(&created, &b.wire, &done, Duration::from_secs(900)).await?;
+    let secs = lat
+        .last_completion
+        .map_or(f64::NAN, |l| l.duration_since(t0).as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = apiserver_writes(&b.client).await?;
+    watch.abort();
+    remove_run(&b.client, ns, run).await?;
+    let n = b.args.burst_tasks as f64;
+    Ok((n / secs, operator_writes(&before, &after, n) / n))
+}
+
+pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
+    let lease_ns = b.cluster.namespace(&b.client, "bench-leases").await?;
+    let shards_n = b.args.shards;
+
+    // 1. Burst: one replica, then the shards, on the same proplets.
+    let ns = b.cluster.namespace(&b.client, "bench-sburst").await?;
+    let ids: Vec<String> = (0..b.args.burst_proplets)
+        .map(|i| format!("sb-{i}"))
+        .collect();
+    make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
+    let swarm = sims(&mut b.broker, &ids).await?;
+    let mut single = Operator::start(&b.args.operator, b.cluster, &b.broker, &b.log)?;
+    single.ready().await?;
+    all_running(&b.client, &ns, ids.len(), Duration::from_secs(120)).await?;
+    let (rate1, writes1) = burst_once(b, &ns, "sb1").await?;
+    single.kill();
+    let mut ops = start_shards(b, &lease_ns).await?;
+    let live: Vec<String> = (0..shards_n).map(identity).collect();
+    settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &live,
+        false,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let (rate_n, writes_n) = burst_once(b, &ns, "sbn").await?;
+    eprintln!(
+        "sharded burst: 1 replica {rate1:.0} tasks/s ({writes1:.2} writes/task), {shards_n} shards {rate_n:.0} tasks/s ({writes_n:.2})"
+    );
+    b.results
+        .insert("shard_burst_single_tasks_per_s", json!(rate1));
+    b.results.insert("shard_burst_tasks_per_s", json!(rate_n));
+    b.results
+        .insert("shard_burst_single_writes_per_task", json!(writes1));
+    b.results
+        .insert("shard_burst_writes_per_task", json!(writes_n));
+    b.results.insert("shard_count", json!(shards_n));
+    for s in swarm {
+        s.kill();
+    }
+    b.cluster.delete_namespace(&b.client, &ns).await;
+
+    // 2. Messages per shard with every proplet on one channel.
+    let ns = b.cluster.namespace(&b.client, "bench-fan").await?;
+    let ids: Vec<String> = (0..b.args.fanout_proplets)
+        .map(|i| format!("fan-{i}"))
+        .collect();
+    make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
+    let hb = beat(b, &ids, 0);
+    settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &live,
+        false,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let refs: Vec<&Operator> = ops.iter().collect();
+    let rows = usage_over(&refs, Duration::from_secs(60)).await?;
+    hb.abort();
+    let published = ids.len() as f64 / 10.0;
+    let fan1 = max_of(&rows, "messages_per_s") / published;
+    eprintln!("one channel: each shard receives {fan1:.2} of the heartbeats");
+    b.results
+        .insert("shard_messages_ratio_one_channel", json!(fan1));
+    b.results.insert("shard_fanout_one_channel", json!(rows));
+    b.cluster.delete_namespace(&b.client, &ns).await;
+
+    // 3. Scale: one replica, then the shards, over the same heartbeating fleet (a channel per 100).
+    // Killed, not stopped: a graceful stop would hand every proplet from one to the next. Each comes back
+    // as itself and takes its own Lease again.
+    for op in &mut ops {
+        op.kill();
+    }
+    let ns = b.cluster.namespace(&b.client, "bench-scale").await?;
+    let mut ids: Vec<String> = (0..b.args.shard_proplets)
+        .map(|i| format!("sc-{i}"))
+        .collect();
+    make_proplets(&b.client, &ns, &ids, &b.broker, PER_CHANNEL).await?;
+    let mut hb = beat(b, &ids, PER_CHANNEL);
+    let window = Duration::from_secs(b.args.shard_window_seconds);
+    let mut single = Operator::start(&b.args.operator, b.cluster, &b.broker, &b.log)?;
+    single.ready().await?;
+    all_running(&b.client, &ns, ids.len(), Duration::from_secs(600)).await?;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let single_row = usage_over(&[&single], window).await?;
+    single.kill();
+    let mut ops = start_shards(b, &lease_ns).await?;
+    settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &live,
+        true,
+        Duration::from_secs(600),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let before = apiserver_writes(&b.client).await?;
+    let t0 = Instant::now();
+    let refs: Vec<&Operator> = ops.iter().collect();
+    let rows = usage_over(&refs, window).await?;
+    let after = apiserver_writes(&b.client).await?;
+    let per_min = operator_writes(&before, &after, 0.0)
+        / (ids.len() as f64 * t0.elapsed().as_secs_f64() / 60.0);
+    let ratio = |key: &str| max_of(&rows, key) / max_of(&single_row, key);
+    let published = ids.len() as f64 / 10.0;
+    let fan100 = max_of(&rows, "messages_per_s") / published;
+    eprintln!(
+        "scale {}: shard/singleton CPU {:.2}, peak RSS {:.2}, messages {fan100:.2} of the heartbeats",
+        ids.len(),
+        ratio("cpu_cores"),
+        ratio("peak_rss_mib")
+    );
+    b.results.insert("shard_scale_proplets", json!(ids.len()));
+    b.results.insert("shard_scale_single", json!(single_row));
+    b.results.insert("shard_scale_shards", json!(rows));
+    b.results
+        .insert("shard_cpu_ratio", json!(ratio("cpu_cores")));
+    b.results
+        .insert("shard_rss_ratio", json!(ratio("peak_rss_mib")));
+    b.results
+        .insert("shard_current_rss_ratio", json!(ratio("rss_mib")));
+    b.results
+        .insert("shard_messages_ratio_per_100", json!(fan100));
+    b.results
+        .insert("shard_writes_per_proplet_minute", json!(per_min));
+
+    // 4. Failover: a follower killed (SIGKILL) with default Lease timings.
+    let lead = leader(&ops).await.unwrap_or(0);
+    let victim = (lead + 1) % shards_n;
+    ops[victim].kill();
+    let killed = Instant::now();
+    let others: Vec<String> = live
+        .iter()
+        .filter(|s| **s != identity(victim))
+        .cloned()
+        .collect();
+    settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &others,
+        false,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let failover = killed.elapsed().as_secs_f64();
+    ops[victim] = start_shard(b, &lease_ns, victim)?;
+    ops[victim].ready().await?;
+    let rejoin = settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &live,
+        true,
+        Duration::from_secs(300),
+    )
+    .await?
+    .as_secs_f64();
+    eprintln!("failover: reassigned {failover:.1} s after the kill; rejoined in {rejoin:.1} s");
+    b.results.insert("shard_failover_s", json!(failover));
+    b.results.insert("shard_rejoin_s", json!(rejoin));
+
+    // 5. Graceful handover: a follower stopped with SIGTERM; each proplet's move timed by a watch.
+    let lead = leader(&ops).await.unwrap_or(0);
+    let victim = (lead + 1) % shards_n;
+    let moves = Arc::new(Mutex::new(
+        HashMap::<String, (Instant, Option<Instant>)>::new(),
+    ));
+    let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = census(&b.client, &ns)
+        .await?
+        .by_shard
+        .get(&identity(victim))
+        .copied()
+        .unwrap_or(0);
+    let t0 = Instant::now();
+    ops[victim].terminate(Duration::from_secs(120)).await;
+    let exited = t0.elapsed().as_secs_f64();
+    let others: Vec<String> = live
+        .iter()
+        .filter(|s| **s != identity(victim))
+        .cloned()
+        .collect();
+    settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &others,
+        false,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let all_moved = t0.elapsed().as_secs_f64();
+    mover.abort();
+    let per_move = sorted(
+        moves
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter_map(|(a, z)| z.map(|z| z.duration_since(*a).as_secs_f64()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
+    eprintln!(
+        "graceful: {held} proplets moved, the replica exited after {exited:.1} s, all moved after {all_moved:.1} s; per proplet p50 {:.2} s p99 {:.2} s",
+        percentile(&per_move, 50.0),
+        percentile(&per_move, 99.0)
+    );
+    b.results.insert("shard_graceful_proplets", json!(held));
+    b.results.insert("shard_graceful_exit_s", json!(exited));
+    b.results
+        .insert("shard_graceful_all_moved_s", json!(all_moved));
+    b.results
+        .insert("shard_graceful_moves_timed", json!(per_move.len()));
+    b.results
+        .insert("shard_handover_p50_s", json!(percentile(&per_move, 50.0)));
+    b.results
+        .insert("shard_handover_p99_s", json!(percentile(&per_move, 99.0)));
+    ops[victim] = start_shard(b, &lease_ns, victim)?;
+    ops[victim].ready().await?;
+    settle(
+        &b.client,
+        &ns,
+        ids.len(),
+        &live,
+        true,
+        Duration::from_secs(300),
+    )
+    .await?;
+
+    // 6. The largest fleet the shards hold: heartbeats every 10 s, ≤ 0.5 writes per proplet-minute.
+    let budget = Instant::now() + Duration::from_secs(b.args.fleet_minutes * 60);
+    let mut steps = vec![
+        json!({"proplets": ids.len(), "held": true, "writes_per_proplet_minute": per_min,
+                                "max_shard_cpu_cores": max_of(&rows, "cpu_cores"),
+                                "max_shard_rss_mib": max_of(&rows, "rss_mib")}),
+    ];
+    let mut largest = ids.len();
+    while ids.len() < b.args.fleet_max && Instant::now() < budget {
+        let target = (ids.len() * 2).min(b.args.fleet_max);
+        let more: Vec<String> = (ids.len()..target).map(|i| format!("sc-{i}")).collect();
+        // Created with their index, so each lands on the channel its heartbeats use.
+        make_proplets_at(&b.client, &ns, &more, &b.broker, PER_CHANNEL, ids.len()).await?;
+        ids.extend(more);
+        hb.abort();
+        hb = beat(b, &ids, PER_CHANNEL);
+        let step = fleet_step(b, &ns, &ids, &ops, &live).await;
+        eprintln!("fleet {}: {step}", ids.len());
+        let held = step["held"].as_bool().unwrap_or(false);
+        steps.push(step);
+        if !held {
+            break;
+        }
+        largest = ids.len();
+    }
+    hb.abort();
+    b.results.insert("shard_fleet_steps", json!(steps));
+    b.results.insert("shard_largest_fleet", json!(largest));
+    for op in &mut ops {
+        op.terminate(Duration::from_secs(60)).await;
+    }
+    b.cluster.delete_namespace(&b.client, &ns).await;
+    b.cluster.delete_namespace(&b.client, &lease_ns).await;
+    Ok(())
+}
+
+/// One step of the fleet search: every proplet Running and ≤ 0.5 writes per proplet-minute over two
+/// measuring windows.
+async fn fleet_step(
+    b: &Bench,
+    ns: &str,
+    ids: &[String],
+    ops: &[Operator],
+    live: &[String],
+) -> Value {
+    let n = ids.len();
+    if let Err(e) = settle(&b.client, ns, n, live, false, Duration::from_secs(900)).await {
+        return json!({"proplets": n, "held": false, "why": format!("never settled: {e}")});
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let Ok(before) = apiserver_writes(&b.client).await else {
+        return json!({"proplets": n, "held": false, "why": "API server metrics unreadable"});
+    };
+    let t0 = Instant::now();
+    let refs: Vec<&Operator> = ops.iter().collect();
+    let rows = usage_over(&refs, Duration::from_secs(2 * b.args.shard_window_seconds))
+        .await
+        .unwrap_or_default();
+    let per_min = match apiserver_writes(&b.client).await {
+        Ok(after) => {
+            operator_writes(&before, &after, 0.0) / (n as f64 * t0.elapsed().as_secs_f64() / 60.0)
+        }
+        Err(_) => f64::NAN,
+    };
+    let running = census(&b.client, ns).await.map(|c| c.running).unwrap_or(0);
+    let held = running >= n && per_min <= 0.5;
+    let why = if running < n {
+        format!("{} of {n} proplets not Running at the end", n - running)
+    } else if per_min > 0.5 {
+        format!("{per_min:.2} writes per proplet-minute")
+    } else {
+        String::new()
+    };
+    json!({
+        "proplets": n, "held": held, "why": why, "writes_per_proplet_minute": per_min,
+        "max_shard_cpu_cores": max_of(&rows, "cpu_cores"),
+        "max_shard_rss_mib": max_of(&rows, "rss_mib"),
+        "max_shard_messages_per_s": max_of(&rows, "messages_per_s"),
+    })
+}
+
+/// Records, for each Proplet that leaves `from`, when its drain label appeared and when its shard label
+/// changed.
+fn watch_moves(
+    client: &Client,
+    ns: &str,
+    from: String,
+    moves: Moves,
+) -> tokio::task::JoinHandle<()> {
+    let api: Api<Proplet> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        futures::pin_mut!(stream);
+        while let Some(Ok(p)) = stream.next().await {
+            let now = Instant::now();
+            let Ok(mut m) = moves.lock() else { return };
+            let shard = p.labels().get(SHARD_LABEL);
+            if p.labels().contains_key(DRAIN_LABEL) && shard == Some(&from) {
+                m.entry(p.name_any()).or_insert((now, None));
+            } else if shard.is_some_and(|s| *s != from)
+                && let Some(entry) = m.get_mut(&p.name_any())
+            {
+                entry.1.get_or_insert(now);
+            }
+        }
+    })
+}
