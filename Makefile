@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint fl-client provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
+.PHONY: all build test lint fl-client demo-fl provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
 
 all: build
 
@@ -43,8 +43,13 @@ demo: provision
 	$(CARGO) build --quiet --bins
 	bash e2e/demo.sh
 
+## Federated learning: 3 rounds over 3 simulated proplets running the example FL client; the loss must fall.
+demo-fl: provision fl-client
+	$(CARGO) build --quiet --bins
+	bash e2e/demo-fl.sh
+
 ## Cluster + broker + CRDs + operator + PROPLETS simulated proplets (default 3), left running.
-dev-up: provision
+dev-up: provision fl-client
 	$(CARGO) build --quiet --bins
 	bash e2e/dev.sh up
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make dev-up` / `make dev-down`: the test bed's cluster and mosquitto, the CRDs, the operator built from
-# this tree and PROPLETS simulated proplets (default 3) registered as external Proplets in `default`, all
-# left running in the background. Connection details are appended to .testbed/env. REPLICAS=3 runs three
+# this tree and PROPLETS simulated proplets (default 3, edge-1…edge-N) registered as external Proplets in
+# `default`, all left running in the background. The operator serves FL (coordinator, model registry,
+# datasets) and the example FL client is a module ConfigMap, so examples/federated-job.yaml runs as is. Connection details are appended to .testbed/env. REPLICAS=3 runs three
 # operator processes sharing the fleet (--leader-elect; shard identities propeller-operator-0..2, as a
 # StatefulSet names its pods), each with its own log and metrics port.
 set -euo pipefail
@@ -29,7 +30,7 @@ up)
   kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
   ids=()
   for i in $(seq "$PROPLETS"); do
-    id="dev-proplet-$i"; ids+=("$id")
+    id="edge-$i"; ids+=("$id")
     mosquitto_passwd -b "$DIR/mosquitto/passwd" "$id" "$id-key"
   done
   kill -HUP "$(cat "$DIR/mosquitto.pid")"
@@ -38,6 +39,7 @@ up)
   urls=()
   for r in $(seq 0 $((REPLICAS - 1))); do
     probe=$(free_port)
+    fl=$(free_port)
     urls+=("http://127.0.0.1:$probe/metrics")
     ha=()
     log="$DIR/operator.log"
@@ -47,8 +49,8 @@ up)
     fi
     "$BIN/propeller-operator" --mqtt-address "$MQTT_ADDRESS" --client-id "$MQTT_USERNAME" \
       --client-key "$MQTT_PASSWORD" --domain-id "$DOMAIN" --channel-id "$CHANNEL" \
-      --health-probe-bind-address "127.0.0.1:$probe" --fl-bind-address "127.0.0.1:$(free_port)" \
-      "${ha[@]}" >"$log" 2>&1 &
+      --health-probe-bind-address "127.0.0.1:$probe" --fl-bind-address "127.0.0.1:$fl" \
+      --fl-public-url "http://127.0.0.1:$fl" "${ha[@]}" >"$log" 2>&1 &
     echo $! >> "$DIR/dev.pids"
   done
   for id in "${ids[@]}"; do
@@ -65,6 +67,12 @@ spec:
   connectionConfig: {domainId: $DOMAIN, channelId: $CHANNEL, clientId: $id, clientKey: $id-key, mqttAddress: "$MQTT_ADDRESS"}
 YAML
   done
+  # The example FL client, by the name examples/federated-job.yaml uses.
+  kubectl create configmap fl-client -n default --from-file=module.wasm=target/wasm32-wasi/fl-client.wasm \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl label configmap fl-client -n default --overwrite propeller.propeller.abstractmachines.fr/module=true >/dev/null
+  kubectl annotate configmap fl-client -n default --overwrite \
+    propeller.propeller.abstractmachines.fr/module-name=registry.example/fl-client.wasm:1 >/dev/null
   sed -i '/^DEV_/d;/^OPERATOR_METRICS_URL/d' "$DIR/env"
   {
     echo "DEV_DOMAIN_ID=$DOMAIN"

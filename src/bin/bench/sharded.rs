@@ -11,6 +11,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use propeller_operator::api::Proplet;
 use propeller_operator::api::proplet::PropletPhase;
+use propeller_operator::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
 use propeller_operator::sharding::{DRAIN_LABEL, SHARD_LABEL};
 use serde_json::{Value, json};
 
@@ -30,7 +31,7 @@ type Moves = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
 /// Proplets per MQTT channel in the scale and growth scenarios.
 const PER_CHANNEL: usize = 100;
 
-/// Where a fleet's Proplets stand: phase and shard labels.
+/// Where a fleet's Proplets stand: phase and shard labels, and how many sit where the ring puts them.
 #[derive(Default, Debug)]
 struct Census {
     total: usize,
@@ -38,27 +39,18 @@ struct Census {
     by_shard: BTreeMap<String, usize>,
     draining: usize,
     unlabelled: usize,
+    /// Labelled with the shard the ring assigns (over every Proplet of the cluster) to the live shards.
+    placed: usize,
 }
 
-async fn census(client: &Client, ns: &str) -> anyhow::Result<Census> {
-    let api: Api<Proplet> = Api::namespaced(client.clone(), ns);
-    let mut out = Census::default();
+/// Every Proplet of the cluster (paged: listing thousands is itself load on the API server).
+async fn all_proplets(client: &Client) -> anyhow::Result<Vec<Proplet>> {
+    let api: Api<Proplet> = Api::all(client.clone());
+    let mut out = Vec::new();
     let mut lp = kube::api::ListParams::default().limit(1000);
     loop {
         let page = api.list(&lp).await?;
-        for p in &page.items {
-            out.total += 1;
-            if p.phase() == PropletPhase::Running {
-                out.running += 1;
-            }
-            match p.labels().get(SHARD_LABEL) {
-                Some(s) => *out.by_shard.entry(s.clone()).or_default() += 1,
-                None => out.unlabelled += 1,
-            }
-            if p.labels().contains_key(DRAIN_LABEL) {
-                out.draining += 1;
-            }
-        }
+        out.extend(page.items);
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(c) => lp = lp.continue_token(&c),
             None => return Ok(out),
@@ -66,8 +58,38 @@ async fn census(client: &Client, ns: &str) -> anyhow::Result<Census> {
     }
 }
 
+async fn census(client: &Client, ns: &str, live: &[String]) -> anyhow::Result<Census> {
+    let all = all_proplets(client).await?;
+    let ring = Ring::new(live.iter().cloned(), VIRTUAL_NODES);
+    let want = ring.assign(
+        all.iter().filter_map(|p| p.spec.connection_config.client()),
+        LOAD_FACTOR,
+    );
+    let mut out = Census::default();
+    for p in all.iter().filter(|p| p.namespace().as_deref() == Some(ns)) {
+        out.total += 1;
+        if p.phase() == PropletPhase::Running {
+            out.running += 1;
+        }
+        let shard = p.labels().get(SHARD_LABEL);
+        match shard {
+            Some(s) => *out.by_shard.entry(s.clone()).or_default() += 1,
+            None => out.unlabelled += 1,
+        }
+        if p.labels().contains_key(DRAIN_LABEL) {
+            out.draining += 1;
+        } else if let Some(c) = p.spec.connection_config.client()
+            && shard.is_some()
+            && shard == want.get(c)
+        {
+            out.placed += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Waits until `n` Proplets are Running, each labelled with one of `live`, none draining; and, when
-/// `balanced`, every live shard holds at least 80 % of a fair share. Returns the time it took.
+/// `balanced`, each where the ring over `live` puts it. Returns the time it took.
 async fn settle(
     client: &Client,
     ns: &str,
@@ -78,14 +100,9 @@ async fn settle(
 ) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     loop {
-        let c = census(client, ns).await?;
+        let c = census(client, ns, live).await?;
         let labelled: usize = live.iter().filter_map(|s| c.by_shard.get(s)).sum();
-        let fair = n as f64 / live.len().max(1) as f64;
-        let even = !balanced
-            || live
-                .iter()
-                .all(|s| c.by_shard.get(s).copied().unwrap_or(0) as f64 >= 0.8 * fair);
-        if c.running >= n && labelled >= n && c.draining == 0 && even {
+        if c.running >= n && labelled >= n && c.draining == 0 && (!balanced || c.placed >= n) {
             return Ok(t0.elapsed());
         }
         if t0.elapsed() > timeout {
@@ -396,7 +413,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     ));
     let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = census(&b.client, &ns)
+    let held = census(&b.client, &ns, &live)
         .await?
         .by_shard
         .get(&identity(victim))
@@ -522,7 +539,10 @@ async fn fleet_step(
         }
         Err(_) => f64::NAN,
     };
-    let running = census(&b.client, ns).await.map(|c| c.running).unwrap_or(0);
+    let running = census(&b.client, ns, live)
+        .await
+        .map(|c| c.running)
+        .unwrap_or(0);
     let held = running >= n && per_min <= 0.5;
     let why = if running < n {
         format!("{} of {n} proplets not Running at the end", n - running)
