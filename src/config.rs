@@ -242,6 +242,10 @@ pub struct OperatorConfig {
     /// Proplets handed over between live shards at the same time.
     #[arg(long, default_value_t = 100)]
     pub max_concurrent_moves: usize,
+    /// On SIGTERM, how long a shard may spend handing its proplets to the others before it lets go of
+    /// its Lease (what is left then moves at once). Keep it under the pod's termination grace period.
+    #[arg(long, default_value = "20s")]
+    pub shutdown_handover_timeout: GoDuration,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,

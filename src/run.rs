@@ -62,6 +62,7 @@ pub async fn run_with_clock(
     clock: Clock,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let handover = config.shutdown_handover_timeout.0;
     let operator = Operator::start(client, config, clock).await?;
     let halted = operator.halted();
     tokio::select! {
@@ -71,6 +72,7 @@ pub async fn run_with_clock(
             anyhow::bail!("this replica lost a Lease it needs and stopped");
         }
     }
+    operator.leave(handover).await;
     operator.stop().await;
     Ok(())
 }
@@ -363,6 +365,16 @@ impl Operator {
         }
         self.controllers.abort();
         close(self.background, &self.ctx).await;
+    }
+
+    /// A sharded replica's graceful goodbye, before [`Operator::stop`]: its proplets are handed to the
+    /// other shards (make-before-break) until none is left or `deadline` passed. Returns how many were
+    /// left (0 for a single replica).
+    pub async fn leave(&self, deadline: Duration) -> usize {
+        match &self.membership {
+            Some(m) => m.leave(&self.ctx.client, deadline).await,
+            None => 0,
+        }
     }
 
     /// Stops: no reconcile starts any more, those in flight finish, the Leases are released, then the

@@ -10,6 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 
+use super::LEAVING_ANNOTATION;
+
 /// Lease timings (client-go's defaults: 15 s, 10 s, 2 s).
 #[derive(Clone, Copy, Debug)]
 pub struct Timings {
@@ -101,11 +103,13 @@ impl Leases {
     }
 
     /// Creates, renews or takes `name`. Taking someone else's Lease needs `takeable(&lease)` (a released
-    /// Lease is always takeable). `labels` are set on creation.
+    /// Lease is always takeable). `labels` are set on creation; `leaving` sets (`Some(true)`) or clears
+    /// (`Some(false)`) the leaving mark, `None` leaves it as it is.
     pub async fn hold(
         &self,
         name: &str,
         labels: &[(&str, &str)],
+        leaving: Option<bool>,
         takeable: impl FnOnce(&Lease) -> bool,
     ) -> kube::Result<Hold> {
         let now = MicroTime(jiff::Timestamp::now());
@@ -113,6 +117,8 @@ impl Leases {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(name.to_string()),
+                    annotations: (leaving == Some(true))
+                        .then(|| [(LEAVING_ANNOTATION.to_string(), "true".to_string())].into()),
                     labels: Some(
                         labels
                             .iter()
@@ -140,6 +146,17 @@ impl Leases {
         let mine = current.as_deref() == Some(self.holder.as_str());
         if !mine && current.is_some() && !takeable(&lease) {
             return Ok(Hold::HeldBy(current.unwrap_or_default()));
+        }
+        match leaving {
+            Some(true) => {
+                lease
+                    .annotations_mut()
+                    .insert(LEAVING_ANNOTATION.to_string(), "true".to_string());
+            }
+            Some(false) => {
+                lease.annotations_mut().remove(LEAVING_ANNOTATION);
+            }
+            None => {}
         }
         let spec = lease.spec.get_or_insert_with(Default::default);
         if !mine {

@@ -1,7 +1,7 @@
-//! The states of the shards, judged from their Leases (after timebertt's sharder): ready, expired (not
-//! renewed for a Lease duration: its proplets wait while the leader takes its Lease), dead (someone else
-//! holds it: the old holder is fenced) and released (a graceful stop). Only ready shards are members of
-//! the ring.
+//! The states of the shards, judged from their Leases (after timebertt's sharder): ready, leaving (renewed
+//! and marked leaving: a graceful stop, whose proplets are drained to the others), expired (not renewed
+//! for a Lease duration: its proplets wait while the leader takes its Lease), dead (someone else holds
+//! it: the old holder is fenced) and released (let go). Only ready shards are members of the ring.
 //!
 //! Taking an expired Lease at once is safe: a holder stops acting a renew deadline after the start of its
 //! last successful renewal, and this replica saw that renewal no earlier than it was made, so a Lease
@@ -12,11 +12,12 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 
 use super::lease::{Observed, holder};
-use super::shard_of_lease;
+use super::{LEAVING_ANNOTATION, shard_of_lease};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     Ready,
+    Leaving,
     Expired,
     Dead,
     Released,
@@ -30,6 +31,7 @@ impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Ready => "ready",
+            State::Leaving => "leaving",
             State::Expired => "expired",
             State::Dead => "dead",
             State::Released => "released",
@@ -44,7 +46,13 @@ pub fn judge(lease: &Lease, unchanged_for: Duration, lease_duration: Duration) -
     match holder(lease) {
         None => State::Released,
         Some(h) if h != shard => State::Dead,
-        Some(_) if unchanged_for < lease_duration => State::Ready,
+        Some(_) if unchanged_for < lease_duration => {
+            if lease.annotations().contains_key(LEAVING_ANNOTATION) {
+                State::Leaving
+            } else {
+                State::Ready
+            }
+        }
         Some(_) => State::Expired,
     }
 }
@@ -94,6 +102,14 @@ mod tests {
             State::Released
         );
         assert!(State::Ready.is_member() && !State::Expired.is_member());
+        let mut leaving = lease("op-1", "7", Some("op-1"));
+        leaving
+            .annotations_mut()
+            .insert(LEAVING_ANNOTATION.into(), "true".into());
+        assert_eq!(judge(&leaving, Duration::from_secs(3), d), State::Leaving);
+        assert!(!State::Leaving.is_member());
+        // Silent while leaving: expired all the same.
+        assert_eq!(judge(&leaving, Duration::from_secs(16), d), State::Expired);
     }
 
     #[test]

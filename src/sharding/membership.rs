@@ -4,7 +4,8 @@
 //! cannot renew its shard Lease within the renew deadline stops acting at once and halts (its successor
 //! starts clean, as controller-runtime's managers do); one that loses the leadership steps back.
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use kube::api::ListParams;
 use kube::{Client, ResourceExt};
@@ -28,6 +29,8 @@ pub struct Settings {
 /// The running membership loop, and what a graceful stop releases.
 pub struct Membership {
     loop_: JoinHandle<()>,
+    /// Set by [`Membership::leave`]: the shard Lease is marked leaving, the leadership is not sought.
+    leaving: Arc<AtomicBool>,
     leases: Leases,
     leader: Arc<LeaseLock>,
     ownership: Ownership,
@@ -58,7 +61,9 @@ pub fn spawn(
             lease_ttl: settings.timings.duration,
         },
     ));
+    let leaving = Arc::new(AtomicBool::new(false));
     let state = Loop {
+        leaving: Arc::clone(&leaving),
         leases: leases.clone(),
         leader: Arc::clone(&leader),
         ownership: ownership.clone(),
@@ -71,6 +76,7 @@ pub fn spawn(
     let loop_ = tokio::spawn(state.run(halt));
     Membership {
         loop_,
+        leaving,
         leases,
         leader,
         ownership,
@@ -84,6 +90,44 @@ impl Membership {
     pub fn abandon(self) {
         self.loop_.abort();
         self.ownership.revoke();
+    }
+
+    /// A graceful stop's first half: marks the shard Lease leaving (the leader then drains this shard's
+    /// proplets to the others, make-before-break, as for any live move), hands the leadership over, and
+    /// waits until no Proplet is labelled with this shard, or `deadline` passed, or no other shard is
+    /// ready to take them. Whatever is left moves once the Lease is released. Returns how many were left.
+    pub async fn leave(&self, client: &Client, deadline: Duration) -> usize {
+        let started = Instant::now();
+        // The loop marks the shard Lease and, if this replica leads, hands the leadership over (another
+        // replica then drains us) within a retry period.
+        self.leaving.store(true, Ordering::SeqCst);
+        let proplets: kube::Api<crate::api::Proplet> = kube::Api::all(client.clone());
+        let mine = ListParams::default()
+            .labels(&super::own_selector(&self.settings.identity))
+            .limit(1);
+        let mut left = usize::MAX;
+        while started.elapsed() < deadline {
+            let others = self
+                .ownership
+                .states()
+                .iter()
+                .any(|(n, s)| s.is_member() && n != &self.settings.identity);
+            left = match proplets.list_metadata(&mine).await {
+                Ok(l) => {
+                    l.items.len() + l.metadata.remaining_item_count.unwrap_or(0).max(0) as usize
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not count this shard's proplets while leaving");
+                    left
+                }
+            };
+            if left == 0 || !others {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        info!(left, took = ?started.elapsed(), "left the ring");
+        left
     }
 
     /// After the controllers drained: gives up both Leases so that others take over within a retry
@@ -109,6 +153,7 @@ impl Membership {
 }
 
 struct Loop {
+    leaving: Arc<AtomicBool>,
     leases: Leases,
     leader: Arc<LeaseLock>,
     ownership: Ownership,
@@ -163,7 +208,12 @@ impl Loop {
         let retry = self.settings.timings.retry_period;
         match bounded(
             deadline / 2,
-            self.leases.hold(&own, &[(RING_LABEL, RING)], |_| expired),
+            self.leases.hold(
+                &own,
+                &[(RING_LABEL, RING)],
+                Some(self.leaving.load(Ordering::SeqCst)),
+                |_| expired,
+            ),
         )
         .await
         {
@@ -190,6 +240,28 @@ impl Loop {
             }
         }
 
+        if self.leaving.load(Ordering::SeqCst) {
+            // A replica on its way out does not lead: another one takes over and drains it.
+            if self.leading.take().is_some() {
+                self.ownership.set_leader(false);
+                leader_gauge(&self.metrics, &self.settings, 0);
+                match bounded_any(deadline / 2, self.leader.step_down()).await {
+                    Some(Ok(())) => {
+                        info!(lease = %self.settings.leader_lease, "leadership handed over: leaving");
+                        self.metrics.shards.lease("leader", "released");
+                    }
+                    Some(Err(e)) => warn!(error = %e, "leader Lease not released; it will expire"),
+                    None => warn!("leader Lease release timed out; it will expire"),
+                }
+            }
+        } else {
+            self.compete(started, retry, deadline).await;
+        }
+        self.judge(duration, retry, deadline).await
+    }
+
+    /// One try at the leader Lease: acquired or renewed, or stepping back when it is lost.
+    async fn compete(&mut self, started: Instant, retry: Duration, deadline: Duration) {
         match tokio::time::timeout(retry.max(deadline / 2), self.leader.try_acquire_or_renew())
             .await
             .unwrap_or_else(|_| {
@@ -222,7 +294,15 @@ impl Loop {
                 }
             }
         }
+    }
 
+    /// Reads every shard Lease into the ring's states; as leader, fences the silent ones.
+    async fn judge(
+        &mut self,
+        duration: Duration,
+        retry: Duration,
+        deadline: Duration,
+    ) -> Result<(), String> {
         let listed = bounded(
             retry.max(deadline / 2),
             self.leases
@@ -240,7 +320,13 @@ impl Loop {
         let now = Instant::now();
         let states = judge_all(&leases, &mut self.observed, now, duration);
         let members = states.iter().filter(|(_, s)| s.is_member()).count();
-        for s in [State::Ready, State::Expired, State::Dead, State::Released] {
+        for s in [
+            State::Ready,
+            State::Leaving,
+            State::Expired,
+            State::Dead,
+            State::Released,
+        ] {
             let n = states.iter().filter(|(_, st)| *st == s).count();
             self.metrics
                 .shards
@@ -273,7 +359,7 @@ impl Loop {
         let rv = judged.resource_version();
         let result = bounded(
             self.settings.timings.renew_deadline / 2,
-            self.leases.hold(&name, &[], |current| {
+            self.leases.hold(&name, &[], None, |current| {
                 // Only the version judged silent: a renewal in between keeps the shard alive.
                 current.resource_version() == rv && holder(current) == Some(shard)
             }),
@@ -300,6 +386,14 @@ async fn bounded<T>(
             format!("no answer within {limit:?}").into(),
         ))
     })
+}
+
+/// `call`, or `None` after `limit`.
+async fn bounded_any<T>(
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::time::timeout(limit, call).await.ok()
 }
 
 /// `leader_election_master_status` of this replica's leader Lease.

@@ -29,6 +29,9 @@ pub const RING: &str = "propeller-operator";
 /// On a Task: shards that claimed it and could not place it.
 pub const PASSED_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/passed-by";
 
+/// On a shard Lease: its replica is stopping gracefully and hands its proplets over before it lets go.
+pub const LEAVING_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/leaving";
+
 /// On a Task handed over between live shards: the attempt whose start the old shard had sent (the new
 /// one need not send it again).
 pub const START_SENT_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/start-sent";

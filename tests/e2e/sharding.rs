@@ -379,12 +379,33 @@ async fn a_fourth_replica_takes_about_a_quarter_with_no_proplet_owned_twice() ->
         moved <= to_d + 3,
         "{moved} moved for {to_d} that went to the new shard"
     );
-    // A graceful stop hands its proplets over at once (its Lease is released).
+    // A graceful stop drains its proplets to the others (make-before-break) before it lets go; the
+    // ownership audit runs all along in `settled`, and sampling while it leaves.
     let stopped_at = Instant::now();
+    let leaving = env
+        .operator(3)
+        .ok_or_else(|| anyhow::anyhow!("the fourth replica runs"))?
+        .leave(Duration::from_secs(20));
+    let audit_while = async {
+        loop {
+            audit(&env, &clients)?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    let left = tokio::select! {
+        left = leaving => left,
+        bad = audit_while => { bad?; unreachable!() }
+    };
+    assert_eq!(
+        left, 0,
+        "every proplet was handed over before the Lease was let go"
+    );
+    println!("graceful handover in {:?}", stopped_at.elapsed());
     let took = env.stop_operator_n(3).await?;
     assert!(took < Duration::from_secs(1), "stop took {took:?}");
     settled(&env, &clients).await?;
-    println!("graceful handover in {:?}", stopped_at.elapsed());
     for s in sims {
         s.shutdown().await;
     }
@@ -493,7 +514,11 @@ async fn a_rolling_restart_under_load_loses_and_repeats_no_task() -> anyhow::Res
         // One replica after another is stopped gracefully and comes back as itself (a rollout).
         may_repeat.extend(running_on(&env, &identity(&env, i)).await?);
         let at = Instant::now();
-        env.stop_operator_n(i).await?;
+        let left = env.leave_operator_n(i, Duration::from_secs(20)).await?;
+        assert_eq!(
+            left, 0,
+            "replica {i} handed everything over before letting go"
+        );
         settled(&env, &clients).await?;
         handovers.push(at.elapsed());
         env.restart_operator_n(i).await?;

@@ -275,6 +275,23 @@ impl Env {
             .map_err(|_| anyhow::anyhow!("operator {i} did not stop within 10 s"))
     }
 
+    /// Operator `i`'s graceful goodbye, as on SIGTERM: it hands its proplets to the other shards (at most
+    /// `deadline`), then stops. Returns how many proplets it still held when it let go.
+    pub async fn leave_operator_n(
+        &mut self,
+        i: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<usize> {
+        let Some(op) = self.operators.get_mut(i).and_then(Option::take) else {
+            return Ok(0);
+        };
+        let left = op.leave(deadline).await;
+        tokio::time::timeout(Duration::from_secs(10), op.stop())
+            .await
+            .map_err(|_| anyhow::anyhow!("operator {i} did not stop within 10 s"))?;
+        Ok(left)
+    }
+
     pub async fn resume_operator(&mut self) -> anyhow::Result<()> {
         let op = self.launch(0).await?;
         self.operators[0] = Some(op);

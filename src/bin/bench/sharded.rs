@@ -25,8 +25,8 @@ use crate::measure::{
 };
 use crate::operator::{Operator, ShardSpec};
 
-/// Per Proplet leaving a shard: when its drain label appeared, and when its shard label changed.
-type Moves = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
+/// The Proplets a shard held, each with when it was first seen labelled with another shard.
+type Moves = Arc<Mutex<HashMap<String, Option<Instant>>>>;
 
 /// Proplets per MQTT channel in the scale and growth scenarios.
 const PER_CHANNEL: usize = 100;
@@ -405,12 +405,11 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     b.results.insert("shard_failover_s", json!(failover));
     b.results.insert("shard_rejoin_s", json!(rejoin));
 
-    // 5. Graceful handover: a follower stopped with SIGTERM; each proplet's move timed by a watch.
+    // 5. Graceful handover: a follower stopped with SIGTERM; each proplet's move (SIGTERM → labelled with
+    // its new shard) timed by a watch.
     let lead = leader(&ops).await.unwrap_or(0);
     let victim = (lead + 1) % shards_n;
-    let moves = Arc::new(Mutex::new(
-        HashMap::<String, (Instant, Option<Instant>)>::new(),
-    ));
+    let moves: Moves = Arc::default();
     let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let held = census(&b.client, &ns, &live)
@@ -443,7 +442,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
             .lock()
             .map(|m| {
                 m.values()
-                    .filter_map(|(a, z)| z.map(|z| z.duration_since(*a).as_secs_f64()))
+                    .filter_map(|z| z.map(|z| z.saturating_duration_since(t0).as_secs_f64()))
                     .collect()
             })
             .unwrap_or_default(),
@@ -559,8 +558,7 @@ async fn fleet_step(
     })
 }
 
-/// Records, for each Proplet that leaves `from`, when its drain label appeared and when its shard label
-/// changed.
+/// Records the Proplets labelled `from`, and when each is first seen labelled with another shard.
 fn watch_moves(
     client: &Client,
     ns: &str,
@@ -577,12 +575,12 @@ fn watch_moves(
             let now = Instant::now();
             let Ok(mut m) = moves.lock() else { return };
             let shard = p.labels().get(SHARD_LABEL);
-            if p.labels().contains_key(DRAIN_LABEL) && shard == Some(&from) {
-                m.entry(p.name_any()).or_insert((now, None));
-            } else if shard.is_some_and(|s| *s != from)
+            if shard == Some(&from) {
+                m.entry(p.name_any()).or_insert(None);
+            } else if shard.is_some()
                 && let Some(entry) = m.get_mut(&p.name_any())
             {
-                entry.1.get_or_insert(now);
+                entry.get_or_insert(now);
             }
         }
     })

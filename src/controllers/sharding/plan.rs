@@ -1,6 +1,7 @@
 //! The leader's assignment of Proplets to shards, decided from a snapshot (pure): the ring over the live
 //! shards says where each Proplet belongs; a Proplet with no owner, or whose owner is dead or released, is
-//! assigned at once; one owned by a live shard that should move is drained first (bounded concurrency).
+//! assigned at once; one owned by a live shard that should move (or by a shard leaving gracefully, which
+//! is live but no member) is drained first (bounded concurrency).
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -92,7 +93,8 @@ pub fn plan(proplets: &[Arc<Proplet>], states: &HashMap<String, State>, max_move
             continue;
         };
         match state(&current) {
-            Some(s) if s.is_member() => {}
+            // A leaving shard still acts: it hands its proplets over like a member would.
+            Some(s) if s.is_member() || s == State::Leaving => {}
             Some(State::Expired) => {
                 out.unowned += 1;
                 continue;
@@ -258,6 +260,20 @@ mod tests {
             .filter(|s| matches!(s, Step::Drain { .. }))
             .count();
         assert_eq!(new, 2);
+    }
+
+    #[test]
+    fn a_leaving_shard_is_drained_never_bypassed() {
+        let ps: Vec<_> = (0..20).map(|i| proplet(i, &[(SHARD_LABEL, "a")])).collect();
+        let st = states(&[("a", State::Leaving), ("b", State::Ready)]);
+        let plan = plan(&ps, &st, 8);
+        assert!(assigned(&plan).is_empty(), "a leaving owner still acts");
+        let drains = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Drain { to, .. } if to == "b"))
+            .count();
+        assert_eq!(drains, 8, "every proplet goes, bounded by the limit");
     }
 
     #[test]
