@@ -71,7 +71,7 @@ images:
 	$(ENGINE) build -f images/Dockerfile --target operator -t propeller-operator:$(VERSION) .
 	$(ENGINE) build -f images/Dockerfile --target wasm-runner -t ghcr.io/absmach/propeller-operator/wasm-runner:$(VERSION) .
 
-## Benchmarks (release build; about 15 minutes): bench/results/latest.json and docs/benchmarks.md.
+## Benchmarks (release build; about an hour, the sharding scenarios half of it): bench/results/latest.json and docs/benchmarks.md.
 bench: provision
 	$(CARGO) build --release --bins
 	$(CARGO) run --release --quiet --bin bench

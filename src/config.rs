@@ -242,6 +242,17 @@ pub struct OperatorConfig {
     /// Proplets handed over between live shards at the same time.
     #[arg(long, default_value_t = 100)]
     pub max_concurrent_moves: usize,
+    /// Run as a hub: register member clusters from Secrets in `--member-namespace` (our kubeconfig format or
+    /// Argo CD's cluster Secrets) and keep a MemberCluster per member. See docs/multi-cluster.md.
+    #[arg(long, env = "HUB", default_value_t = false)]
+    pub hub: bool,
+    /// Where member registration Secrets live (default: POD_NAMESPACE, else the watched namespace, else
+    /// `default`, as the Leases).
+    #[arg(long, env = "MEMBER_NAMESPACE", default_value = "")]
+    pub member_namespace: String,
+    /// How often each member cluster is probed.
+    #[arg(long, default_value = "15s")]
+    pub member_probe_interval: GoDuration,
     /// On SIGTERM, how long a shard may spend handing its proplets to the others before it lets go of
     /// its Lease (what is left then moves at once). Keep it under the pod's termination grace period.
     #[arg(long, default_value = "20s")]
@@ -295,6 +306,17 @@ impl OperatorConfig {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+    }
+
+    /// Where member registration Secrets and MemberClusters live.
+    pub fn member_namespace(&self) -> String {
+        if self.member_namespace.is_empty() {
+            let mut c = self.clone();
+            c.leader_election_namespace.clear();
+            c.lease_namespace()
+        } else {
+            self.member_namespace.clone()
+        }
     }
 
     /// Where the Leases live.

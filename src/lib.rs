@@ -13,6 +13,7 @@ pub mod indexes;
 pub mod liveness;
 pub mod memory;
 pub mod mqtt;
+pub mod multicluster;
 pub mod naming;
 pub mod registry;
 pub mod router;

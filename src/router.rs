@@ -98,6 +98,18 @@ fn proplet_for(ctx: &Context, channel: &Channel, client_id: &str) -> Option<Obje
 }
 
 pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
+    let parsed = topics::parse(&msg.topic);
+    // A shard hears every proplet of the channels it listens to: another shard's heartbeats and metrics
+    // are dropped before any decoding or tracing.
+    if let Some((_, kind @ (Inbound::Alive | Inbound::Metrics))) = &parsed
+        && ctx.ownership.is_sharded()
+        && let Some(id) = wire::peek_proplet_id(&msg.payload)
+        && !id.is_empty()
+        && !ctx.ownership.holds_client(id)
+    {
+        ctx.metrics.mqtt_message(kind.as_str(), "not_owned");
+        return;
+    }
     // One span per message: its log lines carry the topic and, once decoded, the proplet or task id.
     let span = tracing::info_span!(
         "mqtt",
@@ -106,7 +118,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         task = tracing::field::Empty
     );
     let _entered = span.enter();
-    let Some((channel, kind)) = topics::parse(&msg.topic) else {
+    let Some((channel, kind)) = parsed else {
         ctx.metrics.mqtt_message("other", "unexpected_topic");
         debug!(topic = %msg.topic, "message on a topic the operator does not handle");
         return;

@@ -257,6 +257,12 @@ impl Operator {
             shutdown.clone(),
         )));
         background.extend(watches.spawn(&shutdown));
+        if ctx.config.hub {
+            background.push(crate::controllers::member_cluster::spawn(
+                Arc::clone(&ctx),
+                shutdown.clone(),
+            ));
+        }
         if shard.is_some() {
             background.push(handover::spawn(
                 Arc::clone(&ctx),

@@ -1,10 +1,12 @@
-//! The five custom resources of `propeller.propeller.abstractmachines.fr/v1`, one file per kind.
+//! The custom resources of `propeller.propeller.abstractmachines.fr/v1`, one file per kind: the five the
+//! upstream operator has, and `MemberCluster` (a hub's view of a member cluster).
 //!
 //! Field names, defaults, enums and printer columns follow the upstream Go operator so its manifests apply
 //! unchanged; its schema bugs are fixed (status is never required, `inputs` take numbers, later field names
 //! are accepted as aliases).
 pub mod common;
 pub mod federated_job;
+pub mod member_cluster;
 pub mod propeller_job;
 pub mod proplet;
 pub mod task;
@@ -12,6 +14,7 @@ pub mod training_round;
 
 pub use common::{Condition, ConditionStatus};
 pub use federated_job::FederatedJob;
+pub use member_cluster::MemberCluster;
 pub use propeller_job::PropellerJob;
 pub use proplet::Proplet;
 pub use task::Task;
@@ -29,6 +32,7 @@ pub fn all_crds()
     use kube::CustomResourceExt;
     vec![
         FederatedJob::crd(),
+        MemberCluster::crd(),
         PropellerJob::crd(),
         Proplet::crd(),
         Task::crd(),

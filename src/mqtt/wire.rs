@@ -236,6 +236,23 @@ fn non_empty(v: &str, field: &'static str) -> Result<(), DecodeError> {
     }
 }
 
+/// The `proplet_id` of a message, found without decoding it: the first `"proplet_id"` key followed by a
+/// plain string (no escapes). `None` when that is not certain; the caller then decodes the message.
+/// Lets a shard drop another shard's heartbeats cheaply (with one channel it hears every proplet's).
+pub fn peek_proplet_id(payload: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(payload).ok()?;
+    const KEY: &str = "\"proplet_id\"";
+    let at = text.find(KEY)?;
+    // A second occurrence could be a nested field: only an unambiguous key is trusted.
+    if text[at + KEY.len()..].contains(KEY) {
+        return None;
+    }
+    let rest = text[at + KEY.len()..].trim_start().strip_prefix(':')?;
+    let rest = rest.trim_start().strip_prefix('"')?;
+    let end = rest.find(['"', '\\'])?;
+    (rest.as_bytes()[end] == b'"').then(|| &rest[..end])
+}
+
 pub fn decode_alive(payload: &[u8]) -> Result<Alive, DecodeError> {
     let m: Alive = serde_json::from_slice(payload)?;
     non_empty(&m.proplet_id, "proplet_id")?;
@@ -275,6 +292,22 @@ pub fn decode_task_metrics(payload: &[u8]) -> Result<TaskMetrics, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proplet_id_is_peeked_only_when_certain() {
+        let p = br#"{"status":"alive","proplet_id":"edge-7","namespace":"x"}"#;
+        assert_eq!(peek_proplet_id(p), Some("edge-7"));
+        assert_eq!(peek_proplet_id(br#"{"proplet_id" : "a"}"#), Some("a"));
+        // Escapes, a nested second key, a number, garbage: decode instead.
+        assert_eq!(peek_proplet_id(br#"{"proplet_id":"a\"b"}"#), None);
+        assert_eq!(
+            peek_proplet_id(br#"{"proplet_id":"a","x":{"proplet_id":"b"}}"#),
+            None
+        );
+        assert_eq!(peek_proplet_id(br#"{"proplet_id":7}"#), None);
+        assert_eq!(peek_proplet_id(b"\xff\xfe"), None);
+        assert_eq!(peek_proplet_id(b"{}"), None);
+    }
 
     // Payloads verbatim from a capture of a real Rust proplet 0.5.0.
     const CREATE: &str = r#"{"proplet_id":"proplet-1","namespace":"propeller-ns","metadata":{"ip":"192.0.2.2","environment":"docker","os":"linux","hostname":"vm","cpu_arch":"x86_64","total_memory_bytes":25276502016,"proplet_version":"0.5.0","wasm_runtime":"wasmtime-internal"}}"#;

@@ -31,6 +31,8 @@ pub struct Membership {
     loop_: JoinHandle<()>,
     /// Set by [`Membership::leave`]: the shard Lease is marked leaving, the leadership is not sought.
     leaving: Arc<AtomicBool>,
+    /// Runs the loop's next round now instead of at its next tick.
+    wake: Arc<tokio::sync::Notify>,
     leases: Leases,
     leader: Arc<LeaseLock>,
     ownership: Ownership,
@@ -62,8 +64,10 @@ pub fn spawn(
         },
     ));
     let leaving = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(tokio::sync::Notify::new());
     let state = Loop {
         leaving: Arc::clone(&leaving),
+        wake: Arc::clone(&wake),
         leases: leases.clone(),
         leader: Arc::clone(&leader),
         ownership: ownership.clone(),
@@ -77,6 +81,7 @@ pub fn spawn(
     Membership {
         loop_,
         leaving,
+        wake,
         leases,
         leader,
         ownership,
@@ -101,6 +106,7 @@ impl Membership {
         // The loop marks the shard Lease and, if this replica leads, hands the leadership over (another
         // replica then drains us) within a retry period.
         self.leaving.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
         let proplets: kube::Api<crate::api::Proplet> = kube::Api::all(client.clone());
         let mine = ListParams::default()
             .labels(&super::own_selector(&self.settings.identity))
@@ -154,6 +160,7 @@ impl Membership {
 
 struct Loop {
     leaving: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
     leases: Leases,
     leader: Arc<LeaseLock>,
     ownership: Ownership,
@@ -180,7 +187,11 @@ impl Loop {
         let mut every = tokio::time::interval(self.settings.timings.retry_period);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
+            let wake = Arc::clone(&self.wake);
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = wake.notified() => {}
+            }
             if let Err(why) = self.round().await {
                 error!(identity = %self.settings.identity, "{why}: this replica stops acting and halts");
                 self.ownership.revoke();

@@ -1,5 +1,6 @@
 //! Prometheus metrics (controller-runtime's names where they exist) and the HTTP endpoint serving them
 //! with the health probes.
+pub mod multicluster;
 pub mod server;
 pub mod sharding;
 
@@ -37,6 +38,7 @@ pub struct Metrics {
     pub fl_model_requests_total: IntCounterVec,
     pub fl_dataset_requests_total: IntCounterVec,
     pub shards: sharding::ShardMetrics,
+    pub members: multicluster::MemberMetrics,
     /// Queued objects per controller (a key is queued once until its reconcile starts), with the time it
     /// was first queued.
     queued: Mutex<HashMap<(&'static str, String), Instant>>,
@@ -218,6 +220,7 @@ impl Metrics {
         registry.register(Box::new(task_completion_seconds.clone()))?;
         registry.register(Box::new(proplets.clone()))?;
         let shards = sharding::ShardMetrics::new(&registry)?;
+        let members = multicluster::MemberMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             reconcile_total,
@@ -241,6 +244,7 @@ impl Metrics {
             fl_model_requests_total,
             fl_dataset_requests_total,
             shards,
+            members,
             queued: Mutex::new(HashMap::new()),
         })
     }

@@ -6,6 +6,7 @@ mod federated;
 mod federated_cli;
 mod fleet;
 mod job_backend;
+mod multicluster;
 mod observability;
 mod parity;
 mod samples;

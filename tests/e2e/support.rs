@@ -50,6 +50,45 @@ fn kustomize_cluster_role() -> anyhow::Result<ClusterRole> {
     anyhow::bail!("kustomize/base/rbac.yaml has no ClusterRole")
 }
 
+/// The hub overlay's Role (member Secrets, readable in the operator's namespace only), applied in `ns` as
+/// kustomize would (its namespace set on the objects and the binding's subject).
+async fn hub_role(admin: &Client, ns: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/kustomize/hub/member-secrets-role.yaml"
+    ))?;
+    let ssa = PatchParams::apply("e2e").force();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v: Value = serde::Deserialize::deserialize(doc)?;
+        v["metadata"]["namespace"] = json!(ns);
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match v["kind"].as_str() {
+            Some("Role") => {
+                let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(v)?;
+                Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns)
+                    .patch(&name, &ssa, &Patch::Apply(&role))
+                    .await?;
+            }
+            Some("RoleBinding") => {
+                if let Some(subjects) = v["subjects"].as_array_mut() {
+                    for s in subjects {
+                        s["namespace"] = json!(ns);
+                    }
+                }
+                let b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(v)?;
+                Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+                    .patch(&name, &ssa, &Patch::Apply(&b))
+                    .await?;
+            }
+            other => anyhow::bail!("kustomize/hub/member-secrets-role.yaml: unexpected {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// A client that authenticates as the operator's ServiceAccount in `ns`, bound to the kustomize role.
 async fn operator_client(
     cluster: &TestCluster,
@@ -143,6 +182,9 @@ impl Env {
             testbed::start_broker()?
         };
         let op_client = operator_client(cluster, &admin, &ns).await?;
+        if extra.contains(&"--hub") {
+            hub_role(&admin, &ns).await?;
+        }
         let (address, ca) = match &broker.tls {
             Some(t) => (
                 format!("ssl://127.0.0.1:{}", t.port),

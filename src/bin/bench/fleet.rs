@@ -371,38 +371,49 @@ pub async fn slow_sims(
 /// `ids` heartbeating every 10 s over a few connections (the operator reads the proplet id from the payload).
 pub async fn heartbeat_swarm(port: u16, user: String, pass: String, ids: Vec<(String, String)>) {
     let per_conn = 1000;
-    let mut tasks = Vec::new();
+    // Every connection lives in this set: aborting the swarm's task drops it, which ends them all (a
+    // swarm left running would fight its successor for the same client ids).
+    let mut conns = tokio::task::JoinSet::new();
+    let swarm = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
     for (c, chunk) in ids.chunks(per_conn).enumerate() {
         let chunk = chunk.to_vec();
         let (user, pass) = (user.clone(), pass.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut opts = rumqttc::MqttOptions::new(format!("bench-hb-{c}"), "127.0.0.1", port);
+        conns.spawn(async move {
+            let mut opts =
+                rumqttc::MqttOptions::new(format!("bench-hb-{swarm:x}-{c}"), "127.0.0.1", port);
             opts.set_credentials(&user, &pass);
             let (client, mut el) = rumqttc::AsyncClient::new(opts, 2000);
-            tokio::spawn(async move {
+            let poll = async move {
                 loop {
                     if el.poll().await.is_err() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-            });
+            };
             let spacing = Duration::from_secs(10) / chunk.len().max(1) as u32;
-            loop {
-                for (id, channel) in &chunk {
-                    let msg = json!({"proplet_id": id, "status": "alive", "namespace": "bench"})
-                        .to_string();
-                    let _ = client
-                        .publish(
-                            format!("m/{DOMAIN}/c/{channel}/control/proplet/alive"),
-                            rumqttc::QoS::AtMostOnce,
-                            false,
-                            msg,
-                        )
-                        .await;
-                    tokio::time::sleep(spacing).await;
+            let publish = async move {
+                loop {
+                    for (id, channel) in &chunk {
+                        let msg =
+                            json!({"proplet_id": id, "status": "alive", "namespace": "bench"})
+                                .to_string();
+                        let _ = client
+                            .publish(
+                                format!("m/{DOMAIN}/c/{channel}/control/proplet/alive"),
+                                rumqttc::QoS::AtMostOnce,
+                                false,
+                                msg,
+                            )
+                            .await;
+                        tokio::time::sleep(spacing).await;
+                    }
                 }
-            }
-        }));
+            };
+            tokio::join!(poll, publish);
+        });
     }
-    futures::future::join_all(tasks).await;
+    while conns.join_next().await.is_some() {}
 }

@@ -25,8 +25,8 @@ use crate::measure::{
 };
 use crate::operator::{Operator, ShardSpec};
 
-/// The Proplets a shard held, each with when it was first seen labelled with another shard.
-type Moves = Arc<Mutex<HashMap<String, Option<Instant>>>>;
+/// The Proplets a shard held, each with when it was first seen draining and labelled with another shard.
+type Moves = Arc<Mutex<HashMap<String, (Option<Instant>, Option<Instant>)>>>;
 
 /// Proplets per MQTT channel in the scale and growth scenarios.
 const PER_CHANNEL: usize = 100;
@@ -442,10 +442,35 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
             .lock()
             .map(|m| {
                 m.values()
-                    .filter_map(|z| z.map(|z| z.saturating_duration_since(t0).as_secs_f64()))
+                    .filter_map(|(_, z)| z.map(|z| z.saturating_duration_since(t0).as_secs_f64()))
                     .collect()
             })
             .unwrap_or_default(),
+    );
+    let drain_to_moved = sorted(
+        moves
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter_map(|(a, z)| Some(z.as_ref()?.saturating_duration_since(*a.as_ref()?)))
+                    .map(|d| d.as_secs_f64())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
+    b.results.insert(
+        "shard_drain_to_moved_p50_s",
+        json!(percentile(&drain_to_moved, 50.0)),
+    );
+    b.results.insert(
+        "shard_drain_to_moved_p99_s",
+        json!(percentile(&drain_to_moved, 99.0)),
+    );
+    eprintln!(
+        "graceful: drain → new owner p50 {:.2} s p99 {:.2} s over {} moves",
+        percentile(&drain_to_moved, 50.0),
+        percentile(&drain_to_moved, 99.0),
+        drain_to_moved.len()
     );
     eprintln!(
         "graceful: {held} proplets moved, the replica exited after {exited:.1} s, all moved after {all_moved:.1} s; per proplet p50 {:.2} s p99 {:.2} s",
@@ -558,7 +583,8 @@ async fn fleet_step(
     })
 }
 
-/// Records the Proplets labelled `from`, and when each is first seen labelled with another shard.
+/// Records the Proplets labelled `from`, when each is first seen draining, and when it is first seen
+/// labelled with another shard.
 fn watch_moves(
     client: &Client,
     ns: &str,
@@ -576,11 +602,14 @@ fn watch_moves(
             let Ok(mut m) = moves.lock() else { return };
             let shard = p.labels().get(SHARD_LABEL);
             if shard == Some(&from) {
-                m.entry(p.name_any()).or_insert(None);
+                let entry = m.entry(p.name_any()).or_insert((None, None));
+                if p.labels().contains_key(DRAIN_LABEL) {
+                    entry.0.get_or_insert(now);
+                }
             } else if shard.is_some()
                 && let Some(entry) = m.get_mut(&p.name_any())
             {
-                entry.get_or_insert(now);
+                entry.1.get_or_insert(now);
             }
         }
     })

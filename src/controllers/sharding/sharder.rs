@@ -45,7 +45,14 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
         };
         let listed = std::sync::atomic::AtomicBool::new(false);
-        let watch = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        // The leader's cache of the whole fleet keeps what placement reads (name, labels, clientId,
+        // resourceVersion): no status, no managed fields, so it stays a fraction of a full cache.
+        let slim = watcher(api, watcher::Config::default()).modify(|p| {
+            p.status = None;
+            p.metadata.managed_fields = None;
+            p.metadata.annotations = None;
+        });
+        let watch = reflector::reflector(writer, slim)
             .default_backoff()
             .for_each(|ev| {
                 if let Ok(watcher::Event::InitDone) = ev {
