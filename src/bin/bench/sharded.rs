@@ -108,7 +108,9 @@ async fn settle(
         if t0.elapsed() > timeout {
             anyhow::bail!("not settled after {timeout:?}: {c:?}");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Listing the whole fleet is itself load on the API server: less often for a large one.
+        tokio::time::sleep(Duration::from_millis(500).max(Duration::from_millis(n as u64 / 4)))
+            .await;
     }
 }
 

@@ -44,7 +44,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         } else {
             Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
         };
-        let listed = std::sync::atomic::AtomicBool::new(false);
+        let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // The leader's cache of the whole fleet keeps what placement reads (name, labels, clientId,
         // resourceVersion): no status, no managed fields, so it stays a fraction of a full cache.
         let slim = watcher(api, watcher::Config::default()).modify(|p| {
@@ -52,20 +52,24 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             p.metadata.managed_fields = None;
             p.metadata.annotations = None;
         });
-        let watch = reflector::reflector(writer, slim)
-            .default_backoff()
-            .for_each(|ev| {
-                if let Ok(watcher::Event::InitDone) = ev {
-                    listed.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                futures::future::ready(())
-            });
-        let mut watch = std::pin::pin!(watch);
+        // Consumed on its own task: a round writing thousands of labels must not leave the watch unread
+        // (the API server would drop it as too slow, and the next round would plan on a stale cache).
+        let seen = Arc::clone(&listed);
+        let watch = tokio::spawn(
+            reflector::reflector(writer, slim)
+                .default_backoff()
+                .for_each(move |ev| {
+                    if let Ok(watcher::Event::InitDone) = ev {
+                        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    futures::future::ready(())
+                }),
+        );
+        let _stop_watch = AbortOnDrop(watch);
         let mut orphaned: BTreeSet<String> = BTreeSet::new();
         let mut every = tokio::time::interval(period / 2);
         loop {
             tokio::select! {
-                _ = &mut watch => return,
                 _ = every.tick() => {}
                 _ = &mut shutdown => return,
             }
@@ -77,6 +81,15 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// Aborts the task when dropped (the sharder's own watch ends with it).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn round(
