@@ -24,7 +24,7 @@ use crate::sharding::{
 };
 
 /// Label writes in flight at once (moves of a dead shard's Proplets and Tasks).
-const AT_ONCE: usize = 32;
+const AT_ONCE: usize = 64;
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -106,11 +106,16 @@ async fn round(
         .filter_map(|p| shard_of(p.as_ref()).map(|s| (key(p), s)))
         .collect();
     let mut draining = p.drains_in_flight;
-    let mut applied = Vec::new();
-    for chunk in p.steps.chunks(AT_ONCE) {
-        let done = futures::future::join_all(chunk.iter().map(|step| apply(ctx, step))).await;
-        applied.extend(chunk.iter().cloned().zip(done));
-    }
+    // Up to AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
+    // Proplets move at the API server's pace, not at that of the slowest write of each batch).
+    let applied: Vec<(Step, Result<bool>)> = futures::stream::iter(p.steps.iter().cloned())
+        .map(|step| async move {
+            let done = apply(ctx, &step).await;
+            (step, done)
+        })
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
     for (step, done) in applied {
         let done = done?;
         match step {
