@@ -114,6 +114,22 @@ async fn settle(
     }
 }
 
+/// Waits until none of `n` Proplets is labelled with shard `gone` (each on another of `live`).
+async fn moved_off(
+    client: &Client,
+    ns: &str,
+    n: usize,
+    live: &[String],
+    gone: usize,
+) -> anyhow::Result<Duration> {
+    let others: Vec<String> = live
+        .iter()
+        .filter(|s| **s != identity(gone))
+        .cloned()
+        .collect();
+    settle(client, ns, n, &others, false, Duration::from_secs(300)).await
+}
+
 fn identity(i: usize) -> String {
     format!("bench-shard-{i}")
 }
@@ -376,20 +392,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let victim = (lead + 1) % shards_n;
     ops[victim].kill();
     let killed = Instant::now();
-    let others: Vec<String> = live
-        .iter()
-        .filter(|s| **s != identity(victim))
-        .cloned()
-        .collect();
-    settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &others,
-        false,
-        Duration::from_secs(300),
-    )
-    .await?;
+    moved_off(&b.client, &ns, ids.len(), &live, victim).await?;
     let failover = killed.elapsed().as_secs_f64();
     ops[victim] = start_shard(b, &lease_ns, victim)?;
     ops[victim].ready().await?;
@@ -423,20 +426,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let t0 = Instant::now();
     ops[victim].terminate(Duration::from_secs(120)).await;
     let exited = t0.elapsed().as_secs_f64();
-    let others: Vec<String> = live
-        .iter()
-        .filter(|s| **s != identity(victim))
-        .cloned()
-        .collect();
-    settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &others,
-        false,
-        Duration::from_secs(300),
-    )
-    .await?;
+    moved_off(&b.client, &ns, ids.len(), &live, victim).await?;
     let all_moved = t0.elapsed().as_secs_f64();
     mover.abort();
     let per_move = sorted(
