@@ -50,6 +50,9 @@ struct Args {
     /// DATA_STORE_URL; a task's own DATA_STORE_URL takes precedence.
     #[arg(long, env = "DATA_STORE_URL")]
     data_store_url: Option<String>,
+    /// FL updates are not POSTed (as if the coordinator were unreachable): they take the MQTT fallback.
+    #[arg(long)]
+    fl_coordinator_unreachable: bool,
     /// Milliseconds between looks for a module's registry chunks (the real proplet: 5000).
     #[arg(long, default_value_t = 5000)]
     registry_poll_ms: u64,
@@ -89,6 +92,7 @@ async fn main() {
         c.faults = Faults {
             fail_tasks: args.fail_tasks,
             task_delay: Duration::from_millis(args.task_delay_ms),
+            coordinator_unreachable: args.fl_coordinator_unreachable,
         };
         match sim::spawn(c) {
             Ok(h) => handles.push(h),

@@ -39,42 +39,8 @@ pub struct SimConfig {
     pub registry_poll: Duration,
     /// How long it waits for them before failing the task (real proplet: 60 s).
     pub registry_timeout: Duration,
-    /// What the FL client module prints for a round (instead of running it); `None`: the module runs.
-    pub fl_client: Option<FlClient>,
     /// The proplet's own DATA_STORE_URL (a task's env takes precedence), for `GET …/datasets/{clientId}`.
     pub data_store_url: Option<String>,
-}
-
-/// A federated-learning client: the proplet's FL path (model download, update POST, MQTT fallback,
-/// result envelope) is the real proplet's; `train` stands in for the Wasm client's computation.
-#[derive(Clone)]
-pub struct FlClient {
-    /// The client's stdout (its update JSON) for a round.
-    pub train: Arc<dyn Fn(&FlRound) -> serde_json::Value + Send + Sync>,
-    /// The coordinator's POST fails (as if unreachable), so the update goes over MQTT.
-    pub http_fails: bool,
-    /// Extra time training takes.
-    pub delay: Duration,
-}
-
-impl std::fmt::Debug for FlClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlClient")
-            .field("http_fails", &self.http_fails)
-            .field("delay", &self.delay)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What an FL client module is given.
-#[derive(Clone, Debug)]
-pub struct FlRound {
-    pub round_id: String,
-    pub proplet_id: String,
-    pub model_uri: String,
-    /// MODEL_DATA: the model fetched from the registry.
-    pub model: serde_json::Value,
-    pub env: BTreeMap<String, String>,
 }
 
 impl SimConfig {
@@ -98,7 +64,6 @@ impl SimConfig {
             faults: Faults::default(),
             registry_poll: Duration::from_secs(5),
             registry_timeout: Duration::from_secs(60),
-            fl_client: None,
             data_store_url: None,
         }
     }
@@ -111,6 +76,8 @@ pub struct Faults {
     pub fail_tasks: bool,
     /// Extra time every task takes.
     pub task_delay: Duration,
+    /// FL updates cannot be POSTed to the coordinator (as if unreachable): they take the MQTT fallback.
+    pub coordinator_unreachable: bool,
 }
 
 /// The start message as the real proplet's serde model reads it.
@@ -542,43 +509,26 @@ impl Proplet {
                 "Failed to run {name:?}: an FL round task must be named fl-round-… (no such export)"
             ));
         }
-        let stdout = match &self.config.fl_client {
-            Some(client) => {
-                if !client.delay.is_zero() {
-                    tokio::time::sleep(client.delay).await;
-                }
-                let round = FlRound {
-                    round_id: round_id.clone(),
-                    proplet_id: self.config.client_id.clone(),
-                    model_uri: model_uri.clone(),
-                    model,
-                    env: env.clone(),
-                };
-                (client.train)(&round).to_string()
-            }
-            None => {
-                let mut vars: Vec<(String, String)> =
-                    env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                if !model.is_null() {
-                    vars.push(("MODEL_DATA".into(), model.to_string()));
-                }
-                if let Some(data) = self.dataset(env).await {
-                    vars.push(("DATASET_DATA".into(), data));
-                }
-                let name = name.to_string();
-                tokio::task::spawn_blocking(move || {
-                    wasm::command::run(&module, &name, &[], &[], &vars)
-                })
-                .await
-                .map_err(|e| e.to_string())??
-            }
-        };
+        let mut vars: Vec<(String, String)> =
+            env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if !model.is_null() {
+            vars.push(("MODEL_DATA".into(), model.to_string()));
+        }
+        if let Some(data) = self.dataset(env).await {
+            vars.push(("DATASET_DATA".into(), data));
+        }
+        let name = name.to_string();
+        let stdout = tokio::task::spawn_blocking(move || {
+            wasm::command::run(&module, &name, &[], &[], &vars)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let Some(coordinator) = env.get("MANAGER_COORDINATOR_URL").cloned() else {
             warn!(client_id = %self.config.client_id, "MANAGER_COORDINATOR_URL missing: FL task abandoned");
             return Ok(Answer::Abandoned);
         };
         if serde_json::from_str::<serde_json::Value>(&stdout).is_ok() {
-            let http_fails = self.config.fl_client.as_ref().is_some_and(|c| c.http_fails);
+            let http_fails = self.config.faults.coordinator_unreachable;
             let url = format!("{}/update", coordinator.trim_end_matches('/'));
             let body = stdout.clone();
             let posted = if http_fails {
