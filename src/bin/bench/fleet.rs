@@ -247,6 +247,18 @@ pub struct Latencies {
     pub last_completion: Option<Instant>,
 }
 
+impl Latencies {
+    /// The `p`-th percentile of dispatch latency (ms).
+    pub fn dispatch(&self, p: f64) -> f64 {
+        crate::measure::percentile(&crate::measure::sorted(self.dispatch_ms.clone()), p)
+    }
+
+    /// The `p`-th percentile of completion latency (ms).
+    pub fn completion(&self, p: f64) -> f64 {
+        crate::measure::percentile(&crate::measure::sorted(self.completion_ms.clone()), p)
+    }
+}
+
 pub async fn wait_and_measure(
     created: &HashMap<String, Instant>,
     wire: &Arc<Mutex<Wire>>,

@@ -14,9 +14,7 @@ use crate::fleet::{
     Latencies, Wire, all_running, channel_of, create_tasks, heartbeat_swarm, make_proplets,
     raw_write_limit, remove_run, sims, slow_sims, wait_and_measure, watch_completions,
 };
-use crate::measure::{
-    apiserver_writes, operator_writes, percentile, proc_usage, sorted, task_queue_depth,
-};
+use crate::measure::{apiserver_writes, operator_writes, proc_usage, task_queue_depth};
 use crate::operator::Operator;
 
 /// One steady step: `rate` tasks/s for `secs`; the p99 of dispatch and completion latency.
@@ -26,7 +24,7 @@ fn step_json(rate: f64, p99: f64, lat: &Latencies, load: &StepLoad) -> Value {
     json!({
         "rate": rate,
         "p99_ms": p99,
-        "dispatch_p99_ms": percentile(&sorted(lat.dispatch_ms.clone()), 99.0),
+        "dispatch_p99_ms": lat.dispatch(99.0),
         "operator_cpu_cores": load.operator_cpu_cores,
         "max_task_queue": load.max_task_queue,
     })
@@ -94,8 +92,7 @@ async fn steady_step(
             ));
         }
     };
-    let p99 = percentile(&sorted(lat.dispatch_ms.clone()), 99.0)
-        .max(percentile(&sorted(lat.completion_ms.clone()), 99.0));
+    let p99 = lat.dispatch(99.0).max(lat.completion(99.0));
     Ok((p99, lat, load))
 }
 
@@ -158,18 +155,9 @@ pub async fn burst(b: &mut Bench, operator: &Operator) -> anyhow::Result<(String
     eprintln!("burst: {burst_rate:.0} tasks/s, {per_task:.2} writes/task");
     results.insert("burst_tasks_per_s", json!(burst_rate));
     results.insert("api_writes_per_task", json!(per_task));
-    results.insert(
-        "burst_dispatch_p50_ms",
-        json!(percentile(&sorted(lat.dispatch_ms.clone()), 50.0)),
-    );
-    results.insert(
-        "burst_dispatch_p99_ms",
-        json!(percentile(&sorted(lat.dispatch_ms.clone()), 99.0)),
-    );
-    results.insert(
-        "burst_completion_p99_ms",
-        json!(percentile(&sorted(lat.completion_ms.clone()), 99.0)),
-    );
+    results.insert("burst_dispatch_p50_ms", json!(lat.dispatch(50.0)));
+    results.insert("burst_dispatch_p99_ms", json!(lat.dispatch(99.0)));
+    results.insert("burst_completion_p99_ms", json!(lat.completion(99.0)));
     results.insert(
         "burst_writes_by_resource",
         json!(
@@ -252,22 +240,10 @@ pub async fn steady(
     results.insert("steady_max_tasks_per_s", json!(good.unwrap_or(0.0)));
     results.insert("steady_steps", json!(steps));
     if let Some(l) = at_100 {
-        results.insert(
-            "dispatch_p50_ms",
-            json!(percentile(&sorted(l.dispatch_ms.clone()), 50.0)),
-        );
-        results.insert(
-            "dispatch_p99_ms",
-            json!(percentile(&sorted(l.dispatch_ms.clone()), 99.0)),
-        );
-        results.insert(
-            "completion_p50_ms",
-            json!(percentile(&sorted(l.completion_ms.clone()), 50.0)),
-        );
-        results.insert(
-            "completion_p99_ms",
-            json!(percentile(&sorted(l.completion_ms.clone()), 99.0)),
-        );
+        results.insert("dispatch_p50_ms", json!(l.dispatch(50.0)));
+        results.insert("dispatch_p99_ms", json!(l.dispatch(99.0)));
+        results.insert("completion_p50_ms", json!(l.completion(50.0)));
+        results.insert("completion_p99_ms", json!(l.completion(99.0)));
     }
     let (_, peak) = proc_usage(operator.pid())?;
     results.insert("operator_peak_rss_mib", json!(peak));
