@@ -72,6 +72,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The time cron schedules are judged by.
     pub clock: Clock,
+    /// A hub's clients for its member clusters.
+    pub member_clients: crate::multicluster::clients::MemberClients,
     /// When this operator started: until a heartbeat threshold has passed, silence proves nothing.
     pub started: Instant,
 }
@@ -145,6 +147,7 @@ impl Context {
             own_writes: OwnWrites::default(),
             proplet_writes: WriteTimes::default(),
             clock,
+            member_clients: Default::default(),
             started: Instant::now(),
         };
         let writers = Writers {

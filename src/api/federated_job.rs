@@ -29,14 +29,17 @@ pub struct FederatedJobSpec {
     pub model_ref: String,
     /// The FL client module (a registry reference or http(s) URL).
     pub task_wasm_image: String,
-    /// Proplets taking part, by Proplet name or clientId.
+    /// Proplets taking part, by Proplet name or clientId. Empty in a hub job (`members`): each member
+    /// names its own.
+    #[serde(default)]
     pub participants: Vec<Participant>,
     /// Training hyperparameters, passed to the client as HYPERPARAMS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub hyperparams: Option<serde_json::Value>,
-    /// Updates needed to aggregate a round.
-    #[serde(rename = "kOfN")]
+    /// Updates needed to aggregate a round. In a hub job: the default for each member (capped at its
+    /// participants; 0 or absent: all of them).
+    #[serde(rename = "kOfN", default)]
     pub k_of_n: i64,
     /// Seconds a round may take.
     pub timeout_seconds: i64,
@@ -55,6 +58,48 @@ pub struct FederatedJobSpec {
     /// participant's data. Round tasks then get `DATA_STORE_URL`, and each participant fetches its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
+    /// Run the experiment across member clusters (on a hub operator, `--hub`): each member trains with its
+    /// own proplets and aggregates locally; the hub combines the member models (weighted by samples) into
+    /// each global model version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<MembersSpec>,
+}
+
+/// The member clusters of a hub experiment.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MembersSpec {
+    /// Member models a round needs (default: every member). A member that is unreachable, fails or times
+    /// out counts as missing; below this the round waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<i64>,
+    /// The members taking part and who trains there.
+    pub clusters: Vec<MemberParticipants>,
+}
+
+/// One member cluster of a hub experiment.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberParticipants {
+    /// The MemberCluster (the name of its registration Secret).
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Namespace on the member for its FederatedJobs and Proplets (default: this job's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Proplets there, by name or clientId. Without them: the Running proplets matching `selector` (all
+    /// when absent), at most `maxParticipants`, in name order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub participants: Vec<Participant>,
+    /// Labels the member's Proplets must have (`matchLabels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<std::collections::BTreeMap<String, String>>,
+    /// At most this many proplets chosen by `selector` (or all Running ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_participants: Option<i64>,
+    /// Updates the member needs to aggregate its round (default: the job's kOfN, else all participants).
+    #[serde(rename = "kOfN", default, skip_serializing_if = "Option::is_none")]
+    pub k_of_n: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -123,6 +168,37 @@ pub struct FederatedJobStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Hub jobs: each member's part in the current round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberRoundStatus>,
+    /// Hub jobs: when the current round started (its deadline is `timeoutSeconds` later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_start_time: Option<Time>,
+}
+
+/// A member's part in a hub round.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRoundStatus {
+    /// The member cluster.
+    pub name: String,
+    /// Pending, Training, Contributed, Failed or Unreachable.
+    pub state: String,
+    /// The member's FederatedJob for this round (in the member's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Proplets training there this round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participants: Option<i64>,
+    /// Samples behind the member's model (once contributed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<i64>,
+    /// Rounds whose global model includes this member's model.
+    #[serde(default)]
+    pub rounds_contributed: i64,
+    /// Why the member is missing (never a credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One completed round, as the experiment's history.

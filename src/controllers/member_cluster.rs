@@ -5,7 +5,6 @@
 //! reachability. A member's client is kept while its Secret's resourceVersion stays the same, so a rotated
 //! token or certificate takes effect at the next probe, without a restart and without disturbing the
 //! clients of other members.
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -24,18 +23,12 @@ use crate::api::member_cluster::{MemberCluster, MemberClusterSpec, MemberCluster
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
 use crate::multicluster::probe::{Found, probe};
-use crate::multicluster::registration::{self, client_for, server_of};
+use crate::multicluster::registration::{self, server_of};
 
 /// Status is rewritten at least this often while nothing changes (lastSuccessfulProbeTime stays useful).
 pub const REFRESH: Duration = Duration::from_secs(300);
 /// A probe answers within this or counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A member's client, valid while its Secret keeps this resourceVersion.
-struct Cached {
-    version: String,
-    client: Result<Client, String>,
-}
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -51,11 +44,10 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         .filter(|e| futures::future::ready(matches!(e, Ok(watcher::Event::Apply(_)))));
         let mut changes = std::pin::pin!(changes);
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut cache: HashMap<String, Cached> = HashMap::new();
         info!(namespace = %ns, "hub: member clusters are registered by Secrets here");
         loop {
             if ctx.ownership.is_leader() {
-                probe_all(&ctx, &secrets, &ns, &mut cache).await;
+                probe_all(&ctx, &secrets, &ns).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -66,12 +58,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     })
 }
 
-async fn probe_all(
-    ctx: &Context,
-    secrets: &Api<Secret>,
-    ns: &str,
-    cache: &mut HashMap<String, Cached>,
-) {
+async fn probe_all(ctx: &Context, secrets: &Api<Secret>, ns: &str) {
     let mut found = Vec::new();
     for selector in registration::selectors() {
         match secrets.list(&ListParams::default().labels(&selector)).await {
@@ -83,16 +70,12 @@ async fn probe_all(
         }
     }
     let names: Vec<String> = found.iter().map(|s| s.name_any()).collect();
-    cache.retain(|name, _| {
-        let keep = names.contains(name);
-        if !keep {
-            ctx.metrics.members.forget(name);
-        }
-        keep
-    });
+    for gone in ctx.member_clients.retain(&names) {
+        ctx.metrics.members.forget(&gone);
+    }
     let members: Api<MemberCluster> = Api::namespaced(ctx.client.clone(), ns);
     for secret in &found {
-        if let Err(e) = probe_one(ctx, &members, secret, cache).await {
+        if let Err(e) = probe_one(ctx, &members, secret).await {
             warn!(member = %secret.name_any(), error = %e, "member status not written");
         }
     }
@@ -102,19 +85,11 @@ async fn probe_one(
     ctx: &Context,
     members: &Api<MemberCluster>,
     secret: &Secret,
-    cache: &mut HashMap<String, Cached>,
 ) -> Result<(), kube::Error> {
     let name = secret.name_any();
-    let version = secret.resource_version().unwrap_or_default();
-    let rebuilt = cache.get(&name).is_none_or(|c| c.version != version);
-    if rebuilt {
-        let client = client_for(secret).await.map_err(|e| e.to_string());
-        cache.insert(name.clone(), Cached { version, client });
-    }
-    let outcome = match cache.get(&name).map(|c| &c.client) {
-        Some(Ok(client)) => probe(client, PROBE_TIMEOUT).await.map_err(|e| (false, e)),
-        Some(Err(e)) => Err((true, e.clone())),
-        None => Err((true, "no client".to_string())),
+    let outcome = match ctx.member_clients.for_secret(secret).await {
+        Ok(client) => probe(&client, PROBE_TIMEOUT).await.map_err(|e| (false, e)),
+        Err(e) => Err((true, e)),
     };
     let member = match members.get_opt(&name).await? {
         Some(m) => m,

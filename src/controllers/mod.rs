@@ -1,6 +1,7 @@
 //! One reconciler per kind, sharing a [`Context`]; [`runtime`] runs them and their watches.
 pub mod deployment;
 pub mod federated_job;
+pub mod hub_job;
 pub mod member_cluster;
 pub mod propeller_job;
 pub mod proplet;

@@ -189,6 +189,31 @@ pub async fn list_models(
     Ok(versions)
 }
 
+/// The stored versions of `job` with the participants (or members) each was aggregated from.
+pub async fn list_model_sources(
+    client: &Client,
+    namespace: &str,
+    job: &str,
+) -> Result<BTreeMap<u64, Vec<String>>, kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!("{MODEL_LABEL}={}", label_value(job)));
+    Ok(api
+        .list_metadata(&lp)
+        .await?
+        .items
+        .iter()
+        .filter_map(|m| {
+            let a = m.annotations();
+            let version = a.get(VERSION_ANNOTATION)?.parse().ok()?;
+            let from = a
+                .get(AGGREGATED_FROM_ANNOTATION)
+                .and_then(|f| serde_json::from_str(f).ok())
+                .unwrap_or_default();
+            Some((version, from))
+        })
+        .collect())
+}
+
 /// How an update reached the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {

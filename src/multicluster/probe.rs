@@ -61,7 +61,7 @@ async fn probe_now(client: &Client) -> Result<Found, String> {
 }
 
 /// A kube error in a sentence: the API's own message, or the kind of transport failure.
-fn describe(e: &kube::Error) -> String {
+pub fn describe(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
         kube::Error::HyperError(_) | kube::Error::Service(_) => {

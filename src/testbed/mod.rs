@@ -173,22 +173,39 @@ pub fn shared_cluster() -> &'static TestCluster {
 /// `n` independent clusters, named `hub`, `member-1`, … With `E2E_KUBECONFIG`, the listed clusters are used
 /// in order, and the last one is reused when fewer are listed (separate namespaces keep tests apart).
 pub fn start_clusters(n: usize) -> Result<Vec<TestCluster>> {
-    let names: Vec<String> = (0..n)
-        .map(|i| {
-            if i == 0 {
-                "hub".to_string()
-            } else {
-                format!("member-{i}")
-            }
-        })
-        .collect();
+    start_named((0..n).map(cluster_name).collect(), 0)
+}
+
+fn cluster_name(i: usize) -> String {
+    if i == 0 {
+        "hub".to_string()
+    } else {
+        format!("member-{i}")
+    }
+}
+
+/// Two member clusters shared by the hub tests of this test binary (the shared cluster plays the hub),
+/// started on first use. With `E2E_KUBECONFIG`, the second and third listed clusters (or the last one).
+pub fn member_clusters() -> &'static [TestCluster] {
+    static MEMBERS: OnceLock<std::result::Result<Vec<TestCluster>, String>> = OnceLock::new();
+    let members = MEMBERS.get_or_init(|| {
+        start_named((1..=2).map(cluster_name).collect(), 1).map_err(|e| format!("{e:#}"))
+    });
+    match members {
+        Ok(m) => m,
+        Err(e) => panic!("the member clusters are not available: {e}"),
+    }
+}
+
+/// Clusters named `names`; with `E2E_KUBECONFIG`, the listed clusters from position `first` on.
+fn start_named(names: Vec<String>, first: usize) -> Result<Vec<TestCluster>> {
     if let Some(paths) = external_kubeconfigs() {
         return Ok(names
             .into_iter()
             .enumerate()
             .map(|(i, name)| TestCluster {
                 name,
-                kubeconfig: paths[i.min(paths.len() - 1)].clone(),
+                kubeconfig: paths[(first + i).min(paths.len() - 1)].clone(),
                 local: None,
             })
             .collect());

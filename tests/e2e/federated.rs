@@ -16,9 +16,9 @@ use serde_json::{Value, json};
 
 use crate::support::Env;
 
-const MODULE: &str = "registry.example/fl-client.wasm:1";
+pub(crate) const MODULE: &str = "registry.example/fl-client.wasm:1";
 /// The dataset every job here names; each participant's data is a key of it.
-const DATASET: &str = "fl-data";
+pub(crate) const DATASET: &str = "fl-data";
 
 /// `n` samples of one labelled problem (y = 1 when 1.5·a − c + 0.2 > 0), drawn from the region `k`
 /// (participants differ in what they see).
@@ -48,6 +48,14 @@ pub(crate) struct Fl {
 impl Fl {
     /// `None` (the test skips, loudly; a failure in CI) when the example FL client is not built.
     pub(crate) async fn start(prefix: &str) -> anyhow::Result<Option<Fl>> {
+        Fl::start_on(testbed::shared_cluster(), prefix).await
+    }
+
+    /// As [`Fl::start`], on `cluster` (a member cluster of a hub test).
+    pub(crate) async fn start_on(
+        cluster: &'static testbed::TestCluster,
+        prefix: &str,
+    ) -> anyhow::Result<Option<Fl>> {
         let Some(module) = testbed::fl_client_module(prefix) else {
             return Ok(None);
         };
@@ -57,7 +65,8 @@ impl Fl {
             .port();
         let bind = format!("127.0.0.1:{port}");
         let url = format!("http://127.0.0.1:{port}");
-        let env = Env::start(
+        let env = Env::start_on(
+            cluster,
             prefix,
             &["--fl-bind-address", &bind, "--fl-public-url", &url],
         )
@@ -81,7 +90,7 @@ impl Fl {
 
     /// A simulated proplet `client_id` with a Proplet `name`, Running, whose data (in [`DATASET`]) is
     /// `samples` rows of region `k`.
-    async fn participant(
+    pub(crate) async fn participant(
         &mut self,
         name: &str,
         client_id: &str,
@@ -243,6 +252,18 @@ pub(crate) async fn fedavg_of_round(
     job: &str,
     n: usize,
 ) -> anyhow::Result<((Vec<f64>, f64), Vec<String>)> {
+    let (sums, from) = round_sums(env, job, n).await?;
+    let (w, b, total) = sums;
+    Ok(((w.iter().map(|x| x / total).collect(), b / total), from))
+}
+
+/// Sample-weighted sums `(Σ nᵢwᵢ, Σ nᵢbᵢ, Σ nᵢ)` of the updates round `n` of `job` aggregated, with the
+/// participants it aggregated.
+pub(crate) async fn round_sums(
+    env: &Env,
+    job: &str,
+    n: usize,
+) -> anyhow::Result<((Vec<f64>, f64, f64), Vec<String>)> {
     let round = format!("{job}-round-{n}");
     let from = Api::<TrainingRound>::namespaced(env.admin.clone(), &env.ns)
         .get(&round)
@@ -287,7 +308,7 @@ pub(crate) async fn fedavg_of_round(
         total > 0.0,
         "round {n} of {job}: no stored update of {from:?}"
     );
-    Ok(((w.iter().map(|x| x / total).collect(), b / total), from))
+    Ok(((w, b, total), from))
 }
 
 /// Asserts that model `n` of `job`, as proplets download it, is the FedAvg of round `n`'s updates.

@@ -5,6 +5,7 @@ mod durability;
 mod federated;
 mod federated_cli;
 mod fleet;
+mod hub;
 mod job_backend;
 mod multicluster;
 mod observability;

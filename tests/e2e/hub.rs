@@ -1,0 +1,319 @@
+//! Hierarchical FL across clusters: a hub operator (on the shared cluster) runs a FederatedJob on two
+//! member clusters of the test bed, each with its own mosquitto, operator and simulated proplets running
+//! the example FL client. The hub reaches members only through their API servers (kubeconfig Secrets).
+//! Every global model is checked against FedAvg over all participants' updates, computed here.
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use propeller_operator::api::FederatedJob;
+use propeller_operator::fl::store;
+use propeller_operator::testbed::{self, TestCluster};
+use serde_json::{Value, json};
+
+use crate::federated::{DATASET, Fl, MODULE, close, round_sums, weights};
+use crate::support::Env;
+
+/// The member clusters are shared by the tests here, and one of them stops a member's API server.
+static MEMBERS_IN_USE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A member site: its operator, broker and three participants (Proplets `<site>-edge-1..3`).
+async fn site(
+    cluster: &'static TestCluster,
+    site: &str,
+    samples: [usize; 3],
+    delay: Duration,
+) -> anyhow::Result<Option<Fl>> {
+    let Some(mut fl) = Fl::start_on(cluster, site).await? else {
+        return Ok(None);
+    };
+    for (i, n) in samples.iter().enumerate() {
+        let region = i + if site == "site-b" { 3 } else { 0 };
+        fl.participant(
+            &format!("{site}-edge-{}", i + 1),
+            &format!("{site}-p{}", i + 1),
+            (region, *n),
+            |c| c.faults.task_delay = delay,
+        )
+        .await?;
+    }
+    Ok(Some(fl))
+}
+
+/// The hub, with `members` registered by Secrets of ours.
+async fn hub(members: &[(&str, &'static TestCluster)]) -> anyhow::Result<Env> {
+    let env = Env::start("hub", &["--hub", "--member-probe-interval", "1s"]).await?;
+    let secrets: Api<Secret> = Api::namespaced(env.admin.clone(), &env.ns);
+    for (name, cluster) in members {
+        let s = cluster.kubeconfig_secret(
+            name,
+            &env.ns,
+            &[("propeller.propeller.abstractmachines.fr/member", "true")],
+        )?;
+        secrets.create(&PostParams::default(), &s).await?;
+    }
+    Ok(env)
+}
+
+fn hub_job(name: &str, members: Value, rounds: i64, timeout: i64) -> Value {
+    json!({"metadata": {"name": name}, "spec": {
+        "experimentId": format!("exp-{name}"), "modelRef": "fl/models/global_model_v0",
+        "taskWasmImage": MODULE, "hyperparams": {"epochs": 2, "lr": 0.3},
+        "timeoutSeconds": timeout, "rounds": {"total": rounds},
+        "aggregator": {"algorithm": "fedavg"},
+        "initialModel": {"w": [0.0, 1.0], "b": 0.5},
+        "dataset": DATASET, "members": members,
+    }})
+}
+
+fn phase(j: &FederatedJob) -> Option<&str> {
+    j.status.as_ref().and_then(|s| s.phase.as_deref())
+}
+
+/// Global model `n` as the hub stores it, with the members it was aggregated from.
+async fn global_model(hub: &Env, job: &str, n: u64) -> anyhow::Result<(Value, Vec<String>)> {
+    let m = store::get_model(&hub.admin, &hub.ns, job, n)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("global model {n} of {job} is not stored on the hub"))?;
+    Ok((m.model, m.aggregated_from))
+}
+
+/// Asserts that global model `n` is FedAvg over every update the contributing members' rounds aggregated
+/// (two-level FedAvg equals flat FedAvg), and that each member's round `n` started from model `n − 1`.
+async fn global_model_is_flat_fedavg(
+    hub: &Env,
+    job: &str,
+    n: u64,
+    sites: &[(&str, &Fl)],
+) -> anyhow::Result<Vec<String>> {
+    let (model, from) = global_model(hub, job, n).await?;
+    let (previous, _) = global_model(hub, job, n - 1).await?;
+    let member_job = format!("{job}-round-{n}");
+    let (mut w, mut b, mut total) = (Vec::<f64>::new(), 0.0, 0.0);
+    for (name, fl) in sites {
+        if !from.iter().any(|m| m == name) {
+            continue;
+        }
+        let mj = fl.jobs().get(&member_job).await?;
+        assert_eq!(
+            mj.spec.initial_model.as_ref(),
+            Some(&previous),
+            "{name}'s round {n} starts from global model {}",
+            n - 1
+        );
+        let ((sw, sb, st), participants) = round_sums(&fl.env, &member_job, 1).await?;
+        assert!(!participants.is_empty(), "{name} round {n}");
+        w.resize(sw.len(), 0.0);
+        for (acc, x) in w.iter_mut().zip(&sw) {
+            *acc += x;
+        }
+        b += sb;
+        total += st;
+    }
+    anyhow::ensure!(total > 0.0, "round {n}: no member contributed ({from:?})");
+    let (mw, mb) = weights(&model);
+    let (ew, eb): (Vec<f64>, f64) = (w.iter().map(|x| x / total).collect(), b / total);
+    assert!(
+        mw.len() == ew.len() && mw.iter().zip(&ew).all(|(a, e)| close(*a, *e)) && close(mb, eb),
+        "global model {n}: {model} vs flat FedAvg {ew:?} {eb}"
+    );
+    Ok(from)
+}
+
+#[tokio::test]
+async fn two_members_train_two_rounds_into_the_flat_fedavg_model() -> anyhow::Result<()> {
+    let _members = MEMBERS_IN_USE.lock().await;
+    let clusters = testbed::member_clusters();
+    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
+        return Ok(());
+    };
+    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], Duration::ZERO).await? else {
+        return Ok(());
+    };
+    let hub = hub(&[("site-a", &clusters[0]), ("site-b", &clusters[1])]).await?;
+    // site-a by Proplet names, site-b as "all Running proplets" with a cap of 3.
+    let members = json!({"clusters": [
+        {"name": "site-a", "namespace": a.env.ns,
+         "participants": [{"propletId": "site-a-edge-1"}, {"propletId": "site-a-edge-2"}, {"propletId": "site-a-edge-3"}]},
+        {"name": "site-b", "namespace": b.env.ns, "maxParticipants": 3},
+    ]});
+    hub.create::<FederatedJob>(hub_job("exp", members, 2, 60))
+        .await?;
+    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    let done = testbed::wait_for(
+        hub.cluster,
+        "hub job Completed",
+        Duration::from_secs(180),
+        || async {
+            jobs.get("exp")
+                .await
+                .ok()
+                .filter(|j| phase(j) == Some("Completed"))
+        },
+    )
+    .await;
+    let job = match done {
+        Ok(j) => j,
+        Err(e) => {
+            let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
+            anyhow::bail!("{e}; hub job status: {seen:?}");
+        }
+    };
+    let status = job.status.clone().unwrap_or_default();
+    assert_eq!(
+        (status.completed_rounds, status.model_version),
+        (Some(2), Some(2))
+    );
+    assert_eq!(status.round_metrics.len(), 2, "{status:?}");
+    for r in &status.round_metrics {
+        assert_eq!(r.updates, 2, "both members in round {}", r.round);
+        assert_eq!(r.total_samples, 60 + 80, "every participant's samples");
+        assert!(r.metrics.contains_key("loss"), "{r:?}");
+    }
+    assert!(
+        status.members.iter().all(|m| m.rounds_contributed == 2),
+        "{:?}",
+        status.members
+    );
+    let sites = [("site-a", &a), ("site-b", &b)];
+    for n in 1..=2 {
+        let from = global_model_is_flat_fedavg(&hub, "exp", n, &sites).await?;
+        assert_eq!(from, ["site-a", "site-b"], "round {n}");
+    }
+
+    // Deleting the hub job deletes what it made on the members.
+    jobs.delete("exp", &DeleteParams::default()).await?;
+    for (name, fl) in sites {
+        let api = fl.jobs();
+        testbed::wait_for(
+            fl.env.cluster,
+            &format!("{name}'s member jobs deleted with the hub job"),
+            Duration::from_secs(60),
+            || async {
+                let left = api
+                    .list(
+                        &ListParams::default()
+                            .labels("propeller.propeller.abstractmachines.fr/hub-job-uid"),
+                    )
+                    .await
+                    .ok()?;
+                left.items.is_empty().then_some(())
+            },
+        )
+        .await?;
+    }
+    testbed::wait_for(
+        hub.cluster,
+        "the hub job gone",
+        Duration::from_secs(30),
+        || async { jobs.get_opt("exp").await.ok()?.is_none().then_some(()) },
+    )
+    .await?;
+    hub.finish().await?;
+    a.finish().await?;
+    b.finish().await
+}
+
+/// Resumes a stopped process when dropped, so that a failing test leaves no frozen API server behind.
+struct Frozen(u32);
+
+impl Frozen {
+    fn freeze(pid: u32) -> Frozen {
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+#[tokio::test]
+async fn a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round() -> anyhow::Result<()> {
+    let _members = MEMBERS_IN_USE.lock().await;
+    let clusters = testbed::member_clusters();
+    let Some(cp) = clusters[1].local_or_skip(
+        "a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round",
+        "stops a member's kube-apiserver",
+    ) else {
+        return Ok(());
+    };
+    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
+        return Ok(());
+    };
+    // Slow training on site-b, so that its round 1 still runs when its API server stops.
+    let slow = Duration::from_secs(6);
+    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], slow).await? else {
+        return Ok(());
+    };
+    let hub = hub(&[("site-a", &clusters[0]), ("site-b", &clusters[1])]).await?;
+    // One member model is enough: a member lost for a round is left out of it.
+    let members = json!({"minAvailable": 1, "clusters": [
+        {"name": "site-a", "namespace": a.env.ns},
+        {"name": "site-b", "namespace": b.env.ns},
+    ]});
+    hub.create::<FederatedJob>(hub_job("exp", members, 2, 20))
+        .await?;
+    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    let b_jobs = b.jobs();
+    testbed::wait_for(
+        hub.cluster,
+        "site-b's round 1 created",
+        Duration::from_secs(60),
+        || async { b_jobs.get_opt("exp-round-1").await.ok()?.map(|_| ()) },
+    )
+    .await?;
+    let frozen = Frozen::freeze(cp.apiserver.pid);
+    // The hub sees site-b unreachable and, at the deadline, aggregates round 1 from site-a alone.
+    let saw_unreachable = std::sync::atomic::AtomicBool::new(false);
+    let round_two = testbed::wait_for(
+        hub.cluster,
+        "round 2 started without site-b",
+        Duration::from_secs(90),
+        || async {
+            let j = jobs.get("exp").await.ok()?;
+            let s = j.status?;
+            if s.members
+                .iter()
+                .any(|m| m.name == "site-b" && m.state == "Unreachable")
+            {
+                saw_unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            (s.completed_rounds >= Some(1)).then_some(())
+        },
+    )
+    .await;
+    drop(frozen);
+    round_two?;
+    let (_, from) = global_model(&hub, "exp", 1).await?;
+    assert_eq!(from, ["site-a"], "round 1 went on without site-b");
+    assert!(
+        saw_unreachable.load(std::sync::atomic::Ordering::Relaxed),
+        "the hub showed site-b Unreachable while it was stopped"
+    );
+    // site-b is back: round 2 includes it.
+    let done = testbed::wait_for(
+        hub.cluster,
+        "hub job Completed",
+        Duration::from_secs(120),
+        || async {
+            jobs.get("exp")
+                .await
+                .ok()
+                .filter(|j| phase(j) == Some("Completed"))
+        },
+    )
+    .await;
+    if let Err(e) = done {
+        let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
+        anyhow::bail!("{e}; hub job status: {seen:?}");
+    }
+    let sites = [("site-a", &a), ("site-b", &b)];
+    let from = global_model_is_flat_fedavg(&hub, "exp", 2, &sites).await?;
+    assert_eq!(from, ["site-a", "site-b"], "site-b rejoined in round 2");
+    hub.finish().await?;
+    a.finish().await?;
+    b.finish().await
+}
