@@ -317,3 +317,211 @@ async fn a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round() -> any
     a.finish().await?;
     b.finish().await
 }
+
+/// The hub's access on a member as `kustomize/member/hub-access.yaml` grants it, for experiments in `ns`
+/// (the ClusterRoleBinding named per namespace: tests share the member clusters).
+async fn grant_hub_access(member: &kube::Client, ns: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+    use kube::api::{Patch, PatchParams};
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/kustomize/member/hub-access.yaml"
+    ))?;
+    let ssa = PatchParams::apply("e2e").force();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v: Value = serde::Deserialize::deserialize(doc)?;
+        if let Some(subjects) = v["subjects"].as_array_mut() {
+            for s in subjects {
+                s["namespace"] = json!(ns);
+            }
+        }
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match v["kind"].as_str() {
+            Some("ServiceAccount") => {
+                v["metadata"]["namespace"] = json!(ns);
+                let sa: ServiceAccount = serde_json::from_value(v)?;
+                Api::<ServiceAccount>::namespaced(member.clone(), ns)
+                    .patch(&name, &ssa, &Patch::Apply(&sa))
+                    .await?;
+            }
+            Some("ClusterRole") => {
+                let r: ClusterRole = serde_json::from_value(v)?;
+                Api::<ClusterRole>::all(member.clone())
+                    .patch(&name, &ssa, &Patch::Apply(&r))
+                    .await?;
+            }
+            Some("ClusterRoleBinding") => {
+                let name = format!("{name}-{ns}");
+                v["metadata"]["name"] = json!(name);
+                let b: ClusterRoleBinding = serde_json::from_value(v)?;
+                Api::<ClusterRoleBinding>::all(member.clone())
+                    .patch(&name, &ssa, &Patch::Apply(&b))
+                    .await?;
+            }
+            Some("RoleBinding") => {
+                v["metadata"]["namespace"] = json!(ns);
+                let b: RoleBinding = serde_json::from_value(v)?;
+                Api::<RoleBinding>::namespaced(member.clone(), ns)
+                    .patch(&name, &ssa, &Patch::Apply(&b))
+                    .await?;
+            }
+            // The long-lived token Secret needs the token controller; tests mint bound tokens instead.
+            Some("Secret") => {}
+            other => anyhow::bail!("kustomize/member/hub-access.yaml: unexpected {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// A token of the member's `propeller-hub` ServiceAccount in `ns`, valid while the Secret `bound_to`
+/// exists there (deleting it revokes the token).
+async fn hub_token(member: &kube::Client, ns: &str, bound_to: &str) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let anchor: Secret = serde_json::from_value(json!({"metadata": {"name": bound_to}}))?;
+    let anchor = Api::<Secret>::namespaced(member.clone(), ns)
+        .create(&PostParams::default(), &anchor)
+        .await?;
+    let req: TokenRequest = serde_json::from_value(json!({"spec": {
+        "audiences": [], "expirationSeconds": 3600,
+        "boundObjectRef": {"kind": "Secret", "apiVersion": "v1", "name": bound_to,
+                           "uid": anchor.metadata.uid},
+    }}))?;
+    Api::<ServiceAccount>::namespaced(member.clone(), ns)
+        .create_token_request("propeller-hub", &PostParams::default(), &req)
+        .await?
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no token"))
+}
+
+/// Whether the member's API server accepts `token` (a revoked one gets 401).
+async fn token_accepted(cluster: &TestCluster, token: &str) -> anyhow::Result<bool> {
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&cluster.kubeconfig)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.to_string().into()),
+        ..Default::default()
+    };
+    let client = kube::Client::try_from(config)?;
+    match Api::<FederatedJob>::all(client)
+        .list(&ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 401 => Ok(false),
+        // 403 is fine: authenticated, only not allowed to list every namespace.
+        Ok(_) | Err(kube::Error::Api(_)) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::test]
+async fn an_argocd_member_with_least_privilege_survives_a_revoked_token() -> anyhow::Result<()> {
+    let _members = MEMBERS_IN_USE.lock().await;
+    let clusters = testbed::member_clusters();
+    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
+        return Ok(());
+    };
+    // Rounds on site-b take a while, so that the token changes, and the API server (which caches a
+    // token's authentication for 10 s) stops accepting the old one, during the experiment.
+    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], Duration::from_secs(8)).await? else {
+        return Ok(());
+    };
+    // site-a by our kubeconfig Secret; site-b by an Argo CD cluster Secret holding a token of the
+    // `propeller-hub` ServiceAccount with exactly the access kustomize/member grants.
+    let hub = hub(&[("site-a", &clusters[0])]).await?;
+    grant_hub_access(&b.env.admin, &b.env.ns).await?;
+    let first = hub_token(&b.env.admin, &b.env.ns, "hub-token-1").await?;
+    let (server, ca, _) =
+        crate::multicluster::server_ca_token(&std::fs::read_to_string(&clusters[1].kubeconfig)?)?;
+    let secrets: Api<Secret> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &crate::multicluster::argo_secret("site-b", &server, &ca, &first)?,
+        )
+        .await?;
+    let members = json!({"clusters": [
+        {"name": "site-a", "namespace": a.env.ns},
+        {"name": "site-b", "namespace": b.env.ns},
+    ]});
+    hub.create::<FederatedJob>(hub_job("exp", members, 3, 60))
+        .await?;
+    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    testbed::wait_for(
+        hub.cluster,
+        "round 1 aggregated",
+        Duration::from_secs(120),
+        || async {
+            let s = jobs.get("exp").await.ok()?.status?;
+            (s.completed_rounds >= Some(1)).then_some(())
+        },
+    )
+    .await?;
+
+    // Rotation: a new token in the hub's Secret, then the old one revoked on the member.
+    let second = hub_token(&b.env.admin, &b.env.ns, "hub-token-2").await?;
+    secrets
+        .replace(
+            "site-b",
+            &PostParams::default(),
+            &crate::multicluster::argo_secret("site-b", &server, &ca, &second)?,
+        )
+        .await?;
+    Api::<Secret>::namespaced(b.env.admin.clone(), &b.env.ns)
+        .delete("hub-token-1", &DeleteParams::default())
+        .await?;
+    testbed::wait_for(
+        b.env.cluster,
+        "the old token revoked",
+        Duration::from_secs(30),
+        || async { (!token_accepted(&clusters[1], &first).await.ok()?).then_some(()) },
+    )
+    .await?;
+    assert!(token_accepted(&clusters[1], &second).await?);
+    let now = jobs.get("exp").await?.status.unwrap_or_default();
+    assert!(
+        now.completed_rounds < Some(3),
+        "the old token was revoked before the last round: {now:?}"
+    );
+
+    let done = testbed::wait_for(
+        hub.cluster,
+        "hub job Completed",
+        Duration::from_secs(180),
+        || async {
+            jobs.get("exp")
+                .await
+                .ok()
+                .filter(|j| phase(j) == Some("Completed"))
+        },
+    )
+    .await;
+    if let Err(e) = done {
+        let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
+        anyhow::bail!("{e}; hub job status: {seen:?}");
+    }
+    let sites = [("site-a", &a), ("site-b", &b)];
+    for n in 1..=3 {
+        let from = global_model_is_flat_fedavg(&hub, "exp", n, &sites).await?;
+        assert_eq!(from, ["site-a", "site-b"], "round {n}: both members");
+    }
+    // The probe works with the same narrow access.
+    let m = Api::<propeller_operator::api::MemberCluster>::namespaced(hub.admin.clone(), &hub.ns)
+        .get("site-b")
+        .await?
+        .status
+        .unwrap_or_default();
+    assert_eq!(m.operator_installed, Some(true), "{m:?}");
+    assert!(m.error.is_none() && m.proplets_running >= Some(3), "{m:?}");
+    hub.finish().await?;
+    a.finish().await?;
+    b.finish().await
+}

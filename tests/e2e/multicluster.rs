@@ -18,7 +18,7 @@ fn reachable(m: &MemberCluster) -> Option<(ConditionStatus, String)> {
 }
 
 /// The server, CA data and token of the test cluster's kubeconfig (as an Argo CD Secret carries them).
-fn server_ca_token(kubeconfig: &str) -> anyhow::Result<(String, String, String)> {
+pub(crate) fn server_ca_token(kubeconfig: &str) -> anyhow::Result<(String, String, String)> {
     let v: serde_yaml::Value = serde_yaml::from_str(kubeconfig)?;
     let cluster = &v["clusters"][0]["cluster"];
     let text = |x: &serde_yaml::Value| x.as_str().map(str::to_string);
@@ -29,7 +29,12 @@ fn server_ca_token(kubeconfig: &str) -> anyhow::Result<(String, String, String)>
     ))
 }
 
-fn argo_secret(name: &str, server: &str, ca: &str, token: &str) -> anyhow::Result<Secret> {
+pub(crate) fn argo_secret(
+    name: &str,
+    server: &str,
+    ca: &str,
+    token: &str,
+) -> anyhow::Result<Secret> {
     Ok(serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"argocd.argoproj.io/secret-type": "cluster"}},
         "stringData": {
