@@ -1,10 +1,10 @@
-//! A hub's member clusters: every probe interval (and at once when a registration Secret changes) the
-//! leader reads the registration Secrets of its namespace, probes each member and keeps its
-//! `MemberCluster` (created and owned through the Secret, so deleting the Secret removes it). Status is
-//! written on transitions, and at most every [`REFRESH`] otherwise; an Event marks each change of
-//! reachability. A member's client is kept while its Secret's resourceVersion stays the same, so a rotated
-//! token or certificate takes effect at the next probe, without a restart and without disturbing the
-//! clients of other members.
+//! A hub's member clusters: every probe interval (and at once when a registration Secret changes) each hub
+//! replica reads the registration Secrets of its namespace and probes the members the ring places on it
+//! (all of them for a single replica), keeping each one's `MemberCluster` (created and owned through the
+//! Secret, so deleting the Secret removes it). Status is written on transitions, and at most every
+//! [`REFRESH`] otherwise; an Event marks each change of reachability. A member's client is kept while its
+//! Secret's resourceVersion stays the same, so a rotated token or certificate takes effect at the next
+//! probe, without a restart and without disturbing the clients of other members.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,9 +46,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         let mut shutdown = std::pin::pin!(shutdown);
         info!(namespace = %ns, "hub: member clusters are registered by Secrets here");
         loop {
-            if ctx.ownership.is_leader() {
-                probe_all(&ctx, &secrets, &ns).await;
-            }
+            probe_all(&ctx, &secrets, &ns).await;
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = changes.next() => {}
@@ -70,11 +68,17 @@ async fn probe_all(ctx: &Context, secrets: &Api<Secret>, ns: &str) {
         }
     }
     let names: Vec<String> = found.iter().map(|s| s.name_any()).collect();
-    for gone in ctx.member_clients.retain(&names) {
-        ctx.metrics.members.forget(&gone);
-    }
+    ctx.member_clients.retain(&names);
+    // Members are shared out among hub replicas by the ring; each reports metrics for its own only.
+    let mine: Vec<Secret> = found
+        .into_iter()
+        .filter(|s| ctx.ownership.owns_key(&s.name_any()))
+        .collect();
+    ctx.metrics
+        .members
+        .keep_only(&mine.iter().map(|s| s.name_any()).collect::<Vec<_>>());
     let members: Api<MemberCluster> = Api::namespaced(ctx.client.clone(), ns);
-    for secret in &found {
+    for secret in &mine {
         if let Err(e) = probe_one(ctx, &members, secret).await {
             warn!(member = %secret.name_any(), error = %e, "member status not written");
         }

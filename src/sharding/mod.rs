@@ -162,6 +162,21 @@ impl Ownership {
         }
     }
 
+    /// Whether this replica handles `key` among work shared out by the ring in memory, with no labels or
+    /// handover (a hub's member clusters: probing one twice during a change of members is harmless):
+    /// always for a single replica; for a shard, when the ring of live shards places `key` on it and
+    /// its Lease is fresh.
+    pub fn owns_key(&self, key: &str) -> bool {
+        match &self.shard {
+            None => true,
+            Some(s) => {
+                self.may_act()
+                    && ring::Ring::new(self.members(), ring::VIRTUAL_NODES).owner(key)
+                        == Some(s.identity.as_str())
+            }
+        }
+    }
+
     /// Whether this replica runs the singleton work (always, for a single replica).
     pub fn is_leader(&self) -> bool {
         match &self.shard {

@@ -31,6 +31,23 @@ impl MemberMetrics {
         Ok(m)
     }
 
+    /// Forgets every member but `members` (no longer registered, or probed by another hub replica).
+    pub fn keep_only(&self, members: &[String]) {
+        use prometheus::core::Collector;
+        let reported: Vec<String> = self
+            .reachable
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric().iter())
+            .flat_map(|m| m.get_label().iter())
+            .filter(|l| l.name() == "member")
+            .map(|l| l.value().to_string())
+            .collect();
+        for member in reported.iter().filter(|m| !members.contains(m)) {
+            self.forget(member);
+        }
+    }
+
     /// Forgets a member that is no longer registered.
     pub fn forget(&self, member: &str) {
         let _ = self.reachable.remove_label_values(&[member]);

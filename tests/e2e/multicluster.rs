@@ -177,3 +177,117 @@ async fn members_registered_by_secret_show_their_state_and_follow_a_rotated_toke
     gone?;
     env.finish().await
 }
+
+/// The members whose metrics an operator reports (those it probes).
+fn probed_by(env: &Env, i: usize) -> std::collections::BTreeSet<String> {
+    use prometheus::core::Collector;
+    let Some(op) = env.operator(i) else {
+        return Default::default();
+    };
+    op.context()
+        .metrics
+        .members
+        .reachable
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric().iter())
+        .flat_map(|m| m.get_label().iter())
+        .filter(|l| l.name() == "member")
+        .map(|l| l.value().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn hub_replicas_share_the_members_by_the_ring_and_a_survivor_takes_them_all()
+-> anyhow::Result<()> {
+    const HUB: &[&str] = &[
+        "--hub",
+        "--member-probe-interval=1s",
+        "--leader-elect",
+        "--lease-duration=10s",
+        "--renew-deadline=7s",
+        "--retry-period=1s",
+    ];
+    let mut env = Env::start("hub-ha", HUB).await?;
+    env.add_operator("hub-ha-b", &["--hub", "--member-probe-interval=1s"])
+        .await?;
+    let secrets: Api<Secret> = Api::namespaced(env.admin.clone(), &env.ns);
+    let ids: Vec<String> = (0..2)
+        .filter_map(|i| env.operator(i))
+        .filter_map(|o| o.context().ownership.identity().map(str::to_string))
+        .collect();
+    let ring = propeller_operator::sharding::ring::Ring::new(
+        ids.clone(),
+        propeller_operator::sharding::ring::VIRTUAL_NODES,
+    );
+    // Members named so that each replica gets three (the identities are random per test).
+    let mut names: Vec<String> = Vec::new();
+    for i in 1..=200 {
+        let name = format!("site-{i}");
+        let owner = ring.owner(&name).map(str::to_string);
+        let taken = names
+            .iter()
+            .filter(|n| ring.owner(n).map(str::to_string) == owner)
+            .count();
+        if taken < 3 {
+            names.push(name);
+        }
+        if names.len() == 6 {
+            break;
+        }
+    }
+    anyhow::ensure!(names.len() == 6, "no 3 + 3 split found for {ids:?}");
+    for name in &names {
+        let s = env.cluster.kubeconfig_secret(
+            name,
+            &env.ns,
+            &[("propeller.propeller.abstractmachines.fr/member", "true")],
+        )?;
+        secrets.create(&PostParams::default(), &s).await?;
+    }
+    let expected = |i: usize| -> std::collections::BTreeSet<String> {
+        names
+            .iter()
+            .filter(|n| ring.owner(n) == ids.get(i).map(String::as_str))
+            .cloned()
+            .collect()
+    };
+    // Each member is probed by the replica the ring places it on, and by no other.
+    let shared = propeller_operator::testbed::eventually(
+        "members probed as the ring shares them",
+        Duration::from_secs(60),
+        || async {
+            let (a, b) = (probed_by(&env, 0), probed_by(&env, 1));
+            (a == expected(0) && b == expected(1)).then_some((a, b))
+        },
+    )
+    .await;
+    let (a, b) = shared.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: replica 0 probes {:?} (expected {:?}), replica 1 probes {:?} (expected {:?})",
+            probed_by(&env, 0),
+            expected(0),
+            probed_by(&env, 1),
+            expected(1)
+        )
+    })?;
+    assert_eq!((a.len(), b.len()), (3, 3), "{a:?} {b:?}");
+    let members: Api<MemberCluster> = Api::namespaced(env.admin.clone(), &env.ns);
+    for name in &names {
+        env.wait_for(&members, name, "member Reachable", |m| {
+            reachable(m).is_some_and(|(s, _)| s == ConditionStatus::True)
+        })
+        .await?;
+    }
+
+    // One replica leaves: the other probes every member.
+    env.leave_operator_n(1, Duration::from_secs(5)).await?;
+    let all: std::collections::BTreeSet<String> = names.iter().cloned().collect();
+    propeller_operator::testbed::eventually(
+        "the survivor probes every member",
+        Duration::from_secs(60),
+        || async { (probed_by(&env, 0) == all).then_some(()) },
+    )
+    .await?;
+    env.finish().await
+}
