@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint fl-client demo-fl provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
+.PHONY: all build test lint fl-client demo-fl demo-multicluster provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
 
 all: build
 
@@ -47,6 +47,11 @@ demo: provision
 demo-fl: provision fl-client
 	$(CARGO) build --quiet --bins
 	bash e2e/demo-fl.sh
+
+## Hierarchical FL across three local clusters (a hub and two members), 2 rounds; prints the global model.
+demo-multicluster: provision fl-client
+	$(CARGO) build --quiet --bins
+	bash e2e/demo-multicluster.sh
 
 ## Cluster + broker + CRDs + operator + PROPLETS simulated proplets (default 3), left running.
 dev-up: provision fl-client

@@ -17,6 +17,7 @@ use super::common::Condition;
     namespaced,
     status = "MemberClusterStatus",
     shortname = "member",
+    shortname = "members",
     category = "propeller",
     printcolumn = r#"{"name":"Reachable","type":"string","jsonPath":".status.conditions[?(@.type==\"Reachable\")].status"}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.kubernetesVersion"}"#,

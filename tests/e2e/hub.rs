@@ -137,9 +137,24 @@ async fn two_members_train_two_rounds_into_the_flat_fedavg_model() -> anyhow::Re
          "participants": [{"propletId": "site-a-edge-1"}, {"propletId": "site-a-edge-2"}, {"propletId": "site-a-edge-3"}]},
         {"name": "site-b", "namespace": b.env.ns, "maxParticipants": 3},
     ]});
+    let mut hub = hub;
     hub.create::<FederatedJob>(hub_job("exp", members, 2, 60))
         .await?;
     let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    // A hub restarted mid-experiment resumes it from what the hub cluster holds.
+    testbed::wait_for(
+        hub.cluster,
+        "the hub's round 1 under way",
+        Duration::from_secs(120),
+        || async {
+            let s = jobs.get("exp").await.ok()?.status?;
+            s.members.iter().any(|m| m.job.is_some()).then_some(())
+        },
+    )
+    .await?;
+    hub.stop_operator().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    hub.resume_operator().await?;
     let done = testbed::wait_for(
         hub.cluster,
         "hub job Completed",
