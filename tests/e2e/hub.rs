@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use crate::federated::{DATASET, Fl, MODULE, close, round_sums, weights};
 use crate::support::Env;
 
-/// The member clusters are shared by the tests here, and one of them stops a member's API server.
-static MEMBERS_IN_USE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The member clusters are shared by the tests here; those that stop a member's API server have them alone.
+static MEMBERS_IN_USE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A member site: its operator, broker and three participants (Proplets `<site>-edge-1..3`).
 async fn site(
@@ -122,7 +122,7 @@ async fn global_model_is_flat_fedavg(
 
 #[tokio::test]
 async fn two_members_train_two_rounds_into_the_flat_fedavg_model() -> anyhow::Result<()> {
-    let _members = MEMBERS_IN_USE.lock().await;
+    let _members = MEMBERS_IN_USE.read().await;
     let clusters = testbed::member_clusters();
     let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
         return Ok(());
@@ -247,7 +247,7 @@ impl Drop for Frozen {
 
 #[tokio::test]
 async fn a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round() -> anyhow::Result<()> {
-    let _members = MEMBERS_IN_USE.lock().await;
+    let _members = MEMBERS_IN_USE.write().await;
     let clusters = testbed::member_clusters();
     let Some(cp) = clusters[1].local_or_skip(
         "a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round",
@@ -439,7 +439,7 @@ async fn token_accepted(cluster: &TestCluster, token: &str) -> anyhow::Result<bo
 
 #[tokio::test]
 async fn an_argocd_member_with_least_privilege_survives_a_revoked_token() -> anyhow::Result<()> {
-    let _members = MEMBERS_IN_USE.lock().await;
+    let _members = MEMBERS_IN_USE.read().await;
     let clusters = testbed::member_clusters();
     let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
         return Ok(());
@@ -536,6 +536,88 @@ async fn an_argocd_member_with_least_privilege_survives_a_revoked_token() -> any
         .unwrap_or_default();
     assert_eq!(m.operator_installed, Some(true), "{m:?}");
     assert!(m.error.is_none() && m.proplets_running >= Some(3), "{m:?}");
+    hub.finish().await?;
+    a.finish().await?;
+    b.finish().await
+}
+
+#[tokio::test]
+async fn below_quorum_a_round_waits_for_a_lost_member_and_completes_when_it_is_back()
+-> anyhow::Result<()> {
+    let _members = MEMBERS_IN_USE.write().await;
+    let clusters = testbed::member_clusters();
+    let Some(cp) = clusters[1].local_or_skip(
+        "below_quorum_a_round_waits_for_a_lost_member_and_completes_when_it_is_back",
+        "stops a member's kube-apiserver",
+    ) else {
+        return Ok(());
+    };
+    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
+        return Ok(());
+    };
+    let slow = Duration::from_secs(3);
+    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], slow).await? else {
+        return Ok(());
+    };
+    let hub = hub(&[("site-a", &clusters[0]), ("site-b", &clusters[1])]).await?;
+    // Every member is needed (minAvailable defaults to all).
+    let members = json!({"clusters": [
+        {"name": "site-a", "namespace": a.env.ns},
+        {"name": "site-b", "namespace": b.env.ns},
+    ]});
+    hub.create::<FederatedJob>(hub_job("exp", members, 1, 8))
+        .await?;
+    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    let b_jobs = b.jobs();
+    testbed::wait_for(
+        hub.cluster,
+        "site-b's round 1 created",
+        Duration::from_secs(60),
+        || async { b_jobs.get_opt("exp-round-1").await.ok()?.map(|_| ()) },
+    )
+    .await?;
+    let frozen = Frozen::freeze(cp.apiserver.pid);
+    let waiting = testbed::wait_for(
+        hub.cluster,
+        "the round waiting for site-b",
+        Duration::from_secs(60),
+        || async {
+            let s = jobs.get("exp").await.ok()?.status?;
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (ready.reason.as_deref() == Some("WaitingForMembers")
+                && ready
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("site-b")))
+            .then_some(s)
+        },
+    )
+    .await;
+    // Nothing was aggregated without the quorum.
+    let premature = store::get_model(&hub.admin, &hub.ns, "exp", 1).await?;
+    drop(frozen);
+    let waiting = waiting?;
+    assert!(premature.is_none(), "no global model below the quorum");
+    assert_eq!(waiting.phase.as_deref(), Some("Running"), "{waiting:?}");
+    let done = testbed::wait_for(
+        hub.cluster,
+        "hub job Completed once site-b is back",
+        Duration::from_secs(120),
+        || async {
+            jobs.get("exp")
+                .await
+                .ok()
+                .filter(|j| phase(j) == Some("Completed"))
+        },
+    )
+    .await;
+    if let Err(e) = done {
+        let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
+        anyhow::bail!("{e}; hub job status: {seen:?}");
+    }
+    let sites = [("site-a", &a), ("site-b", &b)];
+    let from = global_model_is_flat_fedavg(&hub, "exp", 1, &sites).await?;
+    assert_eq!(from, ["site-a", "site-b"]);
     hub.finish().await?;
     a.finish().await?;
     b.finish().await

@@ -284,12 +284,23 @@ async fn our_examples_apply_to_our_crds() -> anyhow::Result<()> {
     install_crds(&client).await?;
     let mut failures = Vec::new();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
+    // examples/ and its directories (examples/multicluster).
+    let mut dirs = vec![dir];
+    let mut files = Vec::new();
+    while let Some(d) = dirs.pop() {
+        for path in std::fs::read_dir(&d)?.filter_map(|e| e.ok().map(|e| e.path())) {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "yaml") {
+                files.push(path);
+            }
+        }
+    }
     files.sort();
-    assert!(files.len() >= 3, "examples/ has the documented examples");
+    assert!(
+        files.len() >= 5,
+        "examples/ has the documented examples: {files:?}"
+    );
     for file in &files {
         // One namespace per file: examples reuse names.
         let ns = cluster.namespace(&client, "examples").await?;
