@@ -132,7 +132,7 @@ pub fn wake_ups(w: &mut Watches, me: &Waker<FederatedJob>) {
 }
 
 pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Action> {
-    if crate::multicluster::fanout::is_hub_job(&job) {
+    if crate::fl::federation::is_hub_job(&job) {
         return super::hub_job::reconcile(job, ctx).await;
     }
     if job.metadata.deletion_timestamp.is_some() {

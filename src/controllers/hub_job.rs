@@ -24,14 +24,12 @@ use crate::api::federated_job::{
 use crate::context::Context;
 use crate::error::{Result, conflict};
 use crate::fl::aggregate;
+use crate::fl::federation::{self, Decision, HUB_JOB_UID_LABEL, MEMBER_JOBS_FINALIZER, Standing};
+use crate::fl::member_models;
 use crate::fl::params::Params;
 use crate::fl::store::{self, StoreError};
 use crate::fl::update::Update;
 use crate::multicluster::clients::MEMBER_CALL_TIMEOUT;
-use crate::multicluster::fanout::{
-    self, Decision, HUB_JOB_UID_LABEL, MEMBER_JOBS_FINALIZER, Standing,
-};
-use crate::multicluster::hub_store;
 use crate::multicluster::probe::describe;
 
 /// How often a running hub round looks at its members.
@@ -55,7 +53,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
         let msg = "spec.members makes this a hub job: it runs on an operator started with --hub";
         return blocked(&job, &ctx, old, "Pending", "NotAHub", msg).await;
     }
-    let aggregator = match fanout::validate(&job).and_then(|()| {
+    let aggregator = match federation::validate(&job).and_then(|()| {
         aggregate::by_name(
             &job.spec.aggregator.algorithm,
             job.spec.aggregator.config.as_ref(),
@@ -95,7 +93,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
             .any(|r| r.round == version as i64)
     {
         // Aggregated by an earlier attempt whose status write was lost.
-        let used = hub_store::member_models(&ctx.client, &job, version as i64).await?;
+        let used = member_models::member_models(&ctx.client, &job, version as i64).await?;
         let from = models.get(&version).cloned().unwrap_or_default();
         record_round(&mut status, version as i64, &from, &used);
     }
@@ -124,7 +122,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
     let Some(base) = store::get_model(&ctx.client, &ns, &name, version).await? else {
         return Ok(Action::requeue(POLL));
     };
-    let stored = hub_store::member_models(&ctx.client, &job, n).await?;
+    let stored = member_models::member_models(&ctx.client, &job, n).await?;
     // Members are looked at together: one that does not answer holds up none of the others.
     let members = job.spec.members.clone().unwrap_or_default().clusters;
     let looks: BTreeMap<String, Look> = futures::future::join_all(members.iter().map(|m| async {
@@ -150,12 +148,12 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
         .duration_since(started)
         .try_into()
         .unwrap_or_default();
-    let decision = fanout::decide(&standing, fanout::min_available(&job), elapsed >= limit);
+    let decision = federation::decide(&standing, federation::min_available(&job), elapsed >= limit);
     status.members = member_rows(&job, &models, &looks, &old);
     let total_members = looks.len();
     match decision {
         Decision::Aggregate => {
-            let contributed = hub_store::member_models(&ctx.client, &job, n).await?;
+            let contributed = member_models::member_models(&ctx.client, &job, n).await?;
             let from: Vec<String> = contributed.keys().cloned().collect();
             let updates: Vec<Update> = contributed.values().cloned().collect();
             let model = match aggregator.aggregate(&updates) {
@@ -227,7 +225,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
             let msg = format!(
                 "round {n} has {} of the {} member models it needs; waiting for {}",
                 total_members - missing.len(),
-                fanout::min_available(&job),
+                federation::min_available(&job),
                 why.join("; ")
             );
             retry_failed(&ctx, &job, &looks, n).await;
@@ -333,9 +331,9 @@ async fn member_round(
     client: Client,
 ) -> std::result::Result<Look, String> {
     let k = |e: kube::Error| describe(&e);
-    let member_ns = fanout::member_namespace(job, m);
+    let member_ns = federation::member_namespace(job, m);
     let api: Api<FederatedJob> = Api::namespaced(client.clone(), &member_ns);
-    let name = fanout::member_job_name(&job.name_any(), n);
+    let name = federation::member_job_name(&job.name_any(), n);
     let mut look = Look::missing(Standing::Training);
     look.job = Some(name.clone());
     let Some(mj) = api.get_opt(&name).await.map_err(k)? else {
@@ -348,14 +346,14 @@ async fn member_round(
         } else {
             Vec::new()
         };
-        let participants = fanout::choose_participants(m, &proplets);
+        let participants = federation::choose_participants(m, &proplets);
         if participants.is_empty() {
             look.standing = Standing::Failed(format!(
                 "no Running proplets in namespace {member_ns} match its selector"
             ));
             return Ok(look);
         }
-        let desired = fanout::member_job(job, m, n, base, &participants)?;
+        let desired = federation::member_job(job, m, n, base, &participants)?;
         match api.create(&PostParams::default(), &desired).await {
             Ok(_) => {
                 info!(job = %job.name_any(), member = %m.name, round = n, "member round created");
@@ -402,7 +400,7 @@ async fn member_round(
                     params,
                 });
             match update {
-                Ok(u) => match hub_store::put_member_model(ctx, job, n, &m.name, &u).await {
+                Ok(u) => match member_models::put_member_model(ctx, job, n, &m.name, &u).await {
                     Ok(_) => {
                         look.standing = Standing::Contributed;
                         look.samples = Some(samples as i64);
@@ -451,7 +449,7 @@ async fn retry_failed(ctx: &Context, job: &FederatedJob, looks: &BTreeMap<String
         else {
             continue;
         };
-        let api: Api<FederatedJob> = Api::namespaced(client, &fanout::member_namespace(job, m));
+        let api: Api<FederatedJob> = Api::namespaced(client, &federation::member_namespace(job, m));
         let deleted = tokio::time::timeout(
             MEMBER_CALL_TIMEOUT,
             api.delete(member_job, &DeleteParams::background()),
@@ -610,7 +608,7 @@ async fn blocked(
 }
 
 async fn ensure_finalizer(job: &Arc<FederatedJob>, ctx: &Context) -> Result<Arc<FederatedJob>> {
-    let Some(finalizers) = fanout::with_finalizer(job) else {
+    let Some(finalizers) = federation::with_finalizer(job) else {
         return Ok(Arc::clone(job));
     };
     let patch =
@@ -651,7 +649,8 @@ async fn clean_up(job: &FederatedJob, ctx: &Context) -> Result<Action> {
                 continue;
             }
         };
-        let api: Api<FederatedJob> = Api::namespaced(client, &fanout::member_namespace(job, &m));
+        let api: Api<FederatedJob> =
+            Api::namespaced(client, &federation::member_namespace(job, &m));
         let lp = ListParams::default().labels(&selector);
         match tokio::time::timeout(
             MEMBER_CALL_TIMEOUT,

@@ -1,9 +1,12 @@
 //! Federated learning: the operator is the coordinator and the model registry of every FederatedJob.
 //! Updates and models live in the cluster ([`store`]); proplets reach the HTTP side ([`server`]) at
-//! `--fl-public-url`, or fall back to MQTT (handled by the router through [`intake`]).
+//! `--fl-public-url`, or fall back to MQTT (handled by the router through [`intake`]). Across clusters,
+//! a hub runs experiments on member clusters ([`federation`]) and keeps their models ([`member_models`]).
 pub mod aggregate;
 pub mod datasets;
+pub mod federation;
 pub mod intake;
+pub mod member_models;
 pub mod params;
 pub mod server;
 pub mod store;

@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
+use super::store;
 use crate::api::federated_job::{FederatedJob, MemberParticipants};
 use crate::api::proplet::{Proplet, PropletPhase};
-use crate::fl::store;
 use crate::naming::bounded_name;
 
 /// On member FederatedJobs: the uid of the hub job that made them.

@@ -8,11 +8,11 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::fanout::owner_of;
+use super::federation::owner_of;
+use super::store::{CONFIGMAP_LIMIT, StoreError, UPDATE_KEY, label_value};
+use super::update::Update;
 use crate::api::FederatedJob;
 use crate::context::Context;
-use crate::fl::store::{CONFIGMAP_LIMIT, StoreError, UPDATE_KEY, label_value};
-use crate::fl::update::Update;
 use crate::naming::bounded_name;
 
 /// On member-model ConfigMaps: the hub job (as a label value).
