@@ -153,15 +153,10 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
         return not_started(&job, &ctx, old, "Pending", "FLNotConfigured", msg).await;
     }
     let rounds = rounds_of(&ctx, &job);
-    if rounds.is_empty() {
-        let initial = job.spec.initial_model.clone().unwrap_or_else(|| json!({}));
-        match store::put_model(&ctx, &job, 0, &initial, &[], ctx.config.fl_max_model_bytes).await {
-            Ok(_) => {}
-            Err(StoreError::TooLarge(msg)) => {
-                return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;
-            }
-            Err(StoreError::Kube(e)) => return Err(e.into()),
-        }
+    if rounds.is_empty()
+        && let Err(msg) = store_initial_model(&ctx, &job).await?
+    {
+        return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;
     }
     let (current, latest) = match rounds.last_key_value() {
         Some((n, r)) => (*n, Some(Arc::clone(r))),
@@ -216,8 +211,23 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
     Ok(Action::await_change())
 }
 
-/// The experiment cannot start (`Ready=False` with `reason`): the status, an Event, nothing created.
-async fn not_started(
+/// Stores model version 0 (`spec.initialModel`, else `{}`) unless stored; `Ok(Err(why))` when it is too
+/// large to store.
+pub(super) async fn store_initial_model(
+    ctx: &Context,
+    job: &FederatedJob,
+) -> Result<std::result::Result<(), String>> {
+    let initial = job.spec.initial_model.clone().unwrap_or_else(|| json!({}));
+    match store::put_model(ctx, job, 0, &initial, &[], ctx.config.fl_max_model_bytes).await {
+        Ok(_) => Ok(Ok(())),
+        Err(StoreError::TooLarge(msg)) => Ok(Err(msg)),
+        Err(StoreError::Kube(e)) => Err(e.into()),
+    }
+}
+
+/// The experiment cannot start or go on (`Ready=False` with `reason`): the status, an Event, nothing
+/// created.
+pub(super) async fn not_started(
     job: &FederatedJob,
     ctx: &Context,
     old: FederatedJobStatus,
@@ -229,6 +239,9 @@ async fn not_started(
     let mut status = old.clone();
     status.observed_generation = g;
     status.phase = Some(phase.into());
+    if phase == "Failed" {
+        status.completion_time.get_or_insert_with(now);
+    }
     set_condition(
         &mut status.conditions,
         "Ready",

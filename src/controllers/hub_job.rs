@@ -15,6 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+use super::federated_job::{not_started, store_initial_model};
 use super::now;
 use crate::api::Proplet;
 use crate::api::common::{ConditionStatus, set_condition};
@@ -51,7 +52,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
     }
     if !ctx.config.hub {
         let msg = "spec.members makes this a hub job: it runs on an operator started with --hub";
-        return blocked(&job, &ctx, old, "Pending", "NotAHub", msg).await;
+        return not_started(&job, &ctx, old, "Pending", "NotAHub", msg).await;
     }
     let aggregator = match federation::validate(&job).and_then(|()| {
         aggregate::by_name(
@@ -60,7 +61,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
         )
     }) {
         Ok(a) => a,
-        Err(msg) => return blocked(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await,
+        Err(msg) => return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await,
     };
     let job = ensure_finalizer(&job, &ctx).await?;
     let ns = job.namespace().unwrap_or_default();
@@ -69,13 +70,8 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
     // Where the experiment stands: the global model versions stored on the hub.
     let mut models = store::list_model_sources(&ctx.client, &ns, &name).await?;
     if models.is_empty() {
-        let initial = job.spec.initial_model.clone().unwrap_or_else(|| json!({}));
-        match store::put_model(&ctx, &job, 0, &initial, &[], ctx.config.fl_max_model_bytes).await {
-            Ok(_) => {}
-            Err(StoreError::TooLarge(msg)) => {
-                return blocked(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;
-            }
-            Err(StoreError::Kube(e)) => return Err(e.into()),
+        if let Err(msg) = store_initial_model(&ctx, &job).await? {
+            return not_started(&job, &ctx, old, "Failed", "InvalidSpec", &msg).await;
         }
         models.insert(0, Vec::new());
     }
@@ -160,7 +156,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
                 Ok(m) => m,
                 Err(msg) => {
                     let msg = format!("round {n}: {msg}");
-                    return blocked(&job, &ctx, old, "Failed", "AggregationFailed", &msg).await;
+                    return not_started(&job, &ctx, old, "Failed", "AggregationFailed", &msg).await;
                 }
             };
             let written = match store::put_model(
@@ -175,7 +171,7 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
             {
                 Ok(w) => w,
                 Err(StoreError::TooLarge(msg)) => {
-                    return blocked(&job, &ctx, old, "Failed", "ModelTooLarge", &msg).await;
+                    return not_started(&job, &ctx, old, "Failed", "ModelTooLarge", &msg).await;
                 }
                 Err(StoreError::Kube(e)) => return Err(e.into()),
             };
@@ -577,34 +573,6 @@ async fn settle(
         }
     }
     Ok(Action::requeue(POLL))
-}
-
-/// The job cannot go on (`phase`, `Ready=False` with `reason`): the status, an Event, nothing created.
-async fn blocked(
-    job: &FederatedJob,
-    ctx: &Context,
-    old: FederatedJobStatus,
-    phase: &str,
-    reason: &str,
-    msg: &str,
-) -> Result<Action> {
-    let g = job.metadata.generation;
-    let mut status = old.clone();
-    status.observed_generation = g;
-    status.phase = Some(phase.into());
-    if phase == "Failed" {
-        status.completion_time.get_or_insert_with(now);
-    }
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        ConditionStatus::False,
-        reason,
-        msg,
-        g,
-    );
-    super::report_blocked(ctx, job, &old, &status, reason, "Start", msg).await?;
-    Ok(Action::requeue(Duration::from_secs(30)))
 }
 
 async fn ensure_finalizer(job: &Arc<FederatedJob>, ctx: &Context) -> Result<Arc<FederatedJob>> {

@@ -70,6 +70,33 @@ fn phase(j: &FederatedJob) -> Option<&str> {
     j.status.as_ref().and_then(|s| s.phase.as_deref())
 }
 
+/// Waits up to `secs` for the hub job `exp` to complete; the error shows its last status.
+async fn completed(
+    jobs: &Api<FederatedJob>,
+    what: &str,
+    secs: u64,
+) -> anyhow::Result<FederatedJob> {
+    let done = testbed::wait_for(
+        testbed::shared_cluster(),
+        what,
+        Duration::from_secs(secs),
+        || async {
+            jobs.get("exp")
+                .await
+                .ok()
+                .filter(|j| phase(j) == Some("Completed"))
+        },
+    )
+    .await;
+    match done {
+        Ok(j) => Ok(j),
+        Err(e) => {
+            let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
+            anyhow::bail!("{e}; hub job status: {seen:?}")
+        }
+    }
+}
+
 /// Global model `n` as the hub stores it, with the members it was aggregated from.
 async fn global_model(hub: &Env, job: &str, n: u64) -> anyhow::Result<(Value, Vec<String>)> {
     let m = store::get_model(&hub.admin, &hub.ns, job, n)
@@ -155,25 +182,8 @@ async fn two_members_train_two_rounds_into_the_flat_fedavg_model() -> anyhow::Re
     hub.stop_operator().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     hub.resume_operator().await?;
-    let done = testbed::wait_for(
-        hub.cluster,
-        "hub job Completed",
-        Duration::from_secs(180),
-        || async {
-            jobs.get("exp")
-                .await
-                .ok()
-                .filter(|j| phase(j) == Some("Completed"))
-        },
-    )
-    .await;
-    let job = match done {
-        Ok(j) => j,
-        Err(e) => {
-            let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
-            anyhow::bail!("{e}; hub job status: {seen:?}");
-        }
-    };
+    let done = completed(&jobs, "hub job Completed", 180).await;
+    let job = done?;
     let status = job.status.clone().unwrap_or_default();
     assert_eq!(
         (status.completed_rounds, status.model_version),
@@ -229,6 +239,59 @@ async fn two_members_train_two_rounds_into_the_flat_fedavg_model() -> anyhow::Re
     b.finish().await
 }
 
+/// The hub and both sites for a test that stops site-b's API server (`None`: skipped, said why); site-b's
+/// training takes `slow`, so that its round still runs when its API server stops.
+async fn with_a_stoppable_member(
+    test: &str,
+    slow: Duration,
+) -> anyhow::Result<Option<(&'static testbed::ControlPlane, Fl, Fl, Env)>> {
+    let clusters = testbed::member_clusters();
+    let Some(cp) = clusters[1].local_or_skip(test, "stops a member's kube-apiserver") else {
+        return Ok(None);
+    };
+    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
+        return Ok(None);
+    };
+    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], slow).await? else {
+        return Ok(None);
+    };
+    let hub = hub(&[("site-a", &clusters[0]), ("site-b", &clusters[1])]).await?;
+    Ok(Some((cp, a, b, hub)))
+}
+
+/// Starts the hub job `exp` over both sites (`minAvailable`, `(rounds, timeoutSeconds)`) and stops site-b's
+/// API server once its round 1 exists; it resumes when the returned guard drops.
+async fn stop_site_b_in_round_one(
+    hub: &Env,
+    a: &Fl,
+    b: &Fl,
+    cp: &testbed::ControlPlane,
+    min_available: Option<i64>,
+    (rounds, timeout): (i64, i64),
+) -> anyhow::Result<(Api<FederatedJob>, Frozen)> {
+    let mut members = json!({"clusters": [
+        {"name": "site-a", "namespace": a.env.ns},
+        {"name": "site-b", "namespace": b.env.ns},
+    ]});
+    if let Some(min) = min_available {
+        members["minAvailable"] = json!(min);
+    }
+    hub.create::<FederatedJob>(hub_job("exp", members, rounds, timeout))
+        .await?;
+    let b_jobs = b.jobs();
+    testbed::wait_for(
+        hub.cluster,
+        "site-b's round 1 created",
+        Duration::from_secs(60),
+        || async { b_jobs.get_opt("exp-round-1").await.ok()?.map(|_| ()) },
+    )
+    .await?;
+    Ok((
+        Api::namespaced(hub.admin.clone(), &hub.ns),
+        Frozen::freeze(cp.apiserver.pid),
+    ))
+}
+
 /// Resumes a stopped process when dropped, so that a failing test leaves no frozen API server behind.
 struct Frozen(u32);
 
@@ -248,39 +311,16 @@ impl Drop for Frozen {
 #[tokio::test]
 async fn a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round() -> anyhow::Result<()> {
     let _members = MEMBERS_IN_USE.write().await;
-    let clusters = testbed::member_clusters();
-    let Some(cp) = clusters[1].local_or_skip(
+    let Some((cp, a, b, hub)) = with_a_stoppable_member(
         "a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round",
-        "stops a member's kube-apiserver",
-    ) else {
-        return Ok(());
-    };
-    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
-        return Ok(());
-    };
-    // Slow training on site-b, so that its round 1 still runs when its API server stops.
-    let slow = Duration::from_secs(6);
-    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], slow).await? else {
-        return Ok(());
-    };
-    let hub = hub(&[("site-a", &clusters[0]), ("site-b", &clusters[1])]).await?;
-    // One member model is enough: a member lost for a round is left out of it.
-    let members = json!({"minAvailable": 1, "clusters": [
-        {"name": "site-a", "namespace": a.env.ns},
-        {"name": "site-b", "namespace": b.env.ns},
-    ]});
-    hub.create::<FederatedJob>(hub_job("exp", members, 2, 20))
-        .await?;
-    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
-    let b_jobs = b.jobs();
-    testbed::wait_for(
-        hub.cluster,
-        "site-b's round 1 created",
-        Duration::from_secs(60),
-        || async { b_jobs.get_opt("exp-round-1").await.ok()?.map(|_| ()) },
+        Duration::from_secs(6),
     )
-    .await?;
-    let frozen = Frozen::freeze(cp.apiserver.pid);
+    .await?
+    else {
+        return Ok(());
+    };
+    // One member model is enough: a member lost for a round is left out of it.
+    let (jobs, frozen) = stop_site_b_in_round_one(&hub, &a, &b, cp, Some(1), (2, 20)).await?;
     // The hub sees site-b unreachable and, at the deadline, aggregates round 1 from site-a alone.
     let saw_unreachable = std::sync::atomic::AtomicBool::new(false);
     let round_two = testbed::wait_for(
@@ -309,22 +349,8 @@ async fn a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round() -> any
         "the hub showed site-b Unreachable while it was stopped"
     );
     // site-b is back: round 2 includes it.
-    let done = testbed::wait_for(
-        hub.cluster,
-        "hub job Completed",
-        Duration::from_secs(120),
-        || async {
-            jobs.get("exp")
-                .await
-                .ok()
-                .filter(|j| phase(j) == Some("Completed"))
-        },
-    )
-    .await;
-    if let Err(e) = done {
-        let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
-        anyhow::bail!("{e}; hub job status: {seen:?}");
-    }
+    let done = completed(&jobs, "hub job Completed", 120).await;
+    done?;
     let sites = [("site-a", &a), ("site-b", &b)];
     let from = global_model_is_flat_fedavg(&hub, "exp", 2, &sites).await?;
     assert_eq!(from, ["site-a", "site-b"], "site-b rejoined in round 2");
@@ -507,22 +533,8 @@ async fn an_argocd_member_with_least_privilege_survives_a_revoked_token() -> any
         "the old token was revoked before the last round: {now:?}"
     );
 
-    let done = testbed::wait_for(
-        hub.cluster,
-        "hub job Completed",
-        Duration::from_secs(180),
-        || async {
-            jobs.get("exp")
-                .await
-                .ok()
-                .filter(|j| phase(j) == Some("Completed"))
-        },
-    )
-    .await;
-    if let Err(e) = done {
-        let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
-        anyhow::bail!("{e}; hub job status: {seen:?}");
-    }
+    let done = completed(&jobs, "hub job Completed", 180).await;
+    done?;
     let sites = [("site-a", &a), ("site-b", &b)];
     for n in 1..=3 {
         let from = global_model_is_flat_fedavg(&hub, "exp", n, &sites).await?;
@@ -545,38 +557,16 @@ async fn an_argocd_member_with_least_privilege_survives_a_revoked_token() -> any
 async fn below_quorum_a_round_waits_for_a_lost_member_and_completes_when_it_is_back()
 -> anyhow::Result<()> {
     let _members = MEMBERS_IN_USE.write().await;
-    let clusters = testbed::member_clusters();
-    let Some(cp) = clusters[1].local_or_skip(
+    let Some((cp, a, b, hub)) = with_a_stoppable_member(
         "below_quorum_a_round_waits_for_a_lost_member_and_completes_when_it_is_back",
-        "stops a member's kube-apiserver",
-    ) else {
-        return Ok(());
-    };
-    let Some(a) = site(&clusters[0], "site-a", [10, 30, 20], Duration::ZERO).await? else {
-        return Ok(());
-    };
-    let slow = Duration::from_secs(3);
-    let Some(b) = site(&clusters[1], "site-b", [25, 15, 40], slow).await? else {
-        return Ok(());
-    };
-    let hub = hub(&[("site-a", &clusters[0]), ("site-b", &clusters[1])]).await?;
-    // Every member is needed (minAvailable defaults to all).
-    let members = json!({"clusters": [
-        {"name": "site-a", "namespace": a.env.ns},
-        {"name": "site-b", "namespace": b.env.ns},
-    ]});
-    hub.create::<FederatedJob>(hub_job("exp", members, 1, 8))
-        .await?;
-    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
-    let b_jobs = b.jobs();
-    testbed::wait_for(
-        hub.cluster,
-        "site-b's round 1 created",
-        Duration::from_secs(60),
-        || async { b_jobs.get_opt("exp-round-1").await.ok()?.map(|_| ()) },
+        Duration::from_secs(3),
     )
-    .await?;
-    let frozen = Frozen::freeze(cp.apiserver.pid);
+    .await?
+    else {
+        return Ok(());
+    };
+    // Every member is needed (minAvailable defaults to all).
+    let (jobs, frozen) = stop_site_b_in_round_one(&hub, &a, &b, cp, None, (1, 8)).await?;
     let waiting = testbed::wait_for(
         hub.cluster,
         "the round waiting for site-b",
@@ -599,22 +589,8 @@ async fn below_quorum_a_round_waits_for_a_lost_member_and_completes_when_it_is_b
     let waiting = waiting?;
     assert!(premature.is_none(), "no global model below the quorum");
     assert_eq!(waiting.phase.as_deref(), Some("Running"), "{waiting:?}");
-    let done = testbed::wait_for(
-        hub.cluster,
-        "hub job Completed once site-b is back",
-        Duration::from_secs(120),
-        || async {
-            jobs.get("exp")
-                .await
-                .ok()
-                .filter(|j| phase(j) == Some("Completed"))
-        },
-    )
-    .await;
-    if let Err(e) = done {
-        let seen = jobs.get("exp").await.map(|j| format!("{:?}", j.status));
-        anyhow::bail!("{e}; hub job status: {seen:?}");
-    }
+    let done = completed(&jobs, "hub job Completed once site-b is back", 120).await;
+    done?;
     let sites = [("site-a", &a), ("site-b", &b)];
     let from = global_model_is_flat_fedavg(&hub, "exp", 1, &sites).await?;
     assert_eq!(from, ["site-a", "site-b"]);
