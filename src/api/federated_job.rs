@@ -149,8 +149,8 @@ pub struct FederatedJobStatus {
     /// State of each participant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub participants: Vec<ParticipantStatus>,
-    /// The latest aggregated model (`fl/models/global_model_v{N}`, served at
-    /// `{--fl-public-url}/fl/{namespace}/{job}/models/{N}`).
+    /// The latest aggregated model (`fl/models/global_model_v{N}`: ConfigMap `{job}-model-v{N}`, served
+    /// to round Tasks at `…/models/{N}` under their own URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregated_model_ref: Option<String>,
     /// Version of the latest model (0: the initial model).

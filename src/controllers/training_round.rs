@@ -28,7 +28,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::fl::intake::{self, Target};
 use crate::fl::store::{self, StoreError, StoredUpdate, Via};
-use crate::fl::{aggregate, server, update::Update};
+use crate::fl::{aggregate, capability, update::Update};
 
 /// Label on round Tasks: the round that made them.
 pub const ROUND_LABEL: &str = "propeller.propeller.abstractmachines.fr/training-round";
@@ -69,16 +69,18 @@ pub fn task_name(round: &str, participant: &str) -> String {
     crate::naming::bounded_name(&format!("{round}-{participant}"), "", 63)
 }
 
-/// The Task running `participant`'s training (pure: unit-tested).
+/// The Task running `participant`'s training, its FL URLs carrying the capability `token` (pure:
+/// unit-tested).
 pub fn participant_task(
     round: &TrainingRound,
     job: &FederatedJob,
     participant: &str,
     client_id: Option<&str>,
-    public_url: &str,
+    (public_url, token): (&str, &str),
 ) -> std::result::Result<Task, String> {
     let ns = round.namespace().unwrap_or_default();
-    let url = server::experiment_url(public_url, &ns, &job.name_any());
+    let name = task_name(&round.name_any(), participant);
+    let url = capability::task_url(public_url, &ns, &job.name_any(), &name, token);
     let proplet_id = client_id.unwrap_or(participant);
     let mut env = BTreeMap::from([
         ("ROUND_ID".to_string(), round.spec.round_id.clone()),
@@ -92,7 +94,7 @@ pub fn participant_task(
         env.insert("HYPERPARAMS".into(), h.to_string());
     }
     if job.spec.dataset.as_deref().is_some_and(|d| !d.is_empty()) {
-        // The coordinator serves `…/datasets/{clientId}` under the same experiment URL.
+        // The coordinator serves `…/datasets/{clientId}` under the same per-task URL.
         env.insert("DATA_STORE_URL".into(), url);
     }
     let owner = round
@@ -101,7 +103,7 @@ pub fn participant_task(
     serde_json::from_value(json!({
         "apiVersion": "propeller.propeller.abstractmachines.fr/v1", "kind": "Task",
         "metadata": {
-            "name": task_name(&round.name_any(), participant),
+            "name": name,
             "namespace": ns,
             "labels": {ROUND_LABEL: store::label_value(&round.name_any())},
             "ownerReferences": [owner],
@@ -188,16 +190,20 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
         .collect();
     for p in &round.spec.participants {
         let client = clients.get(p).cloned().flatten();
-        let desired = participant_task(
-            &round,
-            &job,
-            p,
-            client.as_deref(),
-            &ctx.config.fl_public_url,
-        )
-        .map_err(crate::error::Error::Invalid)?;
-        let existing = ctx.tasks.get(&ObjectRef::from_obj(&desired));
+        let existing = ctx
+            .tasks
+            .get(&ObjectRef::new(&task_name(&round.name_any(), p)).within(&ns));
         if existing.is_none() {
+            // A new Task, a new capability: each round's tasks hold tokens of their own.
+            let token = capability::new_token().map_err(crate::error::Error::Invalid)?;
+            let desired = participant_task(
+                &round,
+                &job,
+                p,
+                client.as_deref(),
+                (&ctx.config.fl_public_url, &token),
+            )
+            .map_err(crate::error::Error::Invalid)?;
             match tasks_api.create(&PostParams::default(), &desired).await {
                 Ok(_) => ctx.metrics.api_write("tasks", "create"),
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -609,9 +615,12 @@ mod tests {
         j.spec.dataset = Some("digits".into());
         let mut r = super::super::federated_job::round(&j, 1, 0).expect("round");
         r.metadata.uid = Some("r-1".into());
-        let t = participant_task(&r, &j, "edge-1", None, "http://op:8082").expect("task");
+        let t = participant_task(&r, &j, "edge-1", None, ("http://op:8082", "tok")).expect("task");
         let env = t.spec.env.unwrap_or_default();
-        assert_eq!(env["DATA_STORE_URL"], "http://op:8082/fl/ns/exp");
+        assert_eq!(
+            env["DATA_STORE_URL"],
+            "http://op:8082/fl/ns/exp/t/exp-round-1-edge-1/tok"
+        );
     }
 
     #[test]
@@ -620,8 +629,14 @@ mod tests {
         let r = super::super::federated_job::round(&j, 1, 0).expect("round");
         let mut r = r;
         r.metadata.uid = Some("r-1".into());
-        let t =
-            participant_task(&r, &j, "edge-1", Some("client-9"), "http://op:8082/").expect("task");
+        let t = participant_task(
+            &r,
+            &j,
+            "edge-1",
+            Some("client-9"),
+            ("http://op:8082/", "tok"),
+        )
+        .expect("task");
         assert_eq!(t.spec.name, "fl-round-round-1-client-9");
         // The name on the wire: the real proplet runs a WASI command only for `fl-round-…`.
         let mut named = t.clone();
@@ -632,7 +647,10 @@ mod tests {
         );
         let env = t.spec.env.clone().unwrap_or_default();
         assert!(!env.contains_key("DATA_STORE_URL"), "no dataset named");
-        assert_eq!(env["MANAGER_COORDINATOR_URL"], "http://op:8082/fl/ns/exp");
+        assert_eq!(
+            env["MANAGER_COORDINATOR_URL"],
+            "http://op:8082/fl/ns/exp/t/exp-round-1-edge-1/tok"
+        );
         assert_eq!(env["MODEL_REGISTRY_URL"], env["MANAGER_COORDINATOR_URL"]);
         assert_eq!(env["MODEL_URI"], "fl/models/global_model_v0");
         assert_eq!(env["ROUND_ID"], "round-1");

@@ -3,6 +3,7 @@
 //! `--fl-public-url`, or fall back to MQTT (handled by the router through [`intake`]). Across clusters,
 //! a hub runs experiments on member clusters ([`federation`]) and keeps their models ([`member_models`]).
 pub mod aggregate;
+pub mod capability;
 pub mod datasets;
 pub mod federation;
 pub mod intake;

@@ -1,13 +1,16 @@
-//! The coordinator and model registry proplets talk to, under `/fl/{namespace}/{federatedjob}` (the
-//! `MANAGER_COORDINATOR_URL` and `MODEL_REGISTRY_URL` of that experiment's round tasks):
-//! - `POST …/update`: a client update (the FL client's JSON);
+//! The coordinator, model registry and data store proplets talk to. Every round Task has its own base
+//! URL, `/fl/{namespace}/{federatedjob}/t/{task}/{token}` (its `MANAGER_COORDINATOR_URL`,
+//! `MODEL_REGISTRY_URL` and `DATA_STORE_URL`; see [`super::capability`]), under which:
+//! - `POST …/update`: the Task's participant's client update for the Task's round;
 //! - `GET …/models/{version}`: a stored model; `GET …/models`: the stored versions;
-//! - `GET …/datasets/{clientId}`: a participant's training data (the round tasks' `DATA_STORE_URL`), from
-//!   the ConfigMaps of the job's `spec.dataset` (see [`super::datasets`]);
+//! - `GET …/datasets/{clientId}`: the Task's participant's training data, from the ConfigMaps of the job's
+//!   `spec.dataset` (see [`super::datasets`]);
 //! - `GET …/rounds/{round_id}/complete` and `GET …/task?round_id=…&proplet_id=…`: the coordinator reads
 //!   of Propeller's own coordinator.
 //!
-//! Everything is read from the cluster (watch caches and ConfigMaps), so every replica answers alike.
+//! Anything else is refused (401 without a capability or with a wrong one, 403 for another participant's
+//! update or data), and counted. Everything is read from the cluster (watch caches, ConfigMaps, the Task),
+//! so every replica answers alike.
 use std::sync::Arc;
 
 use axum::Router;
@@ -17,22 +20,17 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::datasets;
 use super::intake::{self, Receipt, Target};
 use super::store::{self, Via};
 use super::update::Update;
+use super::{capability, datasets};
 use crate::api::FederatedJob;
 use crate::context::Context;
-
-/// The base URL (coordinator and registry) of one experiment, as proplets are given it.
-pub fn experiment_url(public: &str, namespace: &str, job: &str) -> String {
-    format!("{}/fl/{namespace}/{job}", public.trim_end_matches('/'))
-}
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": message.into()}))).into_response()
@@ -40,18 +38,97 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 pub fn router(ctx: Arc<Context>) -> Router {
     let limit = ctx.config.fl_max_update_bytes;
+    const CAP: &str = "/fl/{ns}/{job}/t/{task}/{token}";
     Router::new()
-        .route("/fl/{ns}/{job}/update", post(update))
-        .route("/fl/{ns}/{job}/models", get(models))
-        .route("/fl/{ns}/{job}/models/{version}", get(model))
+        .route(&format!("{CAP}/update"), post(update))
+        .route(&format!("{CAP}/models"), get(models))
+        .route(&format!("{CAP}/models/{{version}}"), get(model))
         .route(
-            "/fl/{ns}/{job}/rounds/{round}/complete",
+            &format!("{CAP}/rounds/{{round}}/complete"),
             get(round_complete),
         )
-        .route("/fl/{ns}/{job}/task", get(task))
-        .route("/fl/{ns}/{job}/datasets/{client}", get(dataset))
+        .route(&format!("{CAP}/task"), get(task))
+        .route(&format!("{CAP}/datasets/{{client}}"), get(dataset))
+        // The experiment-wide URLs of old: no capability, no answer.
+        .route("/fl/{ns}/{job}/update", post(refuse))
+        .route("/fl/{ns}/{job}/models", get(refuse))
+        .route("/fl/{ns}/{job}/models/{version}", get(refuse))
+        .route("/fl/{ns}/{job}/datasets/{client}", get(refuse))
+        .route("/fl/{ns}/{job}/task", get(refuse))
+        .route("/fl/{ns}/{job}/rounds/{round}/complete", get(refuse))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
+}
+
+/// What a capability grants: one participant in one round.
+struct Grant {
+    round_id: String,
+    proplet_id: String,
+}
+
+fn refused(ctx: &Context, status: StatusCode, reason: &str, message: String) -> Response {
+    ctx.metrics
+        .fl_requests_refused_total
+        .with_label_values(&[reason])
+        .inc();
+    error(status, message)
+}
+
+async fn refuse(State(ctx): State<Arc<Context>>) -> Response {
+    refused(
+        &ctx,
+        StatusCode::UNAUTHORIZED,
+        "no_capability",
+        "use the per-task URL the round Task was given (MANAGER_COORDINATOR_URL)".into(),
+    )
+}
+
+/// The grant of the capability `/fl/{ns}/{job}/t/{task}/{token}`: the round Task `task` must hold exactly
+/// that URL. Errors never echo the token.
+async fn authorize(
+    ctx: &Context,
+    (ns, job, task, token): (&str, &str, &str, &str),
+) -> Result<Grant, Response> {
+    let bad = || {
+        refused(
+            ctx,
+            StatusCode::UNAUTHORIZED,
+            "bad_capability",
+            "this URL grants nothing: use the one the round Task was given".into(),
+        )
+    };
+    let cached = ctx
+        .tasks
+        .get(&ObjectRef::<crate::api::Task>::new(task).within(ns));
+    let held = match cached {
+        Some(t) => Some(t),
+        // Not in this replica's cache (another shard's, or just created): ask the API server.
+        None => Api::<crate::api::Task>::namespaced(ctx.client.clone(), ns)
+            .get_opt(task)
+            .await
+            .ok()
+            .flatten()
+            .map(Arc::new),
+    };
+    let Some(held) = held else { return Err(bad()) };
+    let env = held.spec.env.clone().unwrap_or_default();
+    let presented = capability::Capability {
+        namespace: ns,
+        job,
+        task,
+        token,
+    };
+    let granted = env
+        .get("MANAGER_COORDINATOR_URL")
+        .and_then(|u| capability::parse(u))
+        .is_some_and(|c| capability::grants(&c, &presented));
+    match (granted, env.get("ROUND_ID"), env.get("PROPLET_ID")) {
+        (true, Some(round_id), Some(proplet_id)) => Ok(Grant {
+            round_id: round_id.clone(),
+            proplet_id: proplet_id.clone(),
+        }),
+        _ => Err(bad()),
+    }
 }
 
 /// Serves on a listener already bound (so that port 0 can be reported before serving starts).
@@ -67,8 +144,23 @@ fn job(ctx: &Context, ns: &str, name: &str) -> Option<Arc<FederatedJob>> {
 
 async fn dataset(
     State(ctx): State<Arc<Context>>,
-    Path((ns, name, client_id)): Path<(String, String, String)>,
+    Path((ns, name, task, token, client_id)): Path<(String, String, String, String, String)>,
 ) -> Response {
+    let grant = match authorize(&ctx, (&ns, &name, &task, &token)).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    if grant.proplet_id != client_id {
+        return refused(
+            &ctx,
+            StatusCode::FORBIDDEN,
+            "wrong_participant",
+            format!(
+                "this task's participant is {:?}: it reads its own data only",
+                grant.proplet_id
+            ),
+        );
+    }
     let outcome = |o: &str| {
         ctx.metrics
             .fl_dataset_requests_total
@@ -121,9 +213,13 @@ async fn dataset(
 
 async fn update(
     State(ctx): State<Arc<Context>>,
-    Path((ns, name)): Path<(String, String)>,
+    Path((ns, name, task, token)): Path<(String, String, String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let grant = match authorize(&ctx, (&ns, &name, &task, &token)).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let body = match body {
         Ok(b) => b,
         Err(e) => {
@@ -146,6 +242,18 @@ async fn update(
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
+    if update.proplet_id != grant.proplet_id || update.round_id != grant.round_id {
+        ctx.metrics.fl_update("http", "refused");
+        return refused(
+            &ctx,
+            StatusCode::FORBIDDEN,
+            "wrong_participant",
+            format!(
+                "this task posts {:?}'s update for {:?} only",
+                grant.proplet_id, grant.round_id
+            ),
+        );
+    }
     let target = Target::Job {
         namespace: &ns,
         name: &name,
@@ -168,8 +276,11 @@ async fn update(
 
 async fn model(
     State(ctx): State<Arc<Context>>,
-    Path((ns, name, version)): Path<(String, String, String)>,
+    Path((ns, name, task, token, version)): Path<(String, String, String, String, String)>,
 ) -> Response {
+    if let Err(r) = authorize(&ctx, (&ns, &name, &task, &token)).await {
+        return r;
+    }
     let Ok(v) = version.parse::<u64>() else {
         ctx.metrics
             .fl_model_requests_total
@@ -213,8 +324,11 @@ async fn model(
 
 async fn models(
     State(ctx): State<Arc<Context>>,
-    Path((ns, name)): Path<(String, String)>,
+    Path((ns, name, task, token)): Path<(String, String, String, String)>,
 ) -> Response {
+    if let Err(r) = authorize(&ctx, (&ns, &name, &task, &token)).await {
+        return r;
+    }
     match store::list_models(&ctx.client, &ns, &name).await {
         Ok(versions) => {
             let list: Vec<Value> = versions
@@ -245,8 +359,11 @@ fn round_of(
 
 async fn round_complete(
     State(ctx): State<Arc<Context>>,
-    Path((ns, name, round_id)): Path<(String, String, String)>,
+    Path((ns, name, task, token, round_id)): Path<(String, String, String, String, String)>,
 ) -> Response {
+    if let Err(r) = authorize(&ctx, (&ns, &name, &task, &token)).await {
+        return r;
+    }
     let Some(r) = round_of(&ctx, &ns, &name, &round_id) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -275,9 +392,12 @@ struct TaskQuery {
 
 async fn task(
     State(ctx): State<Arc<Context>>,
-    Path((ns, name)): Path<(String, String)>,
+    Path((ns, name, task, token)): Path<(String, String, String, String)>,
     Query(q): Query<TaskQuery>,
 ) -> Response {
+    if let Err(r) = authorize(&ctx, (&ns, &name, &task, &token)).await {
+        return r;
+    }
     let Some(r) = round_of(&ctx, &ns, &name, &q.round_id) else {
         return error(
             StatusCode::NOT_FOUND,

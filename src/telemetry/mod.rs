@@ -37,6 +37,8 @@ pub struct Metrics {
     pub fl_rounds_total: IntCounterVec,
     pub fl_model_requests_total: IntCounterVec,
     pub fl_dataset_requests_total: IntCounterVec,
+    /// FL requests refused for their capability (none, wrong, another participant's).
+    pub fl_requests_refused_total: IntCounterVec,
     pub shards: sharding::ShardMetrics,
     pub members: multicluster::MemberMetrics,
     /// Queued objects per controller (a key is queued once until its reconcile starts), with the time it
@@ -201,6 +203,16 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let fl_requests_refused_total = IntCounterVec::new(
+            Opts::new(
+                "propeller_fl_requests_refused_total",
+                "FL coordinator requests refused by reason (no_capability: not a per-task URL; \
+                 bad_capability: an unknown task or a wrong token; wrong_participant: another \
+                 participant's update, data or round)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(fl_requests_refused_total.clone()))?;
         registry.register(Box::new(fl_model_requests_total.clone()))?;
         registry.register(Box::new(fl_dataset_requests_total.clone()))?;
         registry.register(Box::new(workqueue_depth.clone()))?;
@@ -243,6 +255,7 @@ impl Metrics {
             fl_rounds_total,
             fl_model_requests_total,
             fl_dataset_requests_total,
+            fl_requests_refused_total,
             shards,
             members,
             queued: Mutex::new(HashMap::new()),

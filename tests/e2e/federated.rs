@@ -156,6 +156,27 @@ impl Fl {
         Ok(())
     }
 
+    /// The FL base path a round Task of `job` was given (`/fl/{ns}/{job}/t/{task}/{token}`): the
+    /// capability its participant uses. `participant`: that participant's Task, else any.
+    pub(crate) async fn capability(
+        &self,
+        job: &str,
+        participant: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let tasks = self.env.tasks().list(&ListParams::default()).await?;
+        let prefix = format!("/fl/{}/{job}/t/", self.env.ns);
+        tasks
+            .items
+            .iter()
+            .filter(|t| {
+                participant
+                    .is_none_or(|p| t.metadata.name.as_deref().is_some_and(|n| n.ends_with(p)))
+            })
+            .filter_map(|t| t.spec.env.as_ref()?.get("MANAGER_COORDINATOR_URL").cloned())
+            .find_map(|url| url.find(&prefix).map(|i| url[i..].to_string()))
+            .ok_or_else(|| anyhow::anyhow!("no round Task of {job} holds a capability"))
+    }
+
     /// `(status, body)` of an HTTP request to the operator's FL port.
     pub(crate) fn http(
         &self,
@@ -314,9 +335,8 @@ pub(crate) async fn round_sums(
 /// Asserts that model `n` of `job`, as proplets download it, is the FedAvg of round `n`'s updates.
 async fn model_is_fedavg(fl: &Fl, job: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let ((w, b), from) = fedavg_of_round(&fl.env, job, n).await?;
-    let (code, model) = fl
-        .http("GET", &format!("/fl/{}/{job}/models/{n}", fl.env.ns), None)
-        .await?;
+    let cap = fl.capability(job, None).await?;
+    let (code, model) = fl.http("GET", &format!("{cap}/models/{n}"), None).await?;
     assert_eq!(code, 200, "{model}");
     let (mw, mb) = weights(&model);
     assert!(
@@ -367,9 +387,8 @@ async fn three_rounds_of_fedavg_complete_over_http_and_the_mqtt_fallback() -> an
         let from = model_is_fedavg(&fl, "exp", n).await?;
         assert!(from.len() >= 2, "round {n}: {from:?}");
     }
-    let (code, list) = fl
-        .http("GET", &format!("/fl/{}/exp/models", fl.env.ns), None)
-        .await?;
+    let cap = fl.capability("exp", None).await?;
+    let (code, list) = fl.http("GET", &format!("{cap}/models"), None).await?;
     assert_eq!((code, list["latest"].as_u64()), (200, Some(3)), "{list}");
 
     // edge-3's updates came over MQTT (stored with that route).
@@ -467,17 +486,94 @@ async fn without_quorum_a_round_times_out_and_strangers_are_refused() -> anyhow:
         })
         .await?;
     let update = |p: &str, round: &str| json!({"round_id": round, "proplet_id": p, "num_samples": 1, "update": {"w": [1.0, 1.0], "b": 1.0}});
-    let post = |body: Value| fl.http("POST", &format!("/fl/{ns}/quorum/update"), Some(body));
-    assert_eq!(post(update("mallory", "round-1")).await?.0, 403);
-    assert_eq!(post(update("t-1", "round-9")).await?.0, 404);
+    // t-1's Task holds its capability: the only URL under which t-1 may post and read.
+    let cap = fl.capability("quorum", Some("t-1")).await?;
+    let post = |path: String, body: Value| fl.http("POST", &path, Some(body));
+    let refused = |reason: &str| {
+        fl.env
+            .metrics()
+            .fl_requests_refused_total
+            .with_label_values(&[reason])
+            .get()
+    };
+    // Without a capability, or with a forged one: 401.
     assert_eq!(
-        post(json!({"round_id": "round-1", "proplet_id": "t-1"}))
+        post(format!("/fl/{ns}/quorum/update"), update("t-1", "round-1"))
             .await?
             .0,
+        401
+    );
+    let forged = format!(
+        "{}{}",
+        &cap[..cap.len() - 1],
+        if cap.ends_with('0') { '1' } else { '0' }
+    );
+    assert_eq!(
+        post(format!("{forged}/update"), update("t-1", "round-1"))
+            .await?
+            .0,
+        401
+    );
+    let elsewhere = cap.replace("/quorum/t/", "/nosuchjob/t/");
+    assert_eq!(
+        post(format!("{elsewhere}/update"), update("t-1", "round-1"))
+            .await?
+            .0,
+        401
+    );
+    // Another participant's update, or another round's, or another participant's data: 403.
+    assert_eq!(
+        post(format!("{cap}/update"), update("mallory", "round-1"))
+            .await?
+            .0,
+        403
+    );
+    assert_eq!(
+        post(format!("{cap}/update"), update("t-2", "round-1"))
+            .await?
+            .0,
+        403
+    );
+    assert_eq!(
+        post(format!("{cap}/update"), update("t-1", "round-9"))
+            .await?
+            .0,
+        403
+    );
+    assert_eq!(
+        fl.http("GET", &format!("{cap}/datasets/t-2"), None)
+            .await?
+            .0,
+        403
+    );
+    assert_eq!(
+        fl.http("GET", &format!("{cap}/datasets/t-1"), None)
+            .await?
+            .0,
+        200,
+        "its own data"
+    );
+    assert_eq!(
+        (
+            refused("no_capability"),
+            refused("bad_capability"),
+            refused("wrong_participant")
+        ),
+        (1, 2, 4)
+    );
+    // Bad bodies under a good capability.
+    assert_eq!(
+        post(
+            format!("{cap}/update"),
+            json!({"round_id": "round-1", "proplet_id": "t-1"})
+        )
+        .await?
+        .0,
         400
     );
     assert_eq!(
         post(
+            format!("{cap}/update"),
             json!({"round_id": "round-1", "proplet_id": "t-1", "num_samples": 0, "update": [1.0]})
         )
         .await?
@@ -487,7 +583,7 @@ async fn without_quorum_a_round_times_out_and_strangers_are_refused() -> anyhow:
     let huge = json!({"round_id": "round-1", "proplet_id": "t-1", "num_samples": 1, "update": vec![0.5; 200_000]});
     // The server refuses it from its Content-Length, before reading it: the client may see the 413, or
     // the connection closed under a body it is still sending. Either way the refusal is counted.
-    match post(huge).await {
+    match post(format!("{cap}/update"), huge).await {
         Ok((code, _)) => assert_eq!(code, 413),
         Err(e) => {
             let e = format!("{e:#}");
@@ -505,19 +601,7 @@ async fn without_quorum_a_round_times_out_and_strangers_are_refused() -> anyhow:
         "the oversized update was refused as too large"
     );
     assert_eq!(
-        fl.http("GET", &format!("/fl/{ns}/quorum/models/7"), None)
-            .await?
-            .0,
-        404
-    );
-    assert_eq!(
-        fl.http(
-            "POST",
-            &format!("/fl/{ns}/nosuchjob/update"),
-            Some(update("t-1", "round-1"))
-        )
-        .await?
-        .0,
+        fl.http("GET", &format!("{cap}/models/7"), None).await?.0,
         404
     );
 

@@ -139,10 +139,9 @@ async fn the_example_client_trains_on_each_participant_s_data_through_proplet_si
 
     // Each round's model is the sample-weighted mean of the updates the clients posted, as stored.
     let mut models = Vec::new();
+    let cap = fl.capability("exp", None).await?;
     for v in 0..=3 {
-        let (code, m) = fl
-            .http("GET", &format!("/fl/{ns}/exp/models/{v}"), None)
-            .await?;
+        let (code, m) = fl.http("GET", &format!("{cap}/models/{v}"), None).await?;
         assert_eq!(code, 200, "{m}");
         models.push(weights(&m));
     }
@@ -172,6 +171,13 @@ async fn the_example_client_trains_on_each_participant_s_data_through_proplet_si
         .filter(|s| s["env"]["ROUND_ID"].is_string())
         .collect();
     assert!(rounds.len() >= 6, "{seen:?}");
+    let mut tokens = std::collections::BTreeSet::new();
+    // Distinct tasks (a start may be sent again).
+    let starts = rounds
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     for s in rounds {
         assert!(
             s["name"]
@@ -179,12 +185,16 @@ async fn the_example_client_trains_on_each_participant_s_data_through_proplet_si
                 .is_some_and(|n| n.starts_with("fl-round-")),
             "{s}"
         );
-        assert!(
-            s["env"]["DATA_STORE_URL"]
-                .as_str()
-                .is_some_and(|u| u.ends_with(&format!("/fl/{ns}/exp"))),
-            "{s}"
-        );
+        // Each task its own capability: coordinator, registry and data store under one per-task URL.
+        let url = s["env"]["DATA_STORE_URL"].as_str().unwrap_or_default();
+        assert!(url.contains(&format!("/fl/{ns}/exp/t/")), "{s}");
+        assert_eq!(s["env"]["MANAGER_COORDINATOR_URL"], url, "{s}");
+        tokens.insert(url.to_string());
     }
+    assert_eq!(
+        tokens.len(),
+        starts,
+        "no two round tasks share a capability (a new one every round)"
+    );
     fl.finish().await
 }
