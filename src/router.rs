@@ -185,9 +185,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                         .as_ref()
                         .and_then(|c| c.percent)
                         .map(|p| (p * 1000.0) as i64),
-                    memory_milli_percent: rss
-                        .zip(total)
-                        .map(|(r, t)| ((r as f64 / t as f64) * 100_000.0) as i64),
+                    memory_milli_percent: memory_milli_percent(rss, total.map(|t| t.max(0) as u64)),
                     memory_bytes: rss.map(|r| r as i64),
                 };
                 with_proplet(ctx, kind, &channel, &m.proplet_id, |_| {
@@ -305,5 +303,35 @@ fn metadata(m: DiscoveryMetadata, namespace: Option<String>) -> PropletMetadata 
         proplet_version: m.proplet_version,
         wasm_runtime: m.wasm_runtime,
         namespace,
+    }
+}
+
+/// A proplet's memory use in thousandths of a percent: its RSS over the total memory it reported at
+/// discovery (upstream divided by a constant instead). Unknown without both.
+pub fn memory_milli_percent(rss: Option<u64>, total: Option<u64>) -> Option<i64> {
+    let (r, t) = (rss?, total.filter(|t| *t > 0)?);
+    Some(((r as f64 / t as f64) * 100_000.0) as i64)
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::memory_milli_percent;
+
+    /// Upstream defect (upstream-spec §7): the memory percent must come from RSS ÷ the discovered total.
+    #[test]
+    fn memory_percent_is_rss_over_the_discovered_total() {
+        let gib = 1024 * 1024 * 1024;
+        assert_eq!(memory_milli_percent(Some(gib / 4), Some(gib)), Some(25_000));
+        assert_eq!(
+            memory_milli_percent(Some(3 * gib), Some(8 * gib)),
+            Some(37_500)
+        );
+        assert_eq!(
+            memory_milli_percent(Some(gib), None),
+            None,
+            "no total: unknown"
+        );
+        assert_eq!(memory_milli_percent(Some(gib), Some(0)), None);
+        assert_eq!(memory_milli_percent(None, Some(gib)), None);
     }
 }

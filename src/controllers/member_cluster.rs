@@ -151,8 +151,10 @@ fn new_member(secret: &Secret) -> MemberCluster {
     );
     m.metadata.namespace = secret.namespace();
     // Owned by its Secret: deleting the registration removes the member's object.
+    // Not blocking the Secret's deletion: that would need `update` on secrets/finalizers.
     m.metadata.owner_references = secret.controller_owner_ref(&()).map(|mut o| {
         o.controller = Some(false);
+        o.block_owner_deletion = None;
         vec![o]
     });
     m

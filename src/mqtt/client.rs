@@ -34,6 +34,9 @@ pub struct MqttSettings {
     /// Off (the default): the broker keeps this client's subscriptions and queues QoS ≥ 1 messages while
     /// it is disconnected.
     pub clean_session: bool,
+    /// Received messages queued for the router. When it is full the client stops reading from the broker
+    /// (nothing is dropped): unacknowledged messages stay with the broker until there is room.
+    pub receive_queue: usize,
 }
 
 impl MqttSettings {
@@ -50,6 +53,7 @@ impl MqttSettings {
             client_cert: None,
             client_key: None,
             clean_session: false,
+            receive_queue: 10_000,
         }
     }
 }
@@ -124,6 +128,27 @@ fn qos(level: u8) -> QoS {
     }
 }
 
+/// The connection options of an operator's MQTT client. No last will: upstream's operator set one on the
+/// proplets' alive topic (`proplet_id: "propeller-controller"`), which a Propeller manager on the same
+/// channel registers as a phantom proplet.
+fn options(settings: &MqttSettings) -> Result<MqttOptions, MqttError> {
+    let addr = address::parse(&settings.address).map_err(MqttError::Settings)?;
+    let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
+    opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(5)));
+    opts.set_clean_session(settings.clean_session);
+    // Acknowledged once handled (see [`Ack`]), not on receipt.
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
+    opts.set_inflight(100);
+    if let Some(user) = &settings.username {
+        opts.set_credentials(user, settings.password.clone().unwrap_or_default());
+    }
+    if addr.tls {
+        opts.set_transport(tls_transport(settings)?);
+    }
+    Ok(opts)
+}
+
 impl MqttClient {
     /// Connects in the background (retrying with back-off for ever) and returns the handle and the stream
     /// of received messages.
@@ -132,22 +157,9 @@ impl MqttClient {
         settings: &MqttSettings,
         connected: prometheus::IntGauge,
     ) -> Result<(MqttClient, mpsc::Receiver<Message>), MqttError> {
-        let addr = address::parse(&settings.address).map_err(MqttError::Settings)?;
-        let mut opts = MqttOptions::new(&settings.client_id, &addr.host, addr.port);
-        opts.set_keep_alive(settings.keep_alive.max(Duration::from_secs(5)));
-        opts.set_clean_session(settings.clean_session);
-        // Acknowledged once handled (see [`Ack`]), not on receipt.
-        opts.set_manual_acks(true);
-        opts.set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
-        opts.set_inflight(100);
-        if let Some(user) = &settings.username {
-            opts.set_credentials(user, settings.password.clone().unwrap_or_default());
-        }
-        if addr.tls {
-            opts.set_transport(tls_transport(settings)?);
-        }
+        let opts = options(settings)?;
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
-        let (tx, rx) = mpsc::channel(10_000);
+        let (tx, rx) = mpsc::channel(settings.receive_queue.max(1));
         let handle = MqttClient {
             client,
             qos: qos(settings.qos),
@@ -338,4 +350,20 @@ fn tls_transport(settings: &MqttSettings) -> Result<Transport, MqttError> {
     Ok(Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Upstream defect (upstream-spec §7): the operator's connection carries no last will.
+    #[test]
+    fn the_operator_connects_without_a_last_will() {
+        let mut settings = MqttSettings::new("tcp://broker:1883", "operator-0");
+        settings.username = Some("manager".into());
+        let opts = options(&settings).expect("options");
+        assert!(opts.last_will().is_none());
+        assert!(!opts.clean_session(), "a persistent session");
+        assert_eq!(opts.client_id(), "operator-0");
+    }
 }

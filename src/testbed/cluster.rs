@@ -282,6 +282,9 @@ fn start_apiserver(
         ))
         .arg("--api-audiences=https://kubernetes.default.svc")
         .arg("--authorization-mode=RBAC")
+        // As strict as a hardened cluster about ownerReferences: blockOwnerDeletion needs `update` on the
+        // owner's `finalizers` (the operator's Role must grant every one it uses).
+        .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
         .arg(format!("--token-auth-file={}", token_file.display()))
         .arg("--enable-priority-and-fairness=false")
         .arg("--max-requests-inflight=2000")

@@ -112,6 +112,42 @@ async fn seed_walkthrough_addition_answers_42() -> anyhow::Result<()> {
     env.finish().await
 }
 
+/// Upstream defect (upstream-spec §7): its `taskCount` counted terminal tasks too, so it never fell.
+#[tokio::test]
+async fn a_proplets_task_count_returns_to_zero_when_its_task_ends() -> anyhow::Result<()> {
+    let mut env = Env::start("taskcount", &[]).await?;
+    let sim = env
+        // Longer than the 10 s a changed taskCount may wait to be written (writes are coalesced).
+        .proplet("busy-1", |c| c.faults.task_delay = Duration::from_secs(15))
+        .await?;
+    env.external_proplet("busy", "busy-1", json!({})).await?;
+    running_proplet(&env, "busy").await?;
+    env.create::<Task>(json!({
+        "metadata": {"name": "slow-addition"},
+        "spec": {"name": "slow-addition", "functionName": "add", "file": ADD, "inputs": [40, 2],
+                 "propletSelector": {"propletId": "busy"}},
+    }))
+    .await?;
+    let count = |p: &Proplet| p.status.as_ref().map_or(-1, |s| s.task_count);
+    env.wait_for(&env.proplets(), "busy", "taskCount 1 while running", |p| {
+        count(p) == 1
+    })
+    .await?;
+    env.wait_for(
+        &env.tasks(),
+        "slow-addition",
+        "the task to complete",
+        |t: &Task| phase(t) == TaskPhase::Completed,
+    )
+    .await?;
+    env.wait_for(&env.proplets(), "busy", "taskCount back to 0", |p| {
+        count(p) == 0
+    })
+    .await?;
+    sim.shutdown().await;
+    env.finish().await
+}
+
 #[tokio::test]
 async fn proplet_goes_offline_and_comes_back() -> anyhow::Result<()> {
     let mut env = Env::start("liveness", &[]).await?;

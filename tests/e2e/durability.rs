@@ -147,3 +147,59 @@ async fn deleting_a_running_task_sends_its_stop_around_a_restart() -> anyhow::Re
     sim.shutdown().await;
     env.finish().await
 }
+
+/// Upstream defect (upstream-spec §7): its MQTT callbacks pushed into a channel of 256 and dropped what did
+/// not fit. Ours stops reading from the broker while its receive queue is full: a burst far larger than the
+/// queue waits at the broker (unacknowledged, in the session) and arrives whole.
+#[tokio::test]
+async fn a_burst_larger_than_the_receive_queue_loses_nothing() -> anyhow::Result<()> {
+    use propeller_operator::mqtt::{MqttClient, MqttSettings};
+    const BURST: usize = 500;
+    let broker = propeller_operator::testbed::start_broker()?;
+    let mut settings = MqttSettings::new(&broker.address(), "burst-reader");
+    settings.username = Some(broker.username.clone());
+    settings.password = Some(broker.password.clone());
+    settings.receive_queue = 8;
+    let metrics = propeller_operator::telemetry::Metrics::new()?;
+    let (reader, mut received) = MqttClient::start(&settings, metrics.mqtt_connected.clone())?;
+    let topic = "m/d/c/ch/control/proplet/results".to_string();
+    reader
+        .set_subscriptions(std::collections::BTreeSet::from([topic.clone()]))
+        .await;
+    propeller_operator::testbed::eventually("subscribed", WAIT, || async {
+        reader.subscribed(std::slice::from_ref(&topic)).await
+    })
+    .await?;
+
+    let mut opts = rumqttc::MqttOptions::new("burst-writer", "127.0.0.1", broker.port);
+    opts.set_credentials(&broker.username, &broker.password);
+    let (writer, mut el) = rumqttc::AsyncClient::new(opts, BURST + 10);
+    let pump = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    for n in 0..BURST {
+        writer
+            .publish(
+                topic.as_str(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!("{{\"n\":{n}}}"),
+            )
+            .await?;
+    }
+    // A slow reader: the queue of 8 is full almost all the time.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < BURST {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(30), received.recv()).await
+        else {
+            anyhow::bail!("{} of {BURST} messages arrived", seen.len());
+        };
+        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        seen.insert(v["n"].as_u64().unwrap_or(u64::MAX));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        drop(m);
+    }
+    assert_eq!(seen.len(), BURST);
+    assert_eq!(seen.iter().max(), Some(&(BURST as u64 - 1)));
+    pump.abort();
+    reader.disconnect().await;
+    Ok(())
+}

@@ -134,3 +134,36 @@ pub fn start_request(
         parent_results: (!parents.is_empty()).then(|| parents.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(spec: Value) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "watch", "namespace": "ns", "uid": "u-1"}, "spec": spec,
+        }))
+        .expect("task")
+    }
+
+    /// Upstream defect (upstream-spec §7): a broadcast start with a monitoring profile and no interval
+    /// went out with `interval: 0`, which the real proplet rejects; ours carries its default of 10 s.
+    #[test]
+    fn a_broadcast_start_with_a_monitoring_profile_and_no_interval_carries_ten_seconds() {
+        let t = task(
+            serde_json::json!({"name": "watch", "functionName": "main", "file": "AGFzbQ==",
+            "monitoringProfile": {"enabled": true, "collectCpu": true}}),
+        );
+        let start = start_request(&t, None, &BTreeMap::new());
+        assert!(start.broadcast, "no proplet named: a broadcast");
+        let wire = serde_json::to_value(&start).expect("json");
+        assert_eq!(wire["monitoring_profile"]["interval"], 10, "{wire}");
+        assert_eq!(wire["monitoring_profile"]["enabled"], true);
+        // An explicit interval is kept, in whole seconds.
+        let t = task(serde_json::json!({"name": "watch", "file": "AGFzbQ==",
+            "monitoringProfile": {"enabled": true, "interval": "30s"}}));
+        let wire =
+            serde_json::to_value(start_request(&t, Some("c-1"), &BTreeMap::new())).expect("json");
+        assert_eq!(wire["monitoring_profile"]["interval"], 30, "{wire}");
+    }
+}
