@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint fl-client demo-fl demo-multicluster provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
+.PHONY: all build test lint fl-client demo-fl demo-multicluster fuzz provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
 
 all: build
 
@@ -47,6 +47,11 @@ demo: provision
 demo-fl: provision fl-client
 	$(CARGO) build --quiet --bins
 	bash e2e/demo-fl.sh
+
+## Every parser of outside input fuzzed with 1,000,000 inputs per target (release mode, a few minutes; no
+## cluster needed). `make test` runs a short pass of the same targets.
+fuzz:
+	FUZZ_CASES=1000000 $(CARGO) test --release --test fuzz -- --nocapture
 
 ## Hierarchical FL across three local clusters (a hub and two members), 2 rounds; prints the global model.
 demo-multicluster: provision fl-client
