@@ -68,6 +68,25 @@ pub async fn from_kubeconfig_yaml(text: &str, source_name: &str) -> Result<Clien
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|e| invalid(describe_kubeconfig_error(&e)))?;
+    client_from_config(config, source_name).await
+}
+
+/// A client for `config`, whose credentials came from outside (a file, a Secret). kube panics when a token
+/// cannot be an HTTP header (a control character): that is checked first and reported, never quoted.
+pub async fn client_from_config(
+    config: kube::Config,
+    source_name: &str,
+) -> Result<Client, ClusterError> {
+    use secrecy::ExposeSecret as _;
+    if let Some(token) = &config.auth_info.token
+        && http::HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).is_err()
+    {
+        return Err(ClusterError::Invalid {
+            source_name: source_name.to_string(),
+            reason: "its token has characters an HTTP header cannot carry".into(),
+        });
+    }
+    install_crypto_provider();
     Client::try_from(config).map_err(|source| ClusterError::Client {
         source_name: source_name.to_string(),
         source,

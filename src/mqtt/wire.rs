@@ -226,6 +226,17 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("{0} is empty")]
     Empty(&'static str),
+    #[error("payload is not a JSON object")]
+    NotAnObject,
+}
+
+/// Every message is a JSON object. (serde would also fill a struct from a JSON array, field by field: a
+/// message no proplet sends, whose `proplet_id` the cheap peek would not see.)
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(serde_json::from_slice(payload)?),
+        _ => Err(DecodeError::NotAnObject),
+    }
 }
 
 fn non_empty(v: &str, field: &'static str) -> Result<(), DecodeError> {
@@ -254,37 +265,37 @@ pub fn peek_proplet_id(payload: &[u8]) -> Option<&str> {
 }
 
 pub fn decode_alive(payload: &[u8]) -> Result<Alive, DecodeError> {
-    let m: Alive = serde_json::from_slice(payload)?;
+    let m: Alive = decode(payload)?;
     non_empty(&m.proplet_id, "proplet_id")?;
     Ok(m)
 }
 
 pub fn decode_discovery(payload: &[u8]) -> Result<Discovery, DecodeError> {
-    let m: Discovery = serde_json::from_slice(payload)?;
+    let m: Discovery = decode(payload)?;
     non_empty(&m.proplet_id, "proplet_id")?;
     Ok(m)
 }
 
 pub fn decode_metrics(payload: &[u8]) -> Result<PropletMetrics, DecodeError> {
-    let m: PropletMetrics = serde_json::from_slice(payload)?;
+    let m: PropletMetrics = decode(payload)?;
     non_empty(&m.proplet_id, "proplet_id")?;
     Ok(m)
 }
 
 pub fn decode_result(payload: &[u8]) -> Result<TaskResult, DecodeError> {
-    let m: TaskResult = serde_json::from_slice(payload)?;
+    let m: TaskResult = decode(payload)?;
     non_empty(&m.task_id, "task_id")?;
     Ok(m)
 }
 
 pub fn decode_registry_request(payload: &[u8]) -> Result<RegistryRequest, DecodeError> {
-    let m: RegistryRequest = serde_json::from_slice(payload)?;
+    let m: RegistryRequest = decode(payload)?;
     non_empty(&m.app_name, "app_name")?;
     Ok(m)
 }
 
 pub fn decode_task_metrics(payload: &[u8]) -> Result<TaskMetrics, DecodeError> {
-    let m: TaskMetrics = serde_json::from_slice(payload)?;
+    let m: TaskMetrics = decode(payload)?;
     non_empty(&m.task_id, "task_id")?;
     Ok(m)
 }
@@ -292,6 +303,18 @@ pub fn decode_task_metrics(payload: &[u8]) -> Result<TaskMetrics, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: serde filled a message from a JSON array, whose `proplet_id` the peek missed.
+    #[test]
+    fn only_objects_are_messages() {
+        let array = r#"["x",null,{"proplet_id":"task_id"}]"#.as_bytes();
+        assert!(matches!(decode_alive(array), Err(DecodeError::NotAnObject)));
+        assert!(matches!(
+            decode_metrics(array),
+            Err(DecodeError::NotAnObject)
+        ));
+        assert!(decode_alive(br#"  {"proplet_id":"a"}"#).is_ok());
+    }
 
     #[test]
     fn a_proplet_id_is_peeked_only_when_certain() {

@@ -161,11 +161,7 @@ async fn argocd_client(secret: &Secret, source_name: &str) -> Result<Client, Clu
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|_| invalid("its server or TLS data is not usable".into()))?;
-    clusters::install_crypto_provider();
-    Client::try_from(config).map_err(|source| ClusterError::Client {
-        source_name: source_name.to_string(),
-        source,
-    })
+    clusters::client_from_config(config, source_name).await
 }
 
 fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
@@ -220,6 +216,17 @@ mod tests {
         let s = argo("{}", "");
         let e = client_for(&s).await.err().expect("no server").to_string();
         assert!(e.contains("server"), "{e}");
+    }
+
+    /// Found by fuzzing: kube panicked building a client whose token cannot be an HTTP header.
+    #[tokio::test]
+    async fn a_token_that_cannot_be_a_header_is_refused_not_a_panic() {
+        let s = argo(
+            &format!(r#"{{"bearerToken":"{TOKEN}\n","tlsClientConfig":{{"insecure":true}}}}"#),
+            "https://10.0.0.1:6443",
+        );
+        let e = client_for(&s).await.err().expect("refused").to_string();
+        assert!(e.contains("HTTP header") && !e.contains(TOKEN), "{e}");
     }
 
     #[test]

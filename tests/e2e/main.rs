@@ -11,6 +11,7 @@ mod multicluster;
 mod observability;
 mod parity;
 mod samples;
+mod secrets;
 mod sharding;
 mod support;
 mod testbed_smoke;
