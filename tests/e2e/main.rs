@@ -15,4 +15,5 @@ mod secrets;
 mod sharding;
 mod support;
 mod testbed_smoke;
+mod validation;
 mod workflows;
