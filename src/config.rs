@@ -213,12 +213,17 @@ pub struct OperatorConfig {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = ":8081")]
     pub health_probe_bind_address: BindAddress,
-    /// Accepted for compatibility with upstream manifests; metrics are served on the health probe port.
+    /// A second /metrics port ("0": none; the health probe port always serves plain /metrics for local
+    /// use). With `--metrics-secure` (the default, as controller-runtime's) it serves HTTPS to callers
+    /// whose token the cluster allows `get` on `/metrics` (ClusterRole `propeller-metrics-reader`).
     #[arg(long, default_value = "0")]
-    pub metrics_bind_address: String,
-    /// Accepted for compatibility (secure metrics are not offered).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_bind_address: BindAddress,
+    /// Serve `--metrics-bind-address` over HTTPS with TokenReview + SubjectAccessReview.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub metrics_secure: bool,
+    /// `tls.crt` and `tls.key` for the secure metrics port (default: a self-signed certificate made at start).
+    #[arg(long)]
+    pub metrics_cert_dir: Option<std::path::PathBuf>,
     /// Run as one of several replicas: a leader (Lease `--leader-election-id`) and shards (a Lease
     /// `propeller-shard-{identity}` each) that split the proplets by clientId. See docs/sharding.md.
     #[arg(long, env = "LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

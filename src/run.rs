@@ -82,6 +82,7 @@ pub async fn run_with_clock(
 pub struct Operator {
     ctx: Arc<Context>,
     health_address: Option<SocketAddr>,
+    metrics_address: Option<SocketAddr>,
     fl_address: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
     /// Set when a Lease this replica needs is lost: it stops acting, and should stop.
@@ -131,6 +132,32 @@ impl Operator {
                 }
             }));
         }
+
+        let metrics_address = match config.metrics_bind_address.0 {
+            Some(addr) => {
+                let (listener, bound) = bind(addr, "/metrics").await?;
+                let m = Arc::clone(&metrics);
+                if config.metrics_secure {
+                    let tls =
+                        crate::telemetry::secure::tls_config(config.metrics_cert_dir.as_deref())?;
+                    let c = client.clone();
+                    background.push(tokio::spawn(async move {
+                        if let Err(e) = crate::telemetry::secure::serve(listener, tls, c, m).await {
+                            error!(error = %e, "the secure metrics server stopped");
+                        }
+                    }));
+                } else {
+                    let r = readiness.clone();
+                    background.push(tokio::spawn(async move {
+                        if let Err(e) = crate::telemetry::server::serve(listener, m, r).await {
+                            error!(error = %e, "the metrics server stopped");
+                        }
+                    }));
+                }
+                Some(bound)
+            }
+            None => None,
+        };
 
         if let Some(addr) = config.embedded_broker {
             crate::embedded_broker::start(addr)?;
@@ -334,6 +361,7 @@ impl Operator {
         Ok(Operator {
             ctx,
             health_address,
+            metrics_address,
             fl_address,
             stop,
             halt,
@@ -344,6 +372,11 @@ impl Operator {
     }
 
     /// Where /metrics, /healthz and /readyz are served (the port the system chose for port 0).
+    /// The `--metrics-bind-address` port as bound (HTTPS with `--metrics-secure`).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
+    }
+
     pub fn health_address(&self) -> Option<SocketAddr> {
         self.health_address
     }

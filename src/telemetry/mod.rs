@@ -1,6 +1,7 @@
 //! Prometheus metrics (controller-runtime's names where they exist) and the HTTP endpoint serving them
 //! with the health probes.
 pub mod multicluster;
+pub mod secure;
 pub mod server;
 pub mod sharding;
 
