@@ -263,6 +263,8 @@ struct Look {
     job: Option<String>,
     participants: Option<i64>,
     samples: Option<i64>,
+    /// What holds a member's round up (its job's `Ready=False` message), shown while it trains.
+    note: Option<String>,
 }
 
 impl Look {
@@ -272,6 +274,7 @@ impl Look {
             job: None,
             participants: None,
             samples: Some(samples as i64),
+            note: None,
         }
     }
 
@@ -281,6 +284,7 @@ impl Look {
             job: None,
             participants: None,
             samples: None,
+            note: None,
         }
     }
 }
@@ -419,7 +423,14 @@ async fn member_round(
                 .unwrap_or_else(|| "its round failed".into());
             look.standing = Standing::Failed(why);
         }
-        _ => {}
+        _ => {
+            // Not started or stuck on the member (no FL URL there, a missing module…): say why.
+            look.note = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.status == ConditionStatus::False)
+                .and_then(|c| c.message.clone());
+        }
     }
     Ok(look)
 }
@@ -488,7 +499,7 @@ fn member_rows(
             };
             let (state, message) = match &look.standing {
                 Standing::Contributed => ("Contributed", None),
-                Standing::Training => ("Training", None),
+                Standing::Training => ("Training", look.note.clone()),
                 Standing::Failed(e) => ("Failed", Some(e.clone())),
                 Standing::Unreachable(e) => ("Unreachable", Some(e.clone())),
             };

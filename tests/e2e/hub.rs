@@ -292,6 +292,19 @@ async fn stop_site_b_in_round_one(
     ))
 }
 
+/// Deletes the hub job `exp` and waits until it is gone (its finalizer needs the hub operator running).
+async fn delete_hub_job(hub: &Env) -> anyhow::Result<()> {
+    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    jobs.delete("exp", &DeleteParams::default()).await?;
+    testbed::wait_for(
+        hub.cluster,
+        "the hub job gone",
+        Duration::from_secs(60),
+        || async { jobs.get_opt("exp").await.ok()?.is_none().then_some(()) },
+    )
+    .await
+}
+
 /// Resumes a stopped process when dropped, so that a failing test leaves no frozen API server behind.
 struct Frozen(u32);
 
@@ -354,6 +367,7 @@ async fn a_member_lost_mid_round_is_left_out_and_rejoins_the_next_round() -> any
     let sites = [("site-a", &a), ("site-b", &b)];
     let from = global_model_is_flat_fedavg(&hub, "exp", 2, &sites).await?;
     assert_eq!(from, ["site-a", "site-b"], "site-b rejoined in round 2");
+    delete_hub_job(&hub).await?;
     hub.finish().await?;
     a.finish().await?;
     b.finish().await
@@ -548,6 +562,7 @@ async fn an_argocd_member_with_least_privilege_survives_a_revoked_token() -> any
         .unwrap_or_default();
     assert_eq!(m.operator_installed, Some(true), "{m:?}");
     assert!(m.error.is_none() && m.proplets_running >= Some(3), "{m:?}");
+    delete_hub_job(&hub).await?;
     hub.finish().await?;
     a.finish().await?;
     b.finish().await
@@ -594,7 +609,40 @@ async fn below_quorum_a_round_waits_for_a_lost_member_and_completes_when_it_is_b
     let sites = [("site-a", &a), ("site-b", &b)];
     let from = global_model_is_flat_fedavg(&hub, "exp", 1, &sites).await?;
     assert_eq!(from, ["site-a", "site-b"]);
+    delete_hub_job(&hub).await?;
     hub.finish().await?;
     a.finish().await?;
     b.finish().await
+}
+
+#[tokio::test]
+async fn what_holds_a_member_round_up_is_shown_on_the_hub() -> anyhow::Result<()> {
+    let _members = MEMBERS_IN_USE.read().await;
+    let clusters = testbed::member_clusters();
+    // A member operator without --fl-public-url: its round cannot start, and says why.
+    let site = Env::start_on(&clusters[0], "site-nofl", &[]).await?;
+    site.external_proplet("edge-1", "nofl-1", json!({})).await?;
+    let hub = hub(&[("site-a", &clusters[0])]).await?;
+    let members = json!({"clusters": [{"name": "site-a", "namespace": site.ns,
+                                       "participants": [{"propletId": "edge-1"}]}]});
+    hub.create::<FederatedJob>(hub_job("exp", members, 1, 60))
+        .await?;
+    let jobs: Api<FederatedJob> = Api::namespaced(hub.admin.clone(), &hub.ns);
+    testbed::wait_for(
+        hub.cluster,
+        "the member's reason on the hub",
+        Duration::from_secs(60),
+        || async {
+            let s = jobs.get("exp").await.ok()?.status?;
+            s.members
+                .iter()
+                .find(|m| m.name == "site-a" && m.state == "Training")
+                .and_then(|m| m.message.clone())
+                .filter(|msg| msg.contains("--fl-public-url"))
+        },
+    )
+    .await?;
+    delete_hub_job(&hub).await?;
+    hub.finish().await?;
+    site.finish().await
 }
