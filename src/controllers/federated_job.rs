@@ -12,6 +12,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
+use super::experiment::{not_started, store_initial_model};
 use super::now;
 use super::runtime::{Waker, Watches, owner};
 use super::training_round::{ROUND_NUMBER_LABEL, ready_message};
@@ -21,7 +22,7 @@ use crate::api::training_round::phase;
 use crate::api::{FederatedJob, TrainingRound};
 use crate::context::Context;
 use crate::error::Result;
-use crate::fl::store::{self, StoreError};
+use crate::fl::store;
 use crate::fl::{aggregate, params::Params};
 
 /// Label on rounds: the FederatedJob that made them.
@@ -208,49 +209,6 @@ pub async fn reconcile(job: Arc<FederatedJob>, ctx: Arc<Context>) -> Result<Acti
         }
     }
     // Round changes wake the job.
-    Ok(Action::await_change())
-}
-
-/// Stores model version 0 (`spec.initialModel`, else `{}`) unless stored; `Ok(Err(why))` when it is too
-/// large to store.
-pub(super) async fn store_initial_model(
-    ctx: &Context,
-    job: &FederatedJob,
-) -> Result<std::result::Result<(), String>> {
-    let initial = job.spec.initial_model.clone().unwrap_or_else(|| json!({}));
-    match store::put_model(ctx, job, 0, &initial, &[], ctx.config.fl_max_model_bytes).await {
-        Ok(_) => Ok(Ok(())),
-        Err(StoreError::TooLarge(msg)) => Ok(Err(msg)),
-        Err(StoreError::Kube(e)) => Err(e.into()),
-    }
-}
-
-/// The experiment cannot start or go on (`Ready=False` with `reason`): the status, an Event, nothing
-/// created.
-pub(super) async fn not_started(
-    job: &FederatedJob,
-    ctx: &Context,
-    old: FederatedJobStatus,
-    phase: &str,
-    reason: &str,
-    msg: &str,
-) -> Result<Action> {
-    let g = job.metadata.generation;
-    let mut status = old.clone();
-    status.observed_generation = g;
-    status.phase = Some(phase.into());
-    if phase == "Failed" {
-        status.completion_time.get_or_insert_with(now);
-    }
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        ConditionStatus::False,
-        reason,
-        msg,
-        g,
-    );
-    super::report_blocked(ctx, job, &old, &status, reason, "Start", msg).await?;
     Ok(Action::await_change())
 }
 

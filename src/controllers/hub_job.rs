@@ -15,7 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::federated_job::{not_started, store_initial_model};
+use super::experiment::{not_started, store_initial_model};
 use super::now;
 use crate::api::Proplet;
 use crate::api::common::{ConditionStatus, set_condition};

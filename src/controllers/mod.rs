@@ -1,5 +1,6 @@
 //! One reconciler per kind, sharing a [`Context`]; [`runtime`] runs them and their watches.
 pub mod deployment;
+pub mod experiment;
 pub mod federated_job;
 pub mod hub_job;
 pub mod member_cluster;
