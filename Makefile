@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
 
-.PHONY: all build test lint fl-client demo-fl demo-multicluster fuzz provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
+.PHONY: all build test lint fl-client demo-fl demo-multicluster fuzz chaos provision cluster-up cluster-down crds demo dev-up dev-down clean images bench
 
 all: build
 
@@ -52,6 +52,12 @@ demo-fl: provision fl-client
 ## cluster needed). `make test` runs a short pass of the same targets.
 fuzz:
 	FUZZ_CASES=1000000 $(CARGO) test --release --test fuzz -- --nocapture
+
+## Faults at random under load: 5,000 tasks over 200 proplets on 3 shards while replicas are killed, mosquitto
+## restarts and the API server stops; bounded (about 10 min at most); the invariants in bench/results/chaos.json.
+chaos: provision
+	$(CARGO) build --release --bins
+	target/release/bench --chaos
 
 ## Hierarchical FL across three local clusters (a hub and two members), 2 rounds; prints the global model.
 demo-multicluster: provision fl-client

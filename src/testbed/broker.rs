@@ -22,6 +22,9 @@ pub struct Broker {
     proc: Option<Proc>,
     /// A second, TLS listener (same users), when started with [`Broker::start_tls`].
     pub tls: Option<TlsListener>,
+    /// Sessions and queued messages survive a restart (saved in `dir` on shutdown), as a production
+    /// broker's do; off by default (tests restart brokers to lose state on purpose).
+    persistent: bool,
 }
 
 /// The TLS listener: its port and the CA that signed its certificate.
@@ -63,6 +66,7 @@ impl Broker {
             lifetime,
             proc: None,
             tls: None,
+            persistent: false,
         };
         broker.write_password_file()?;
         let mut last = None;
@@ -91,6 +95,12 @@ impl Broker {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no free port for mosquitto")))
+    }
+
+    /// Keeps sessions and queued messages across restarts from now on (restarts the broker to apply).
+    pub fn make_persistent(&mut self) -> Result<()> {
+        self.persistent = true;
+        self.restart()
     }
 
     /// `tcp://127.0.0.1:PORT`, the form the operator and proplets take.
@@ -193,11 +203,19 @@ impl Broker {
             &conf,
             format!(
                 "{user_line}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\n\
-                 persistence false\nmax_inflight_messages 100\n\
+                 {persistence}\nmax_inflight_messages 100\n\
                  max_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\n\
                  log_type notice\nlog_type information\nconnection_messages true\n",
                 port = self.port,
-                pw = self.dir.join("passwd").display()
+                pw = self.dir.join("passwd").display(),
+                persistence = if self.persistent {
+                    format!(
+                        "persistence true\npersistence_location {}/",
+                        self.dir.display()
+                    )
+                } else {
+                    "persistence false".to_string()
+                },
             ),
         )?;
         if let Some(tls) = &self.tls {

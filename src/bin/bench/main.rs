@@ -2,6 +2,7 @@
 //! mosquitto with simulated proplets. Scenarios, all in one run: the API server's raw write limit, a burst
 //! of Tasks, a steady arrival rate searched for its highest sustainable value, and a swarm of heartbeating
 //! proplets. Writes `bench/results/latest.json` and the results block of `docs/benchmarks.md`.
+mod chaos;
 mod fleet;
 mod measure;
 mod operator;
@@ -78,6 +79,19 @@ pub struct Args {
     /// ...or after this many minutes.
     #[arg(long, default_value_t = 30)]
     pub fleet_minutes: u64,
+    /// Only the chaos run (`make chaos`): results in bench/results/chaos.json.
+    #[arg(long)]
+    pub chaos: bool,
+    #[arg(long, default_value_t = 5_000)]
+    pub chaos_tasks: usize,
+    #[arg(long, default_value_t = 200)]
+    pub chaos_proplets: usize,
+    /// The chaos run stops after this many minutes whatever happens.
+    #[arg(long, default_value_t = 6)]
+    pub chaos_minutes: u64,
+    /// Repeats a chaos run's faults (printed at its start).
+    #[arg(long)]
+    pub chaos_seed: Option<u64>,
 }
 
 /// What every scenario shares: the cluster, the broker, the wire observer, the results so far.
@@ -111,6 +125,9 @@ async fn main() -> anyhow::Result<()> {
         results: BTreeMap::new(),
         log,
     };
+    if b.args.chaos {
+        return chaos::run(&mut b).await;
+    }
     scenarios::raw_limit(&mut b).await?;
     if !b.args.sharded_only {
         let mut operator = Operator::start(&b.args.operator, cluster, &b.broker, &b.log)?;

@@ -1,0 +1,221 @@
+//! `make chaos`: Tasks over simulated proplets on sharded operator processes while faults strike at random
+//! times — a replica killed with SIGKILL (started again as the same shard a few seconds later), mosquitto
+//! restarted (persistent, as a production broker), the API server stopped for a while (SIGSTOP, then
+//! SIGCONT). Bounded: it ends when every Task has ended, or at `--chaos-minutes`. The invariants come out
+//! as numbers: tasks not completed (lost or failed), still running (stuck), run twice by a proplet, results
+//! a proplet produced that no Task recorded; and how long completions took to resume after each fault.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use propeller_operator::api::Task;
+use propeller_operator::api::task::TaskPhase;
+use propeller_operator::testbed::{self, Broker, Lifetime};
+use serde_json::json;
+
+use crate::Bench;
+use crate::fleet::{all_running, create_tasks, make_proplets, slow_sims, watch_completions};
+use crate::measure::{percentile, sorted};
+use crate::operator::{Operator, ShardSpec};
+
+/// A small deterministic generator (xorshift): a run is repeatable from its printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+fn identity(i: usize) -> String {
+    format!("chaos-{i}")
+}
+
+fn shard(b: &Bench, broker: &Broker, lease_ns: &str, i: usize) -> anyhow::Result<Operator> {
+    Operator::start_shard(
+        &b.args.operator,
+        b.cluster,
+        broker,
+        &b.log,
+        &ShardSpec {
+            identity: &identity(i),
+            lease_namespace: lease_ns,
+        },
+    )
+}
+
+pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
+    let (tasks_n, proplets_n, shards_n) =
+        (b.args.chaos_tasks, b.args.chaos_proplets, b.args.shards);
+    let seed = b.args.chaos_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 | 1)
+    });
+    let mut rng = Rng(seed);
+    eprintln!("chaos: {tasks_n} tasks, {proplets_n} proplets, {shards_n} shards, seed {seed}");
+    let mut broker = Broker::start(
+        &testbed::run_dir().join("chaos-mosquitto"),
+        Lifetime::Attached,
+    )?;
+    broker.make_persistent()?;
+    let lease_ns = b.cluster.namespace(&b.client, "chaos-leases").await?;
+    let ns = b.cluster.namespace(&b.client, "chaos").await?;
+    let ids: Vec<String> = (0..proplets_n).map(|i| format!("ch-{i}")).collect();
+    make_proplets(&b.client, &ns, &ids, &broker, 0).await?;
+    // Tasks take a moment, so that faults find work in flight.
+    let sims = slow_sims(&mut broker, &ids, Duration::from_millis(300)).await?;
+    let mut ops: Vec<Operator> = (0..shards_n)
+        .map(|i| shard(b, &broker, &lease_ns, i))
+        .collect::<anyhow::Result<_>>()?;
+    for op in &ops {
+        op.ready().await?;
+    }
+    all_running(&b.client, &ns, ids.len(), Duration::from_secs(180)).await?;
+
+    let done = Arc::new(Mutex::new(HashMap::new()));
+    let _watch = watch_completions(&b.client, &ns, Arc::clone(&done));
+    let names: Vec<String> = (0..tasks_n).map(|i| format!("chaos-{i}")).collect();
+    let started = Instant::now();
+    // A steady arrival over about a minute: faults strike while tasks arrive, run and report.
+    let rate = (tasks_n as f64 / 60.0).max(1.0);
+    let (client, task_ns) = (b.client.clone(), ns.clone());
+    let creating =
+        tokio::spawn(async move { create_tasks(&client, &task_ns, "chaos", names, rate).await });
+    let deadline = started + Duration::from_secs(b.args.chaos_minutes * 60);
+    let apiserver = b
+        .cluster
+        .local_or_skip("chaos: stopping the API server", "stops it")
+        .map(|cp| cp.apiserver.pid);
+    let completed = || done.lock().map(|d| d.len()).unwrap_or(0);
+    let mut faults: Vec<(String, Instant, Instant)> = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(6 + rng.below(10))).await;
+        if Instant::now() > deadline || (creating.is_finished() && completed() >= tasks_n) {
+            break;
+        }
+        if !creating.is_finished() || completed() < tasks_n * 9 / 10 {
+            let at = Instant::now();
+            let kind = match rng.below(if apiserver.is_some() { 3 } else { 2 }) {
+                0 => {
+                    let i = rng.below(shards_n as u64) as usize;
+                    ops[i].kill();
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    ops[i] = shard(b, &broker, &lease_ns, i)?;
+                    format!("SIGKILL replica {i}")
+                }
+                1 => {
+                    broker.restart()?;
+                    "mosquitto restart".to_string()
+                }
+                _ => {
+                    let pid = apiserver.unwrap_or_default() as i32;
+                    // SAFETY: signalling the test bed's own kube-apiserver process.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    unsafe { libc::kill(pid, libc::SIGCONT) };
+                    "API server stopped 5 s".to_string()
+                }
+            };
+            eprintln!(
+                "chaos: {kind} at {:.0} s",
+                at.duration_since(started).as_secs_f64()
+            );
+            faults.push((kind, at, Instant::now()));
+        }
+    }
+    let created = match creating.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(e),
+        Err(e) => anyhow::bail!("creating tasks: {e}"),
+    };
+    // Let the last faults settle before judging.
+    let settle_until = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < settle_until && completed() < created.len() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    // Judge.
+    let tasks = Api::<Task>::namespaced(b.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let mut phases: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &tasks {
+        *phases.entry(t.phase().as_str().to_string()).or_default() += 1;
+    }
+    let completed_uids: std::collections::HashSet<String> = tasks
+        .iter()
+        .filter(|t| t.phase() == TaskPhase::Completed)
+        .filter_map(|t| t.uid())
+        .collect();
+    let stuck = tasks
+        .iter()
+        .filter(|t| t.phase().is_active() || t.phase() == TaskPhase::Pending)
+        .count();
+    let not_completed = created.len() - completed_uids.len().min(created.len());
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    let mut start_msgs: HashMap<String, usize> = HashMap::new();
+    for s in &sims {
+        for id in s.runs.lock().map(|r| r.clone()).unwrap_or_default() {
+            *runs.entry(id).or_default() += 1;
+        }
+        for st in s.starts_seen.lock().map(|r| r.clone()).unwrap_or_default() {
+            if let Some(id) = st["id"].as_str() {
+                *start_msgs.entry(id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let ran_twice = runs.values().filter(|n| **n > 1).count();
+    let started_again = start_msgs.values().filter(|n| **n > 1).count();
+    let dropped = runs
+        .keys()
+        .filter(|id| !completed_uids.contains(*id))
+        .count();
+    let done_at: Vec<Instant> = done
+        .lock()
+        .map(|d| d.values().copied().collect())
+        .unwrap_or_default();
+    let mut recovery: Vec<(String, f64)> = Vec::new();
+    for (kind, at, over) in &faults {
+        // Completions resume: the first completion after the fault is over.
+        if let Some(next) = done_at.iter().filter(|t| *t > over).min() {
+            recovery.push((kind.clone(), next.duration_since(*at).as_secs_f64()));
+        }
+    }
+    let secs = sorted(recovery.iter().map(|r| r.1).collect());
+    let result = json!({
+        "seed": seed, "tasks": created.len(), "proplets": proplets_n, "shards": shards_n,
+        "faults": faults.iter().map(|f| json!({"fault": f.0, "at_s": f.1.duration_since(started).as_secs_f64()})).collect::<Vec<_>>(),
+        "phases": phases,
+        "tasks_not_completed": not_completed,
+        "tasks_stuck": stuck,
+        "tasks_run_twice_by_a_proplet": ran_twice,
+        "tasks_whose_start_was_sent_again": started_again,
+        "results_dropped": dropped,
+        "recovery_s": recovery.iter().map(|r| json!({"fault": r.0, "s": r.1})).collect::<Vec<_>>(),
+        "recovery_median_s": percentile(&secs, 50.0),
+        "recovery_max_s": secs.last().copied().unwrap_or(0.0),
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    std::fs::write(
+        "bench/results/chaos.json",
+        serde_json::to_string_pretty(&result)? + "\n",
+    )?;
+    for mut op in ops {
+        op.kill();
+    }
+    for s in sims {
+        s.kill();
+    }
+    if not_completed > 0 || stuck > 0 || ran_twice > 0 || dropped > 0 {
+        anyhow::bail!("chaos: an invariant broke (see bench/results/chaos.json)");
+    }
+    Ok(())
+}
