@@ -94,6 +94,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .map(|cp| cp.apiserver.pid);
     let completed = || done.lock().map(|d| d.len()).unwrap_or(0);
     let mut faults: Vec<(String, Instant, Instant)> = Vec::new();
+    let mut cycle: Vec<u64> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_secs(6 + rng.below(10))).await;
         if Instant::now() > deadline || (creating.is_finished() && completed() >= tasks_n) {
@@ -101,7 +102,15 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         }
         if !creating.is_finished() || completed() < tasks_n * 9 / 10 {
             let at = Instant::now();
-            let kind = match rng.below(if apiserver.is_some() { 3 } else { 2 }) {
+            // Every kind in turn, in an order the seed picks: each strikes at least once per cycle.
+            let kinds = if apiserver.is_some() { 3 } else { 2 };
+            if cycle.is_empty() {
+                cycle = (0..kinds).collect();
+                for i in (1..cycle.len()).rev() {
+                    cycle.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+            }
+            let kind = match cycle.pop().unwrap_or(0) {
                 0 => {
                     let i = rng.below(shards_n as u64) as usize;
                     ops[i].kill();
@@ -165,7 +174,11 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         for id in s.runs.lock().map(|r| r.clone()).unwrap_or_default() {
             *runs.entry(id).or_default() += 1;
         }
+        // Every proplet on a channel hears every start on it: count those addressed to this one.
         for st in s.starts_seen.lock().map(|r| r.clone()).unwrap_or_default() {
+            if st["proplet_id"].as_str() != Some(s.client_id.as_str()) {
+                continue;
+            }
             if let Some(id) = st["id"].as_str() {
                 *start_msgs.entry(id.to_string()).or_default() += 1;
             }
