@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::federation::owner_of;
-use super::store::{CONFIGMAP_LIMIT, StoreError, UPDATE_KEY, label_value};
+use super::store::{CONFIGMAP_LIMIT, StoreError, UPDATE_KEY, create_once, label_value};
 use super::update::Update;
 use crate::api::FederatedJob;
 use crate::context::Context;
@@ -54,14 +54,7 @@ pub async fn put_member_model(
     }))
     .map_err(|e| StoreError::TooLarge(e.to_string()))?;
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    match api.create(&PostParams::default(), &cm).await {
-        Ok(_) => {
-            ctx.metrics.api_write("configmaps", "create");
-            Ok(true)
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(create_once(ctx, &api, &cm).await?)
 }
 
 /// The member models stored for hub round `round` of `job`, by member.

@@ -268,13 +268,22 @@ pub async fn put_update(
         "data": {UPDATE_KEY: text},
     }))
     .map_err(|e| StoreError::TooLarge(e.to_string()))?;
-    match api.create(&PostParams::default(), &cm).await {
+    Ok(create_once(ctx, &api, &cm).await?)
+}
+
+/// Creates `cm` unless one of its name exists: `Ok(false)` when it did (the first one stands).
+pub async fn create_once(
+    ctx: &Context,
+    api: &Api<ConfigMap>,
+    cm: &ConfigMap,
+) -> Result<bool, kube::Error> {
+    match api.create(&PostParams::default(), cm).await {
         Ok(_) => {
             ctx.metrics.api_write("configmaps", "create");
             Ok(true)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 

@@ -184,26 +184,7 @@ impl Fl {
         path: &str,
         body: Option<Value>,
     ) -> impl std::future::Future<Output = anyhow::Result<(u16, Value)>> + use<> {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        async move {
-            tokio::task::spawn_blocking(move || -> anyhow::Result<(u16, Value)> {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
-                let mut resp = match (method, body) {
-                    ("POST", Some(b)) => agent.post(&url).send(b.to_string())?,
-                    _ => agent.get(&url).call()?,
-                };
-                let status = resp.status().as_u16();
-                let text = resp.body_mut().read_to_string()?;
-                Ok((
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                ))
-            })
-            .await?
-        }
+        http_to(self.port, method, path, body)
     }
 
     /// Collects the JSON messages published on `topic` from now on.
@@ -252,6 +233,35 @@ impl Fl {
             s.shutdown().await;
         }
         self.env.finish().await
+    }
+}
+
+/// `(status, body)` of an HTTP request to 127.0.0.1:`port` (the body as JSON, else as a string).
+pub(crate) fn http_to(
+    port: u16,
+    method: &'static str,
+    path: &str,
+    body: Option<Value>,
+) -> impl std::future::Future<Output = anyhow::Result<(u16, Value)>> + use<> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    async move {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(u16, Value)> {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut resp = match (method, body) {
+                ("POST", Some(b)) => agent.post(&url).send(b.to_string())?,
+                _ => agent.get(&url).call()?,
+            };
+            let status = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string()?;
+            Ok((
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            ))
+        })
+        .await?
     }
 }
 

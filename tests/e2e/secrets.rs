@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use propeller_operator::api::{FederatedJob, MemberCluster, Proplet, Task, TrainingRound};
 use propeller_operator::testbed;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::Env;
 
@@ -243,30 +243,10 @@ async fn exercise(env: &Env, fl_port: u16) -> anyhow::Result<Known> {
         ("POST", format!("{forged}/update"), Some(json!({}))),
         ("GET", format!("/fl/{ns}/exp/models/0"), None),
     ] {
-        answers.push(http(fl_port, method, &path, body).await?);
+        let (_, answer) = crate::federated::http_to(fl_port, method, &path, body).await?;
+        answers.push(answer.to_string());
     }
     // Give the operator a few more probes and reconciles to log.
     tokio::time::sleep(Duration::from_secs(3)).await;
     Ok(Known { values, answers })
-}
-
-async fn http(
-    port: u16,
-    method: &'static str,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<String> {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut resp = match (method, body) {
-            ("POST", Some(b)) => agent.post(&url).send(b.to_string())?,
-            _ => agent.get(&url).call()?,
-        };
-        Ok(resp.body_mut().read_to_string()?)
-    })
-    .await?
 }
