@@ -175,6 +175,13 @@ impl Launched {
             s.remove(uid);
         }
     }
+
+    /// Forgets every start: none is known to have arrived any more (the connection was lost).
+    pub fn clear(&self) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.clear();
+        }
+    }
 }
 
 /// Whether the Proplet and Task caches hold a complete list (their watches' first InitDone). Waited for by

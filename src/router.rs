@@ -129,6 +129,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         Inbound::Alive => match wire::decode_alive(payload) {
             Err(e) => malformed(ctx, kind, &msg.topic, &e, payload.len()),
             Ok(m) => with_proplet(ctx, kind, &channel, &m.proplet_id, |r| {
+                ctx.backlog.heard(&m.proplet_id);
                 if ctx
                     .liveness
                     .heartbeat(&m.proplet_id, m.is_offline(), threshold)
@@ -189,6 +190,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                     memory_bytes: rss.map(|r| r as i64),
                 };
                 with_proplet(ctx, kind, &channel, &m.proplet_id, |_| {
+                    ctx.backlog.heard(&m.proplet_id);
                     ctx.liveness.metrics(&m.proplet_id, sample)
                 })
             }

@@ -241,7 +241,7 @@ impl Operator {
             let index = Arc::clone(&ctx);
             let probes = Arc::clone(&ctx);
             background.push(subscriptions::follow(
-                mqtt,
+                mqtt.clone(),
                 policy,
                 move || served_channels(&index),
                 Arc::clone(&changed),
@@ -249,6 +249,12 @@ impl Operator {
                 move |generation| probes.backlog.probe(generation),
                 shutdown.clone(),
             ));
+            background.push(tokio::spawn(task::reconnect::follow(
+                Arc::clone(&ctx),
+                mqtt.clone(),
+                tasks.waker(),
+                shutdown.clone(),
+            )));
             let (registry, worker) = crate::registry::spawn(Arc::clone(&ctx), tasks.waker());
             background.push(worker);
             let discovery = discovery_namespace.map(|namespace| {

@@ -171,11 +171,22 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     // Right after a (re)start no heartbeat has been heard yet: keep the recorded phase for one threshold
     // instead of declaring every proplet Offline.
     // (A shard hears a proplet only since it became its owner.)
+    // (And only while connected: a proplet is not judged on heartbeats the broker could not deliver; after a
+    // reconnect, those queued for us arrive first.)
+    let up_since = ctx.mqtt.as_ref().map(|m| m.up_since());
     let listening = ctx
         .ownership
         .owned_since(&client_id)
-        .map_or(ctx.started, |since| since.max(ctx.started));
-    let warming_up = observed.last_seen.is_none() && listening.elapsed() < threshold;
+        .map_or(ctx.started, |since| since.max(ctx.started))
+        .max(up_since.flatten().unwrap_or(ctx.started));
+    let listening_at = jiff::SignedDuration::try_from(listening.elapsed())
+        .ok()
+        .and_then(|d| now.checked_sub(d).ok());
+    let heard_since = observed
+        .last_seen
+        .is_some_and(|t| listening_at.is_none_or(|l| t >= l));
+    let warming_up =
+        matches!(up_since, Some(None)) || (!heard_since && listening.elapsed() < threshold);
     let phase = if observed.offline {
         PropletPhase::Offline
     } else if warming_up && old.phase.is_some() {
@@ -348,6 +359,10 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
 
+    if matches!(up_since, Some(None)) {
+        // Disconnected from the broker: looked at again later, not in a loop.
+        return Ok(Action::requeue(threshold.min(Duration::from_secs(5))));
+    }
     if warming_up {
         return Ok(Action::requeue(
             threshold.saturating_sub(listening.elapsed()) + Duration::from_millis(100),

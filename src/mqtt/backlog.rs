@@ -4,6 +4,14 @@
 //! its own right after subscribing: the broker delivers a session's messages in order, so the marker comes
 //! back after everything queued before it. A broker that refuses the marker topic (an ACL) leaves the
 //! operator waiting [`Backlog::FALLBACK`] instead.
+//!
+//! A reconnect (the broker restarted, or this operator was cut from it) starts the same over: a marker per
+//! connection. It also leaves every proplet suspect: with its clean session, a proplet that was disconnected
+//! too lost what was published to it meanwhile. A proplet is *back* once a message of its own arrived after
+//! that connection's marker (so it was published after the broker was up again) and a moment has passed
+//! for its resubscription, which may trail its first publish.
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,11 +24,30 @@ pub struct Backlog {
     since: Instant,
     /// The newest subscription generation a probe came back for.
     confirmed: AtomicU64,
+    /// The latest reconnect (none before the first).
+    reconnect: Mutex<Option<Reconnect>>,
+}
+
+struct Reconnect {
+    /// The connection count ([`super::MqttClient::connects`]) it began.
+    connection: u64,
+    at: Instant,
+    marker_back: bool,
+    /// Proplets heard since the marker came back, and when first.
+    heard: HashMap<String, Instant>,
+}
+
+impl Reconnect {
+    fn drained(&self) -> bool {
+        self.marker_back || self.at.elapsed() >= Backlog::FALLBACK
+    }
 }
 
 impl Backlog {
     /// Past this, the backlog counts as drained even without the marker.
     pub const FALLBACK: Duration = Duration::from_secs(10);
+    /// After a proplet's first message following a reconnect, the time its resubscription is given.
+    pub const RESUBSCRIBE_MARGIN: Duration = Duration::from_secs(1);
 
     /// The marker goes to `{channel}/control/manager/sync/{client_id}` (a channel the operator may use;
     /// proplets do not listen there). Without a channel only the fallback applies.
@@ -35,7 +62,48 @@ impl Backlog {
             drained: AtomicBool::new(false),
             since: Instant::now(),
             confirmed: AtomicU64::new(0),
+            reconnect: Mutex::new(None),
         }
+    }
+
+    /// Connection number `connection` (> 1) is up: the backlog is undrained again until this connection's
+    /// marker, returned here, comes back; every proplet is suspect until heard again.
+    pub fn reconnected(&self, connection: u64) -> Option<(String, Vec<u8>)> {
+        if let Ok(mut r) = self.reconnect.lock() {
+            *r = Some(Reconnect {
+                connection,
+                at: Instant::now(),
+                marker_back: false,
+                heard: HashMap::new(),
+            });
+        }
+        Some((
+            self.topic.clone()?,
+            format!("{}/connect/{connection}", self.nonce).into_bytes(),
+        ))
+    }
+
+    /// A message of proplet `client_id` arrived.
+    pub fn heard(&self, client_id: &str) {
+        if let Ok(mut r) = self.reconnect.lock()
+            && let Some(r) = r.as_mut()
+            && r.drained()
+            && !r.heard.contains_key(client_id)
+        {
+            r.heard.insert(client_id.to_string(), Instant::now());
+        }
+    }
+
+    /// Whether what is published to `client_id` now reaches it, as far as this operator can know: no
+    /// reconnect happened, or the proplet has been heard since (and its resubscription had its moment).
+    pub fn back(&self, client_id: &str) -> bool {
+        self.reconnect.lock().is_ok_and(|r| {
+            r.as_ref().is_none_or(|r| {
+                r.heard
+                    .get(client_id)
+                    .is_some_and(|t| t.elapsed() >= Self::RESUBSCRIBE_MARGIN)
+            })
+        })
     }
 
     /// The topic to subscribe to, and the marker to publish on it once subscribed.
@@ -58,8 +126,21 @@ impl Backlog {
         if self.topic.as_deref() != Some(topic) {
             return false;
         }
+        let rest = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.strip_prefix(self.nonce.as_str()));
         if payload == self.nonce.as_bytes() {
             self.drained.store(true, Ordering::SeqCst);
+        } else if let Some(n) = rest
+            .and_then(|rest| rest.strip_prefix("/connect/"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            if let Ok(mut r) = self.reconnect.lock()
+                && let Some(r) = r.as_mut()
+                && r.connection == n
+            {
+                r.marker_back = true;
+            }
         } else if let Some(g) = std::str::from_utf8(payload)
             .ok()
             .and_then(|p| p.strip_prefix(self.nonce.as_str()))
@@ -78,7 +159,12 @@ impl Backlog {
     }
 
     pub fn drained(&self) -> bool {
-        self.drained.load(Ordering::SeqCst) || self.since.elapsed() >= Self::FALLBACK
+        let first = self.drained.load(Ordering::SeqCst) || self.since.elapsed() >= Self::FALLBACK;
+        first
+            && self
+                .reconnect
+                .lock()
+                .is_ok_and(|r| r.as_ref().is_none_or(Reconnect::drained))
     }
 }
 
@@ -98,6 +184,32 @@ mod tests {
         assert!(b.receive(&topic, &marker));
         assert!(b.drained());
         assert!(Backlog::new(None, "x").marker().is_none());
+    }
+
+    #[test]
+    fn a_reconnect_undrains_it_and_makes_every_proplet_suspect_until_heard() {
+        let b = Backlog::new(Some(&Channel::new("d", "c")), "op-0");
+        let (topic, marker) = b.marker().expect("a marker");
+        b.receive(&topic, &marker);
+        assert!(b.drained() && b.back("p1"), "no reconnect: nothing suspect");
+        let (_, second) = b.reconnected(2).expect("a marker per connection");
+        assert_ne!(second, marker);
+        assert!(!b.drained(), "what was queued during the outage is not handled yet");
+        b.heard("p1");
+        assert!(!b.back("p1"), "heard before the marker: maybe queued from before the outage");
+        let (_, stale) = b.reconnected(3).expect("marker");
+        b.receive(&topic, &second);
+        assert!(!b.drained(), "the marker of an earlier connection proves nothing");
+        b.receive(&topic, &stale);
+        assert!(b.drained());
+        b.heard("p1");
+        assert!(!b.back("p1"), "its resubscription gets a moment");
+        assert!(!b.back("p2"), "not heard since");
+        let mut r = b.reconnect.lock().expect("lock");
+        let at = r.as_mut().and_then(|r| r.heard.get_mut("p1")).expect("heard");
+        *at -= Backlog::RESUBSCRIBE_MARGIN;
+        drop(r);
+        assert!(b.back("p1"));
     }
 
     #[test]

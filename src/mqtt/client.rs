@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, Transport};
 use serde::Serialize;
@@ -117,6 +117,10 @@ pub struct MqttClient {
     /// Counts changes of the subscription set (see [`MqttClient::subscribed`]).
     generation: Arc<std::sync::atomic::AtomicU64>,
     connected: Arc<AtomicBool>,
+    /// Counts connections (ConnAcks); the first is 1. Watched by whatever must recover from a reconnect.
+    connects: Arc<tokio::sync::watch::Sender<u64>>,
+    /// When the current connection came up (`None` while disconnected).
+    up_since: Arc<std::sync::Mutex<Option<Instant>>>,
     closing: Arc<AtomicBool>,
 }
 
@@ -167,6 +171,8 @@ impl MqttClient {
             subscriptions: Arc::new(Mutex::new(BTreeSet::new())),
             generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             connected: Arc::new(AtomicBool::new(false)),
+            connects: Arc::new(tokio::sync::watch::channel(0).0),
+            up_since: Arc::new(std::sync::Mutex::new(None)),
             closing: Arc::new(AtomicBool::new(false)),
         };
         let loop_handle = handle.clone();
@@ -187,8 +193,11 @@ impl MqttClient {
                         info!(%address, session_present = ack.session_present, "MQTT connected");
                         backoff = Duration::from_millis(250);
                         loop_handle.connected.store(true, Ordering::SeqCst);
+                        loop_handle.set_up_since(Some(Instant::now()));
                         connected.set(1);
                         loop_handle.resubscribe().await;
+                        // After the resubscriptions are queued: a marker published on this news follows them.
+                        loop_handle.connects.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let mut receipt = rumqttc::Publish::new(&p.topic, p.qos, Vec::<u8>::new());
@@ -208,6 +217,7 @@ impl MqttClient {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        loop_handle.set_up_since(None);
                         if loop_handle.connected.swap(false, Ordering::SeqCst) {
                             warn!(%address, error = %describe(&e), "MQTT connection lost; reconnecting");
                         } else {
@@ -221,6 +231,22 @@ impl MqttClient {
             }
         });
         Ok((handle, rx))
+    }
+
+    fn set_up_since(&self, at: Option<Instant>) {
+        if let Ok(mut up) = self.up_since.lock() {
+            *up = at;
+        }
+    }
+
+    /// When the current connection came up; `None` while disconnected.
+    pub fn up_since(&self) -> Option<Instant> {
+        self.up_since.lock().ok().and_then(|up| *up)
+    }
+
+    /// The number of connections so far, changing at each (re)connect.
+    pub fn connects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connects.subscribe()
     }
 
     /// Publishes JSON. Queued while disconnected; fails when the queue stays full for the timeout.

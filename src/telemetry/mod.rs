@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -24,6 +24,7 @@ pub struct Metrics {
     pub mqtt_messages_total: IntCounterVec,
     pub mqtt_published_total: IntCounterVec,
     pub mqtt_connected: IntGauge,
+    pub mqtt_reconnects: IntCounter,
     pub api_writes_total: IntCounterVec,
     pub task_dispatch_seconds: Histogram,
     pub task_completion_seconds: Histogram,
@@ -93,6 +94,10 @@ impl Metrics {
         let mqtt_connected = IntGauge::new(
             "propeller_mqtt_connected",
             "1 while the broker connection is up",
+        )?;
+        let mqtt_reconnects = IntCounter::new(
+            "propeller_mqtt_reconnects_total",
+            "Broker connections regained after a loss (each re-sends the starts of running tasks once their proplets are back)",
         )?;
         let api_writes_total = IntCounterVec::new(
             Opts::new(
@@ -227,6 +232,7 @@ impl Metrics {
         registry.register(Box::new(reconcile_time_seconds.clone()))?;
         registry.register(Box::new(mqtt_messages_total.clone()))?;
         registry.register(Box::new(mqtt_published_total.clone()))?;
+        registry.register(Box::new(mqtt_reconnects.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
         registry.register(Box::new(api_writes_total.clone()))?;
         registry.register(Box::new(task_dispatch_seconds.clone()))?;
@@ -241,6 +247,7 @@ impl Metrics {
             reconcile_time_seconds,
             mqtt_messages_total,
             mqtt_published_total,
+            mqtt_reconnects,
             mqtt_connected,
             api_writes_total,
             task_dispatch_seconds,

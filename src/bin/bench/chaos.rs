@@ -20,6 +20,45 @@ use crate::fleet::{all_running, create_tasks, make_proplets, slow_sims, watch_co
 use crate::measure::{percentile, sorted};
 use crate::operator::{Operator, ShardSpec};
 
+/// Counts, per task id, the results that reached the broker, from a persistent session of its own: a run
+/// twice whose first result never got there was the only way to a result; one whose results both did was
+/// needless double work.
+fn observe_results(
+    broker: &mut Broker,
+) -> anyhow::Result<(Arc<Mutex<HashMap<String, usize>>>, tokio::task::JoinHandle<()>)> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (user, pass) = ("chaos-observer", "chaos-observer-key");
+    broker.add_user(user, pass)?;
+    let mut opts = MqttOptions::new(user, "127.0.0.1", broker.port);
+    opts.set_credentials(user, pass);
+    opts.set_clean_session(false);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let counts = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let topic = "m/+/c/+/control/proplet/results";
+                    let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let id = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                        .ok()
+                        .and_then(|v| v["task_id"].as_str().map(str::to_string));
+                    if let (Some(id), Ok(mut c)) = (id, counts.lock()) {
+                        *c.entry(id).or_default() += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    Ok((seen, task))
+}
+
 /// A small deterministic generator (xorshift): a run is repeatable from its printed seed.
 struct Rng(u64);
 
@@ -64,6 +103,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         Lifetime::Attached,
     )?;
     broker.make_persistent()?;
+    let (at_broker, observer) = observe_results(&mut broker)?;
     let lease_ns = b.cluster.namespace(&b.client, "chaos-leases").await?;
     let ns = b.cluster.namespace(&b.client, "chaos").await?;
     let ids: Vec<String> = (0..proplets_n).map(|i| format!("ch-{i}")).collect();
@@ -82,6 +122,9 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let _watch = watch_completions(&b.client, &ns, Arc::clone(&done));
     let names: Vec<String> = (0..tasks_n).map(|i| format!("chaos-{i}")).collect();
     let started = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     // A steady arrival over about a minute: faults strike while tasks arrive, run and report.
     let rate = (tasks_n as f64 / 60.0).max(1.0);
     let (client, task_ns) = (b.client.clone(), ns.clone());
@@ -184,12 +227,39 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
             }
         }
     }
+    let at_broker = at_broker.lock().map(|m| m.clone()).unwrap_or_default();
+    let reached = |id: &str| at_broker.get(id).copied().unwrap_or(0);
     let ran_twice = runs.values().filter(|n| **n > 1).count();
+    // Run again though every earlier run's result had reached the broker: double work the operator caused.
+    let ran_twice_needlessly = runs
+        .iter()
+        .filter(|(id, n)| **n > 1 && reached(id) >= **n)
+        .count();
     let started_again = start_msgs.values().filter(|n| **n > 1).count();
+    // A result the broker had and no Task recorded: lost by the operator.
     let dropped = runs
         .keys()
-        .filter(|id| !completed_uids.contains(*id))
+        .filter(|id| !completed_uids.contains(*id) && reached(id) > 0)
         .count();
+    let lost_by_proplets: usize = runs
+        .iter()
+        .map(|(id, n)| n.saturating_sub(reached(id)))
+        .sum();
+    // When each task that did not complete was created and last started: which fault it met.
+    let not_completed_tasks: Vec<serde_json::Value> = tasks
+        .iter()
+        .filter(|t| t.phase() != TaskPhase::Completed)
+        .map(|t| {
+            let status = t.status.clone().unwrap_or_default();
+            json!({
+                "task": t.name_any(), "phase": t.phase().as_str(),
+                "created": t.metadata.creation_timestamp.as_ref().map(|c| c.0.to_string()),
+                "started": status.started_at.map(|s| s.0.to_string()),
+                "proplet": status.assigned_client_id, "error": status.error,
+                "runs": runs.get(&t.uid().unwrap_or_default()).copied().unwrap_or(0),
+            })
+        })
+        .collect();
     let done_at: Vec<Instant> = done
         .lock()
         .map(|d| d.values().copied().collect())
@@ -209,8 +279,12 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         "tasks_not_completed": not_completed,
         "tasks_stuck": stuck,
         "tasks_run_twice_by_a_proplet": ran_twice,
-        "tasks_whose_start_was_sent_again": started_again,
+        "tasks_run_twice_needlessly": ran_twice_needlessly,
+        "results_lost_by_a_proplets_connection": lost_by_proplets,
+        "tasks_whose_start_reached_their_proplet_again": started_again,
         "results_dropped": dropped,
+        "not_completed": not_completed_tasks,
+        "started_at_unix_s": started_unix,
         "recovery_s": recovery.iter().map(|r| json!({"fault": r.0, "s": r.1})).collect::<Vec<_>>(),
         "recovery_median_s": percentile(&secs, 50.0),
         "recovery_max_s": secs.last().copied().unwrap_or(0.0),
@@ -227,7 +301,8 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     for s in sims {
         s.kill();
     }
-    if not_completed > 0 || stuck > 0 || ran_twice > 0 || dropped > 0 {
+    observer.abort();
+    if not_completed > 0 || stuck > 0 || ran_twice_needlessly > 0 || dropped > 0 {
         anyhow::bail!("chaos: an invariant broke (see bench/results/chaos.json)");
     }
     Ok(())

@@ -146,6 +146,17 @@ pub(super) async fn resume(task: &Task, ctx: &Context) -> Result<Option<Action>>
     if !ctx.backlog.drained() {
         return Ok(Some(Action::requeue(Duration::from_millis(250))));
     }
+    // After a reconnect: a start sent before the proplet is heard again may be lost as well. The timeout and
+    // an Offline proplet are judged meanwhile (by the caller, on `None`).
+    if !reaches(task, ctx) {
+        let proplet_gone = assigned_proplet(ctx, task)
+            .is_none_or(|p| p.phase() == crate::api::proplet::PropletPhase::Offline);
+        let started = task.status.as_ref().and_then(|s| s.started_at.as_ref());
+        let overdue = started.is_none_or(|t| {
+            Timestamp::now().duration_since(t.0).unsigned_abs() >= timeout_of(task, ctx)
+        });
+        return Ok((!proplet_gone && !overdue).then(|| Action::requeue(RECHECK_BACK)));
+    }
     // A task that just moved here (its shard went away): a result its proplet published a moment ago may
     // still be on its way to us; sending the start again now could make a finished task run twice.
     if let Some(since) = task
@@ -178,8 +189,32 @@ pub(super) async fn resume(task: &Task, ctx: &Context) -> Result<Option<Action>>
         return Ok(Some(Action::requeue(Duration::from_millis(10))));
     }
     send_start(&current, ctx).await?;
-    info!(task = %task.name_any(), %uid, "start sent again: the task was running when this operator started");
+    ctx.metrics
+        .mqtt_published_total
+        .with_label_values(&["start_again", "ok"])
+        .inc();
+    info!(task = %task.name_any(), %uid, "start sent again: running, and its start not known to have arrived");
     Ok(None)
+}
+
+/// How often a task whose proplet is not known to be back after a reconnect looks again.
+const RECHECK_BACK: Duration = Duration::from_millis(500);
+
+/// Whether a start published now reaches `task`'s proplet(s), as far as this operator knows: connected, and
+/// every proplet concerned heard since the last reconnect (see [`crate::mqtt::backlog`]).
+fn reaches(task: &Task, ctx: &Context) -> bool {
+    let up = ctx.mqtt.as_ref().is_some_and(|m| m.up_since().is_some());
+    let status = task.status.as_ref();
+    let mut clients: Vec<&str> = status
+        .map(|s| s.broadcast_targets.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    if task.spec.broadcast != Some(true) {
+        clients = status
+            .and_then(|s| s.assigned_client_id.as_deref())
+            .into_iter()
+            .collect();
+    }
+    up && clients.iter().all(|c| ctx.backlog.back(c))
 }
 
 /// Where the start of `task` goes: the channel of its proplet, or of each broadcast target.
@@ -210,8 +245,12 @@ async fn send_start(task: &Task, ctx: &Context) -> Result<()> {
     let status = task.status.clone().unwrap_or_default();
     let client = (!broadcast).then_some(status.assigned_client_id.as_deref().unwrap_or_default());
     let start = start_request(task, client, &parent_results(task, ctx));
-    // Remembered first: a start that fails is forgotten again and retried (the write is not repeated).
-    ctx.launched.insert(&uid);
+    // Remembered first: a start that fails is forgotten again and retried (the write is not repeated). One
+    // that may not reach its proplet (see [`reaches`]) is not remembered: [`resume`] sends it again once the
+    // proplet is back.
+    if reaches(task, ctx) {
+        ctx.launched.insert(&uid);
+    }
     for channel in start_channels(task, ctx) {
         if let Err(e) = mqtt.publish_json(&channel.start(), &start).await {
             ctx.launched.forget(&uid);

@@ -9,6 +9,7 @@ pub mod job_backend;
 pub mod launch;
 pub mod outcome;
 pub mod placement;
+pub mod reconnect;
 pub mod wire;
 
 use std::sync::Arc;
