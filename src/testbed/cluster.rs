@@ -75,6 +75,14 @@ pub struct ControlPlane {
 const PORT_ATTEMPTS: usize = 5;
 
 impl ControlPlane {
+    /// The API server's address on the loopback (from `server`, `https://127.0.0.1:PORT`).
+    pub fn apiserver_address(&self) -> std::net::SocketAddr {
+        self.server
+            .trim_start_matches("https://")
+            .parse()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 6443)))
+    }
+
     /// Starts a cluster named `name` with its state under `dir`. Ready when its `/readyz` answers ok.
     pub fn start(
         bins: &Binaries,

@@ -7,6 +7,7 @@
 //! [`TestCluster::local_or_skip`] and are skipped with a printed reason.
 pub mod broker;
 pub mod cluster;
+pub mod netns;
 pub mod process;
 
 use std::path::{Path, PathBuf};

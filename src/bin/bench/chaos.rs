@@ -18,7 +18,11 @@ use serde_json::json;
 use crate::Bench;
 use crate::fleet::{all_running, create_tasks, make_proplets, slow_sims, watch_completions};
 use crate::measure::{percentile, sorted};
-use crate::operator::{Operator, ShardSpec};
+use crate::operator::{Operator, Remote, ShardSpec};
+use anyhow::Context as _;
+use propeller_operator::testbed::netns::Netns;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// Counts, per task id, the results that reached the broker, from a persistent session of its own: a run
 /// twice whose first result never got there was the only way to a result; one whose results both did was
@@ -75,7 +79,13 @@ fn identity(i: usize) -> String {
     format!("chaos-{i}")
 }
 
-fn shard(b: &Bench, broker: &Broker, lease_ns: &str, i: usize) -> anyhow::Result<Operator> {
+fn shard(
+    b: &Bench,
+    broker: &Broker,
+    lease_ns: &str,
+    i: usize,
+    host: Option<&Remote<'_>>,
+) -> anyhow::Result<Operator> {
     Operator::start_shard(
         &b.args.operator,
         b.cluster,
@@ -84,8 +94,34 @@ fn shard(b: &Bench, broker: &Broker, lease_ns: &str, i: usize) -> anyhow::Result
         &ShardSpec {
             identity: &identity(i),
             lease_namespace: lease_ns,
+            host,
         },
     )
+}
+
+/// The host of its own for the replica that gets cut from the broker: `None` (said loudly) where network
+/// namespaces cannot be made or the cluster is not local.
+async fn partitionable_host(b: &Bench, broker: &Broker) -> Option<(Netns, PathBuf, SocketAddr)> {
+    let made = async {
+        let cp = b
+            .cluster
+            .local_or_skip("chaos: a partitioned replica", "relays to its API server")
+            .context("not a local cluster")?;
+        let mut ns = Netns::create(1)?;
+        let api = ns.relay_api(cp.apiserver_address()).await?;
+        let mqtt = ns
+            .relay_mqtt(SocketAddr::from(([127, 0, 0, 1], broker.port)))
+            .await?;
+        let kubeconfig = ns.kubeconfig_via(&b.cluster.kubeconfig, api, &testbed::run_dir())?;
+        anyhow::Ok((ns, kubeconfig, mqtt))
+    };
+    match made.await {
+        Ok(host) => Some(host),
+        Err(e) => {
+            eprintln!("chaos: NO PARTITION FAULT in this run — a network namespace could not be made: {e:#}");
+            None
+        }
+    }
 }
 
 pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
@@ -110,8 +146,17 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     make_proplets(&b.client, &ns, &ids, &broker, 0).await?;
     // Tasks take a moment, so that faults find work in flight.
     let sims = slow_sims(&mut broker, &ids, Duration::from_millis(300)).await?;
+    // The last replica lives on a host of its own, so that it can be cut from the broker.
+    let netns = partitionable_host(b, &broker).await;
+    let remote = netns.as_ref().map(|(netns, kubeconfig, mqtt)| Remote {
+        netns,
+        kubeconfig: kubeconfig.clone(),
+        mqtt: *mqtt,
+    });
+    let cut = shards_n - 1;
+    let host_of = |i: usize| if i == cut { remote.as_ref() } else { None };
     let mut ops: Vec<Operator> = (0..shards_n)
-        .map(|i| shard(b, &broker, &lease_ns, i))
+        .map(|i| shard(b, &broker, &lease_ns, i, host_of(i)))
         .collect::<anyhow::Result<_>>()?;
     for op in &ops {
         op.ready().await?;
@@ -146,9 +191,10 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         if !creating.is_finished() || completed() < tasks_n * 9 / 10 {
             let at = Instant::now();
             // Every kind in turn, in an order the seed picks: each strikes at least once per cycle.
-            let kinds = if apiserver.is_some() { 3 } else { 2 };
             if cycle.is_empty() {
-                cycle = (0..kinds).collect();
+                cycle = vec![0, 1];
+                cycle.extend(apiserver.map(|_| 2));
+                cycle.extend(remote.as_ref().map(|_| 3));
                 for i in (1..cycle.len()).rev() {
                     cycle.swap(i, rng.below(i as u64 + 1) as usize);
                 }
@@ -158,12 +204,21 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
                     let i = rng.below(shards_n as u64) as usize;
                     ops[i].kill();
                     tokio::time::sleep(Duration::from_secs(3)).await;
-                    ops[i] = shard(b, &broker, &lease_ns, i)?;
+                    ops[i] = shard(b, &broker, &lease_ns, i, host_of(i))?;
                     format!("SIGKILL replica {i}")
                 }
                 1 => {
                     broker.restart()?;
                     "mosquitto restart".to_string()
+                }
+                3 => {
+                    let secs = b.args.chaos_partition_secs;
+                    if let Some(r) = &remote {
+                        r.netns.cut_mqtt()?;
+                        tokio::time::sleep(Duration::from_secs(secs)).await;
+                        r.netns.heal_mqtt()?;
+                    }
+                    format!("replica {cut} cut from the broker {secs} s")
                 }
                 _ => {
                     let pid = apiserver.unwrap_or_default() as i32;

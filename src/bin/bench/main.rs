@@ -92,6 +92,9 @@ pub struct Args {
     /// Repeats a chaos run's faults (printed at its start).
     #[arg(long)]
     pub chaos_seed: Option<u64>,
+    /// How long the partitioned replica stays cut from the broker (long enough for both sides to notice).
+    #[arg(long, default_value_t = 60)]
+    pub chaos_partition_secs: u64,
 }
 
 /// What every scenario shares: the cluster, the broker, the wire observer, the results so far.

@@ -11,6 +11,8 @@ use crate::{CHANNEL, DOMAIN};
 pub struct Operator {
     child: std::process::Child,
     pub port: u16,
+    /// Where its health and metrics port answers (another host when it runs in a network namespace).
+    pub host: String,
     /// The shard identity (`--identity`) when it runs with `--leader-elect`.
     pub identity: Option<String>,
 }
@@ -19,12 +21,24 @@ pub struct Operator {
 pub struct ShardSpec<'a> {
     pub identity: &'a str,
     pub lease_namespace: &'a str,
+    /// Run on a host of its own (see [`testbed::netns`]) instead of this machine's loopback.
+    pub host: Option<&'a Remote<'a>>,
+}
+
+/// A network namespace and how the operator inside reaches the API server and the broker.
+pub struct Remote<'a> {
+    pub netns: &'a testbed::netns::Netns,
+    pub kubeconfig: PathBuf,
+    pub mqtt: std::net::SocketAddr,
 }
 
 impl Operator {
     /// A handle that only reads the /metrics of the operator on `port` (never kills anything).
     pub fn probe(port: u16) -> Probe {
-        Probe { port }
+        Probe {
+            host: "127.0.0.1".into(),
+            port,
+        }
     }
 
     /// One replica that owns everything, with the MQTT client id every single-replica scenario shares.
@@ -71,13 +85,28 @@ impl Operator {
             Some(s) => format!("bench-{}", s.identity),
             None => "bench-operator".to_string(),
         };
-        let mut cmd = std::process::Command::new(bin);
-        cmd.env("KUBECONFIG", &cluster.kubeconfig)
+        let remote = shard.and_then(|s| s.host);
+        let (mut cmd, kubeconfig, mqtt, host) = match remote {
+            Some(r) => (
+                r.netns.command(bin),
+                r.kubeconfig.clone(),
+                format!("tcp://{}", r.mqtt),
+                r.netns.inside.clone(),
+            ),
+            None => (
+                std::process::Command::new(bin),
+                cluster.kubeconfig.clone(),
+                broker.address(),
+                "127.0.0.1".to_string(),
+            ),
+        };
+        let bind = if remote.is_some() { "0.0.0.0" } else { "127.0.0.1" };
+        cmd.env("KUBECONFIG", &kubeconfig)
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .args(["--mqtt-address", &broker.address()])
+            .args(["--mqtt-address", &mqtt])
             .args([
                 "--client-id",
                 &broker.username,
@@ -92,7 +121,7 @@ impl Operator {
                 "--channel-id",
                 CHANNEL,
             ])
-            .args(["--health-probe-bind-address", &format!("127.0.0.1:{port}")])
+            .args(["--health-probe-bind-address", &format!("{bind}:{port}")])
             .args(["--k8s-task-backend", "mqtt"])
             // Several replicas run side by side: no fixed port.
             .args(["--fl-bind-address", "127.0.0.1:0"]);
@@ -113,6 +142,7 @@ impl Operator {
         Ok(Operator {
             child,
             port,
+            host,
             identity: shard.map(|s| s.identity.to_string()),
         })
     }
@@ -122,7 +152,7 @@ impl Operator {
     }
 
     pub async fn ready(&self) -> anyhow::Result<()> {
-        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        let url = format!("http://{}:{}/readyz", self.host, self.port);
         testbed::eventually("the operator to be ready", Duration::from_secs(60), || {
             let url = url.clone();
             async move {
@@ -159,7 +189,12 @@ impl Operator {
 
     /// The operator's /metrics text (empty when it does not answer).
     pub async fn metrics(&self) -> String {
-        Self::probe(self.port).metrics().await
+        Probe {
+            host: self.host.clone(),
+            port: self.port,
+        }
+        .metrics()
+        .await
     }
 }
 
@@ -171,12 +206,13 @@ impl Drop for Operator {
 
 /// The port of an operator's /metrics.
 pub struct Probe {
+    pub host: String,
     pub port: u16,
 }
 
 impl Probe {
     pub async fn metrics(&self) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let url = format!("http://{}:{}/metrics", self.host, self.port);
         tokio::task::spawn_blocking(move || {
             ureq::get(&url)
                 .call()

@@ -143,6 +143,7 @@ fn start_shard(b: &Bench, lease_ns: &str, i: usize) -> anyhow::Result<Operator> 
         &ShardSpec {
             identity: &identity(i),
             lease_namespace: lease_ns,
+            host: None,
         },
     )
 }
