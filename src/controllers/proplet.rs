@@ -185,8 +185,10 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     let heard_since = observed
         .last_seen
         .is_some_and(|t| listening_at.is_none_or(|l| t >= l));
-    let warming_up =
-        matches!(up_since, Some(None)) || (!heard_since && listening.elapsed() < threshold);
+    // Silence says nothing while our own echo does not come back either (a partition the client has not
+    // noticed yet).
+    let deaf = matches!(up_since, Some(None)) || (up_since.is_some() && !ctx.backlog.hears_itself());
+    let warming_up = deaf || (!heard_since && listening.elapsed() < threshold);
     let phase = if observed.offline {
         PropletPhase::Offline
     } else if warming_up && old.phase.is_some() {
@@ -359,8 +361,8 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
 
-    if matches!(up_since, Some(None)) {
-        // Disconnected from the broker: looked at again later, not in a loop.
+    if deaf {
+        // Cut from the broker: looked at again later, not in a loop.
         return Ok(Action::requeue(threshold.min(Duration::from_secs(5))));
     }
     if warming_up {

@@ -10,6 +10,10 @@
 //! too lost what was published to it meanwhile. A proplet is *back* once a message of its own arrived after
 //! that connection's marker (so it was published after the broker was up again) and a moment has passed
 //! for its resubscription, which may trail its first publish.
+//!
+//! A connection can also die silently (a network partition): nothing arrives, and the client notices only
+//! at its keepalive. An echo published to the same topic every [`Backlog::ECHO_EVERY`] tells: while our own
+//! echo does not come back, silence from proplets says nothing about them.
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +30,8 @@ pub struct Backlog {
     confirmed: AtomicU64,
     /// The latest reconnect (none before the first).
     reconnect: Mutex<Option<Reconnect>>,
+    /// When our own echo last came back (the start, before the first).
+    echoed: Mutex<Instant>,
 }
 
 struct Reconnect {
@@ -48,6 +54,10 @@ impl Backlog {
     pub const FALLBACK: Duration = Duration::from_secs(10);
     /// After a proplet's first message following a reconnect, the time its resubscription is given.
     pub const RESUBSCRIBE_MARGIN: Duration = Duration::from_secs(1);
+    /// How often the echo goes out.
+    pub const ECHO_EVERY: Duration = Duration::from_secs(2);
+    /// Past this without an echo back, the connection is not known to work.
+    pub const ECHO_LATE: Duration = Duration::from_secs(7);
 
     /// The marker goes to `{channel}/control/manager/sync/{client_id}` (a channel the operator may use;
     /// proplets do not listen there). Without a channel only the fallback applies.
@@ -63,7 +73,25 @@ impl Backlog {
             since: Instant::now(),
             confirmed: AtomicU64::new(0),
             reconnect: Mutex::new(None),
+            echoed: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The echo to publish every [`Backlog::ECHO_EVERY`] (none without a marker topic).
+    pub fn echo(&self) -> Option<(String, Vec<u8>)> {
+        Some((
+            self.topic.clone()?,
+            format!("{}/echo", self.nonce).into_bytes(),
+        ))
+    }
+
+    /// Whether what the broker sends reaches us: our echo came back lately (always, without a marker topic).
+    pub fn hears_itself(&self) -> bool {
+        self.topic.is_none()
+            || self
+                .echoed
+                .lock()
+                .is_ok_and(|at| at.elapsed() < Self::ECHO_LATE)
     }
 
     /// Connection number `connection` (> 1) is up: the backlog is undrained again until this connection's
@@ -131,6 +159,10 @@ impl Backlog {
             .and_then(|p| p.strip_prefix(self.nonce.as_str()));
         if payload == self.nonce.as_bytes() {
             self.drained.store(true, Ordering::SeqCst);
+        } else if rest == Some("/echo") {
+            if let Ok(mut at) = self.echoed.lock() {
+                *at = Instant::now();
+            }
         } else if let Some(n) = rest
             .and_then(|rest| rest.strip_prefix("/connect/"))
             .and_then(|n| n.parse::<u64>().ok())
@@ -210,6 +242,22 @@ mod tests {
         *at -= Backlog::RESUBSCRIBE_MARGIN;
         drop(r);
         assert!(b.back("p1"));
+    }
+
+    #[test]
+    fn only_our_own_echo_says_the_connection_works() {
+        let b = Backlog::new(Some(&Channel::new("d", "c")), "op-0");
+        assert!(b.hears_itself(), "given the time for a first echo");
+        *b.echoed.lock().expect("lock") -= Backlog::ECHO_LATE;
+        assert!(!b.hears_itself());
+        let (topic, echo) = b.echo().expect("an echo");
+        let other = Backlog::new(Some(&Channel::new("d", "c")), "op-0");
+        let (_, foreign) = other.echo().expect("an echo");
+        assert!(b.receive(&topic, &foreign));
+        assert!(!b.hears_itself(), "another run's echo proves nothing");
+        assert!(b.receive(&topic, &echo));
+        assert!(b.hears_itself());
+        assert!(Backlog::new(None, "x").hears_itself());
     }
 
     #[test]

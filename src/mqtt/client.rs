@@ -225,7 +225,8 @@ impl MqttClient {
                         }
                         connected.set(0);
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        // Capped low: a broker back after a partition or restart is found within seconds.
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }

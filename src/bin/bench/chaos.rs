@@ -195,6 +195,9 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
                 cycle = vec![0, 1];
                 cycle.extend(apiserver.map(|_| 2));
                 cycle.extend(remote.as_ref().map(|_| 3));
+                let names = ["kill", "broker", "apiserver", "partition"];
+                let only = &b.args.chaos_faults;
+                cycle.retain(|k| only.is_empty() || only.iter().any(|o| o == names[*k as usize]));
                 for i in (1..cycle.len()).rev() {
                     cycle.swap(i, rng.below(i as u64 + 1) as usize);
                 }

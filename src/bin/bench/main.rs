@@ -95,6 +95,9 @@ pub struct Args {
     /// How long the partitioned replica stays cut from the broker (long enough for both sides to notice).
     #[arg(long, default_value_t = 60)]
     pub chaos_partition_secs: u64,
+    /// Only these fault kinds (comma-separated: kill, broker, apiserver, partition); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub chaos_faults: Vec<String>,
 }
 
 /// What every scenario shares: the cluster, the broker, the wire observer, the results so far.

@@ -251,7 +251,8 @@ pub(super) async fn record_results(
     if !status.phase.is_some_and(TaskPhase::is_active) {
         ctx.task_metrics.forget(&uid);
     }
-    Ok(if task.phase().is_active() || changed {
+    // A task waiting to be placed again is looked at again too: the results were all this reconcile did.
+    Ok(if task.phase().is_active() || changed || task.phase() == TaskPhase::Pending {
         Action::requeue(Duration::from_millis(100))
     } else {
         Action::await_change()
@@ -271,6 +272,19 @@ pub(super) fn apply_results<'a>(
     let mut changed = false;
     for result in results {
         if !task.phase().is_active() && !broadcast {
+            // An attempt interrupted because its proplet looked gone (e.g. this operator was cut from the
+            // broker) that finished after all: only a proplet sent this task's start answers with its id, so
+            // the result is the task's, and running it again would be double work.
+            let interrupted = matches!(task.phase(), TaskPhase::Interrupted | TaskPhase::Pending)
+                && status.attempts.unwrap_or(0) > 0;
+            let daemon_ack = task.spec.daemon == Some(true) && is_empty(&result.results);
+            if interrupted && result.failure().is_none() && !daemon_ack {
+                info!(task = %task.name_any(), from = ?result.proplet_id, "a result of an interrupted attempt: the task completed after all");
+                status.assigned_client_id = result.proplet_id.clone();
+                settle(status, result, g);
+                changed = true;
+                break;
+            }
             info!(task = %task.name_any(), phase = task.phase().as_str(), rv = ?task.resource_version(), "ignoring a result for a task that is not running");
             continue;
         }

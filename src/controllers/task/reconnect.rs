@@ -14,15 +14,27 @@ use super::super::runtime::{Shutdown, Waker};
 use crate::api::task::{Task, TaskPhase};
 use crate::context::Context;
 use crate::mqtt::MqttClient;
+use crate::mqtt::backlog::Backlog;
 
 /// Runs until `shutdown`: on every connection after the first, re-arms the backlog (with a marker of its
-/// own) and wakes the running tasks.
+/// own) and wakes the running tasks; meanwhile sends the backlog's echo (see [`crate::mqtt::backlog`]).
 pub async fn follow(ctx: Arc<Context>, mqtt: MqttClient, tasks: Waker<Task>, shutdown: Shutdown) {
     let mut connects = mqtt.connects();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut echo = tokio::time::interval(Backlog::ECHO_EVERY);
+    echo.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             changed = connects.changed() => if changed.is_err() { return },
+            _ = echo.tick() => {
+                // Queued (not awaited on the network): a dead connection shows as an echo that never returns.
+                if let Some((topic, payload)) = ctx.backlog.echo()
+                    && mqtt.up_since().is_some()
+                {
+                    let _ = mqtt.publish(&topic, payload).await;
+                }
+                continue;
+            }
             _ = &mut shutdown => return,
         }
         let connection = *connects.borrow_and_update();
