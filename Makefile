@@ -53,9 +53,10 @@ demo-fl: provision fl-client
 fuzz:
 	FUZZ_CASES=1000000 $(CARGO) test --release --test fuzz -- --nocapture
 
-## Faults at random under load: 5,000 tasks over 200 proplets on 3 shards while replicas are killed, mosquitto
-## restarts and the API server stops; bounded (about 10 min at most); the invariants in bench/results/chaos.json.
-chaos: provision
+## Faults at random under load: 5,000 tasks over 200 proplets on 3 shards and an FL experiment, while replicas
+## are killed, mosquitto restarts, the API server stops and one replica is cut from the broker (a network
+## namespace: needs root); bounded (about 12 min at most); the invariants in bench/results/chaos.json.
+chaos: provision fl-client
 	$(CARGO) build --release --bins
 	target/release/bench --chaos
 

@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::Bench;
 use crate::fleet::{all_running, create_tasks, make_proplets, slow_sims, watch_completions};
 use crate::measure::{percentile, sorted};
+use crate::chaos_fl;
 use crate::operator::{Operator, Remote, ShardSpec};
 use anyhow::Context as _;
 use propeller_operator::testbed::netns::Netns;
@@ -85,6 +86,7 @@ fn shard(
     lease_ns: &str,
     i: usize,
     host: Option<&Remote<'_>>,
+    fl: (u16, &str),
 ) -> anyhow::Result<Operator> {
     Operator::start_shard(
         &b.args.operator,
@@ -95,6 +97,7 @@ fn shard(
             identity: &identity(i),
             lease_namespace: lease_ns,
             host,
+            fl: Some(fl),
         },
     )
 }
@@ -155,13 +158,29 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     });
     let cut = shards_n - 1;
     let host_of = |i: usize| if i == cut { remote.as_ref() } else { None };
+    // Every replica serves FL on a port of its own; participants reach whichever answers.
+    let fl_ports: Vec<u16> = (0..shards_n)
+        .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+        .collect::<anyhow::Result<_>>()?;
+    let backends = (0..shards_n)
+        .map(|i| {
+            let host = host_of(i).map_or("127.0.0.1".to_string(), |r| r.netns.inside.clone());
+            Ok(SocketAddr::new(host.parse()?, fl_ports[i]))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (fl_at, _balancer) = chaos_fl::balancer(backends).await?;
+    let fl_url = format!("http://{fl_at}");
+    let fl_of = |i: usize| (fl_ports[i], fl_url.as_str());
     let mut ops: Vec<Operator> = (0..shards_n)
-        .map(|i| shard(b, &broker, &lease_ns, i, host_of(i)))
+        .map(|i| shard(b, &broker, &lease_ns, i, host_of(i), fl_of(i)))
         .collect::<anyhow::Result<_>>()?;
     for op in &ops {
         op.ready().await?;
     }
     all_running(&b.client, &ns, ids.len(), Duration::from_secs(180)).await?;
+    // A few participants, spread over the fleet (and so over the shards).
+    let participants: Vec<String> = ids.iter().step_by((ids.len() / 6).max(1)).take(6).cloned().collect();
+    let fl_ran = chaos_fl::start(&b.client, &ns, &participants).await?;
 
     let done = Arc::new(Mutex::new(HashMap::new()));
     let _watch = watch_completions(&b.client, &ns, Arc::clone(&done));
@@ -170,8 +189,8 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    // A steady arrival over about a minute: faults strike while tasks arrive, run and report.
-    let rate = (tasks_n as f64 / 60.0).max(1.0);
+    // A steady arrival, long enough for every kind of fault to strike while tasks arrive, run and report.
+    let rate = (tasks_n as f64 / b.args.chaos_arrival_secs.max(1) as f64).max(1.0);
     let (client, task_ns) = (b.client.clone(), ns.clone());
     let creating =
         tokio::spawn(async move { create_tasks(&client, &task_ns, "chaos", names, rate).await });
@@ -182,22 +201,30 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .map(|cp| cp.apiserver.pid);
     let completed = || done.lock().map(|d| d.len()).unwrap_or(0);
     let mut faults: Vec<(String, Instant, Instant)> = Vec::new();
+    let only = &b.args.chaos_faults;
+    let names = ["kill", "broker", "apiserver", "partition"];
+    let available = [true, true, apiserver.is_some(), remote.is_some()];
+    let kinds = (0..4)
+        .filter(|k| available[*k] && (only.is_empty() || only.iter().any(|o| o == names[*k])))
+        .count();
     let mut cycle: Vec<u64> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_secs(6 + rng.below(10))).await;
         if Instant::now() > deadline || (creating.is_finished() && completed() >= tasks_n) {
             break;
         }
-        if !creating.is_finished() || completed() < tasks_n * 9 / 10 {
+        let struck = faults.len();
+        // Until the tasks are nearly done, and at least one of every kind.
+        if !creating.is_finished() || completed() < tasks_n * 9 / 10 || struck < kinds {
             let at = Instant::now();
             // Every kind in turn, in an order the seed picks: each strikes at least once per cycle.
             if cycle.is_empty() {
-                cycle = vec![0, 1];
-                cycle.extend(apiserver.map(|_| 2));
-                cycle.extend(remote.as_ref().map(|_| 3));
-                let names = ["kill", "broker", "apiserver", "partition"];
-                let only = &b.args.chaos_faults;
-                cycle.retain(|k| only.is_empty() || only.iter().any(|o| o == names[*k as usize]));
+                cycle = (0..4u64)
+                    .filter(|k| {
+                        let k = *k as usize;
+                        available[k] && (only.is_empty() || only.iter().any(|o| o == names[k]))
+                    })
+                    .collect();
                 for i in (1..cycle.len()).rev() {
                     cycle.swap(i, rng.below(i as u64 + 1) as usize);
                 }
@@ -207,7 +234,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
                     let i = rng.below(shards_n as u64) as usize;
                     ops[i].kill();
                     tokio::time::sleep(Duration::from_secs(3)).await;
-                    ops[i] = shard(b, &broker, &lease_ns, i, host_of(i))?;
+                    ops[i] = shard(b, &broker, &lease_ns, i, host_of(i), fl_of(i))?;
                     format!("SIGKILL replica {i}")
                 }
                 1 => {
@@ -246,7 +273,9 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     };
     // Let the last faults settle before judging.
     let settle_until = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < settle_until && completed() < created.len() {
+    while Instant::now() < settle_until
+        && (completed() < created.len() || (fl_ran && !chaos_fl::over(&b.client, &ns).await))
+    {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
@@ -330,7 +359,13 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         }
     }
     let secs = sorted(recovery.iter().map(|r| r.1).collect());
+    let (fl_completed, fl) = if fl_ran {
+        chaos_fl::judge(&b.client, &ns).await?
+    } else {
+        (false, json!("NOT RUN: the example FL client is not built (`make fl-client`)"))
+    };
     let result = json!({
+        "federated_job": fl,
         "seed": seed, "tasks": created.len(), "proplets": proplets_n, "shards": shards_n,
         "faults": faults.iter().map(|f| json!({"fault": f.0, "at_s": f.1.duration_since(started).as_secs_f64()})).collect::<Vec<_>>(),
         "phases": phases,
@@ -360,7 +395,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         s.kill();
     }
     observer.abort();
-    if not_completed > 0 || stuck > 0 || ran_twice_needlessly > 0 || dropped > 0 {
+    if not_completed > 0 || stuck > 0 || ran_twice_needlessly > 0 || dropped > 0 || !fl_completed {
         anyhow::bail!("chaos: an invariant broke (see bench/results/chaos.json)");
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! of Tasks, a steady arrival rate searched for its highest sustainable value, and a swarm of heartbeating
 //! proplets. Writes `bench/results/latest.json` and the results block of `docs/benchmarks.md`.
 mod chaos;
+mod chaos_fl;
 mod fleet;
 mod measure;
 mod operator;
@@ -87,7 +88,7 @@ pub struct Args {
     #[arg(long, default_value_t = 200)]
     pub chaos_proplets: usize,
     /// The chaos run stops after this many minutes whatever happens.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     pub chaos_minutes: u64,
     /// Repeats a chaos run's faults (printed at its start).
     #[arg(long)]
@@ -95,6 +96,9 @@ pub struct Args {
     /// How long the partitioned replica stays cut from the broker (long enough for both sides to notice).
     #[arg(long, default_value_t = 60)]
     pub chaos_partition_secs: u64,
+    /// Tasks arrive steadily over this many seconds.
+    #[arg(long, default_value_t = 150)]
+    pub chaos_arrival_secs: u64,
     /// Only these fault kinds (comma-separated: kill, broker, apiserver, partition); all by default.
     #[arg(long, value_delimiter = ',')]
     pub chaos_faults: Vec<String>,

@@ -23,6 +23,8 @@ pub struct ShardSpec<'a> {
     pub lease_namespace: &'a str,
     /// Run on a host of its own (see [`testbed::netns`]) instead of this machine's loopback.
     pub host: Option<&'a Remote<'a>>,
+    /// The FL server's port and the public URL proplets are given (default: any port, no public URL).
+    pub fl: Option<(u16, &'a str)>,
 }
 
 /// A network namespace and how the operator inside reaches the API server and the broker.
@@ -123,8 +125,17 @@ impl Operator {
             ])
             .args(["--health-probe-bind-address", &format!("{bind}:{port}")])
             .args(["--k8s-task-backend", "mqtt"])
+            ;
+        match shard.and_then(|s| s.fl) {
+            Some((port, public)) => {
+                cmd.args(["--fl-bind-address", &format!("{bind}:{port}")])
+                    .args(["--fl-public-url", public]);
+            }
             // Several replicas run side by side: no fixed port.
-            .args(["--fl-bind-address", "127.0.0.1:0"]);
+            None => {
+                cmd.args(["--fl-bind-address", "127.0.0.1:0"]);
+            }
+        }
         if let Some(s) = shard {
             cmd.args(["--leader-elect", "--identity", s.identity])
                 .args(["--leader-election-namespace", s.lease_namespace]);

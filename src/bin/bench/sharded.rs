@@ -144,6 +144,7 @@ fn start_shard(b: &Bench, lease_ns: &str, i: usize) -> anyhow::Result<Operator> 
             identity: &identity(i),
             lease_namespace: lease_ns,
             host: None,
+            fl: None,
         },
     )
 }
