@@ -56,6 +56,38 @@ async fn results_published_while_the_operator_is_away_are_recorded() -> anyhow::
 }
 
 #[tokio::test]
+async fn a_start_published_while_its_proplet_is_cut_off_is_sent_again_once_it_is_back()
+-> anyhow::Result<()> {
+    let mut env = Env::start("outage-start", &[]).await?;
+    env.broker.make_persistent()?;
+    let sim = env.proplet("os-1", |_| {}).await?;
+    env.external_proplet("po", "os-1", json!({})).await?;
+    wait_running(&env, "po").await?;
+    // The broker goes down, and the proplet stays away longer than the operator (a slow reconnect).
+    sim.kill();
+    env.broker.stop();
+    env.create::<Task>(addition("during")).await?;
+    phase_is(&env, "during", TaskPhase::Running).await?;
+    env.broker.restart()?;
+    // The operator is back and its queued start goes out — to nobody: a proplet's session is clean.
+    let metrics = env.metrics();
+    propeller_operator::testbed::eventually("the operator to reconnect", WAIT, || async {
+        (metrics.mqtt_reconnects.get() >= 1 && metrics.mqtt_connected.get() == 1).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let back = env.proplet("os-1", |_| {}).await?;
+    let t = phase_is(&env, "during", TaskPhase::Completed).await?;
+    assert_eq!(t.status.and_then(|s| s.results), Some(json!("42")));
+    let starts = back.starts_seen.lock().map(|s| s.len()).unwrap_or_default();
+    assert_eq!(starts, 1, "sent again once the proplet was heard, and only once");
+    let runs = back.runs.lock().map(|s| s.len()).unwrap_or_default();
+    assert_eq!(runs, 1);
+    back.shutdown().await;
+    env.finish().await
+}
+
+#[tokio::test]
 async fn a_task_that_runs_and_ends_costs_two_writes() -> anyhow::Result<()> {
     let mut env = Env::start("two-writes", &[]).await?;
     let sim = env.proplet("tw-1", |_| {}).await?;

@@ -466,6 +466,25 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_attempt_that_finished_after_all_completes_the_task() {
+        // Interrupted (its proplet looked gone), then put back to pending for another attempt.
+        for phase in ["interrupted", "pending"] {
+            let t = task(false, json!({"phase": phase, "attempts": 1}));
+            let (changed, st) = merged(&t, &[result("c1", json!("42"), None)]);
+            assert!(changed, "{phase}: the late result is the task's");
+            assert_eq!(st.phase, Some(TaskPhase::Completed));
+            assert_eq!(st.assigned_client_id.as_deref(), Some("c1"));
+            let (changed, _) = merged(&t, &[result("c1", json!(""), Some("boom"))]);
+            assert!(!changed, "{phase}: a failed attempt is retried instead");
+        }
+        let fresh = task(false, json!({"phase": "pending"}));
+        let (changed, _) = merged(&fresh, &[result("c1", json!("42"), None)]);
+        assert!(!changed, "never started: a result for it proves nothing");
+        let done = task(false, json!({"phase": "completed", "attempts": 1}));
+        assert!(!merged(&done, &[result("c1", json!("43"), None)]).0);
+    }
+
+    #[test]
     fn a_running_task_takes_its_proplets_result_and_no_other() {
         let t = task(false, json!({"phase": "running", "assignedClientId": "c1"}));
         let (changed, _) = merged(&t, &[result("c2", json!("7"), None)]);
