@@ -187,7 +187,8 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
         .is_some_and(|t| listening_at.is_none_or(|l| t >= l));
     // Silence says nothing while our own echo does not come back either (a partition the client has not
     // noticed yet).
-    let deaf = matches!(up_since, Some(None)) || (up_since.is_some() && !ctx.backlog.hears_itself());
+    let deaf =
+        matches!(up_since, Some(None)) || (up_since.is_some() && !ctx.backlog.hears_itself());
     let warming_up = deaf || (!heard_since && listening.elapsed() < threshold);
     let phase = if observed.offline {
         PropletPhase::Offline

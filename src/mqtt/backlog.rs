@@ -226,19 +226,31 @@ mod tests {
         assert!(b.drained() && b.back("p1"), "no reconnect: nothing suspect");
         let (_, second) = b.reconnected(2).expect("a marker per connection");
         assert_ne!(second, marker);
-        assert!(!b.drained(), "what was queued during the outage is not handled yet");
+        assert!(
+            !b.drained(),
+            "what was queued during the outage is not handled yet"
+        );
         b.heard("p1");
-        assert!(!b.back("p1"), "heard before the marker: maybe queued from before the outage");
+        assert!(
+            !b.back("p1"),
+            "heard before the marker: maybe queued from before the outage"
+        );
         let (_, stale) = b.reconnected(3).expect("marker");
         b.receive(&topic, &second);
-        assert!(!b.drained(), "the marker of an earlier connection proves nothing");
+        assert!(
+            !b.drained(),
+            "the marker of an earlier connection proves nothing"
+        );
         b.receive(&topic, &stale);
         assert!(b.drained());
         b.heard("p1");
         assert!(!b.back("p1"), "its resubscription gets a moment");
         assert!(!b.back("p2"), "not heard since");
         let mut r = b.reconnect.lock().expect("lock");
-        let at = r.as_mut().and_then(|r| r.heard.get_mut("p1")).expect("heard");
+        let at = r
+            .as_mut()
+            .and_then(|r| r.heard.get_mut("p1"))
+            .expect("heard");
         *at -= Backlog::RESUBSCRIBE_MARGIN;
         drop(r);
         assert!(b.back("p1"));

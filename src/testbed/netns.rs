@@ -55,7 +55,11 @@ impl Netns {
         ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
         for (link, host, inside) in [
             (format!("pa{n}"), ns.api_host.clone(), ns.inside.clone()),
-            (ns.mqtt_link.clone(), ns.mqtt_host.clone(), format!("10.214.{n}.2")),
+            (
+                ns.mqtt_link.clone(),
+                ns.mqtt_host.clone(),
+                format!("10.214.{n}.2"),
+            ),
         ] {
             let peer = format!("{link}x");
             let _ = ip(&["link", "del", &link]);
@@ -106,13 +110,17 @@ impl Netns {
     /// Cuts the MQTT link (from inside: the process's packets to the broker go nowhere).
     pub fn cut_mqtt(&self) -> Result<()> {
         let peer = format!("{}x", self.mqtt_link);
-        ip(&["netns", "exec", &self.name, "ip", "link", "set", &peer, "down"])
+        ip(&[
+            "netns", "exec", &self.name, "ip", "link", "set", &peer, "down",
+        ])
     }
 
     /// Joins it again.
     pub fn heal_mqtt(&self) -> Result<()> {
         let peer = format!("{}x", self.mqtt_link);
-        ip(&["netns", "exec", &self.name, "ip", "link", "set", &peer, "up"])
+        ip(&[
+            "netns", "exec", &self.name, "ip", "link", "set", &peer, "up",
+        ])
     }
 
     /// A `Command` that runs `program` inside the namespace (`ip netns exec` execs it: same PID).
@@ -124,7 +132,12 @@ impl Netns {
 
     /// A copy of `kubeconfig` that reaches its (loopback) API server through `relay`, checking the
     /// server's certificate for `localhost` (the test bed's certificate names it).
-    pub fn kubeconfig_via(&self, kubeconfig: &Path, relay: SocketAddr, dir: &Path) -> Result<PathBuf> {
+    pub fn kubeconfig_via(
+        &self,
+        kubeconfig: &Path,
+        relay: SocketAddr,
+        dir: &Path,
+    ) -> Result<PathBuf> {
         let text = std::fs::read_to_string(kubeconfig)
             .with_context(|| format!("read {}", kubeconfig.display()))?;
         let mut config: serde_yaml::Value = serde_yaml::from_str(&text)?;

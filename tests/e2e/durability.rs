@@ -80,7 +80,10 @@ async fn a_start_published_while_its_proplet_is_cut_off_is_sent_again_once_it_is
     let t = phase_is(&env, "during", TaskPhase::Completed).await?;
     assert_eq!(t.status.and_then(|s| s.results), Some(json!("42")));
     let starts = back.starts_seen.lock().map(|s| s.len()).unwrap_or_default();
-    assert_eq!(starts, 1, "sent again once the proplet was heard, and only once");
+    assert_eq!(
+        starts, 1,
+        "sent again once the proplet was heard, and only once"
+    );
     let runs = back.runs.lock().map(|s| s.len()).unwrap_or_default();
     assert_eq!(runs, 1);
     back.shutdown().await;

@@ -16,21 +16,24 @@ use propeller_operator::testbed::{self, Broker, Lifetime};
 use serde_json::json;
 
 use crate::Bench;
+use crate::chaos_fl;
 use crate::fleet::{all_running, create_tasks, make_proplets, slow_sims, watch_completions};
 use crate::measure::{percentile, sorted};
-use crate::chaos_fl;
 use crate::operator::{Operator, Remote, ShardSpec};
 use anyhow::Context as _;
 use propeller_operator::testbed::netns::Netns;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Results seen at the broker, by task id.
+type ResultCounts = Arc<Mutex<HashMap<String, usize>>>;
+
 /// Counts, per task id, the results that reached the broker, from a persistent session of its own: a run
 /// twice whose first result never got there was the only way to a result; one whose results both did was
 /// needless double work.
 fn observe_results(
     broker: &mut Broker,
-) -> anyhow::Result<(Arc<Mutex<HashMap<String, usize>>>, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(ResultCounts, tokio::task::JoinHandle<()>)> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let (user, pass) = ("chaos-observer", "chaos-observer-key");
     broker.add_user(user, pass)?;
@@ -39,7 +42,7 @@ fn observe_results(
     opts.set_clean_session(false);
     opts.set_keep_alive(Duration::from_secs(10));
     let (client, mut events) = AsyncClient::new(opts, 64);
-    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let seen: ResultCounts = Arc::default();
     let counts = Arc::clone(&seen);
     let task = tokio::spawn(async move {
         loop {
@@ -115,13 +118,15 @@ async fn partitionable_host(b: &Bench, broker: &Broker) -> Option<(Netns, PathBu
         let mqtt = ns
             .relay_mqtt(SocketAddr::from(([127, 0, 0, 1], broker.port)))
             .await?;
-        let kubeconfig = ns.kubeconfig_via(&b.cluster.kubeconfig, api, &testbed::run_dir())?;
+        let kubeconfig = ns.kubeconfig_via(&b.cluster.kubeconfig, api, testbed::run_dir())?;
         anyhow::Ok((ns, kubeconfig, mqtt))
     };
     match made.await {
         Ok(host) => Some(host),
         Err(e) => {
-            eprintln!("chaos: NO PARTITION FAULT in this run — a network namespace could not be made: {e:#}");
+            eprintln!(
+                "chaos: NO PARTITION FAULT in this run — a network namespace could not be made: {e:#}"
+            );
             None
         }
     }
@@ -160,7 +165,11 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let host_of = |i: usize| if i == cut { remote.as_ref() } else { None };
     // Every replica serves FL on a port of its own; participants reach whichever answers.
     let fl_ports: Vec<u16> = (0..shards_n)
-        .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+        .map(|_| {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        })
         .collect::<anyhow::Result<_>>()?;
     let backends = (0..shards_n)
         .map(|i| {
@@ -179,7 +188,12 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     }
     all_running(&b.client, &ns, ids.len(), Duration::from_secs(180)).await?;
     // A few participants, spread over the fleet (and so over the shards).
-    let participants: Vec<String> = ids.iter().step_by((ids.len() / 6).max(1)).take(6).cloned().collect();
+    let participants: Vec<String> = ids
+        .iter()
+        .step_by((ids.len() / 6).max(1))
+        .take(6)
+        .cloned()
+        .collect();
     let fl_ran = chaos_fl::start(&b.client, &ns, &participants).await?;
 
     let done = Arc::new(Mutex::new(HashMap::new()));
@@ -362,7 +376,10 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let (fl_completed, fl) = if fl_ran {
         chaos_fl::judge(&b.client, &ns).await?
     } else {
-        (false, json!("NOT RUN: the example FL client is not built (`make fl-client`)"))
+        (
+            false,
+            json!("NOT RUN: the example FL client is not built (`make fl-client`)"),
+        )
     };
     let result = json!({
         "federated_job": fl,

@@ -83,7 +83,12 @@ pub async fn start(client: &Client, ns: &str, participants: &[String]) -> anyhow
     let data: serde_json::Map<String, Value> = participants
         .iter()
         .enumerate()
-        .map(|(k, id)| (format!("{id}.json"), Value::String(dataset(k, 40).to_string())))
+        .map(|(k, id)| {
+            (
+                format!("{id}.json"),
+                Value::String(dataset(k, 40).to_string()),
+            )
+        })
         .collect();
     cms.create(
         &pp,

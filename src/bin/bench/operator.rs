@@ -102,7 +102,11 @@ impl Operator {
                 "127.0.0.1".to_string(),
             ),
         };
-        let bind = if remote.is_some() { "0.0.0.0" } else { "127.0.0.1" };
+        let bind = if remote.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         cmd.env("KUBECONFIG", &kubeconfig)
             .env(
                 "RUST_LOG",
@@ -124,8 +128,7 @@ impl Operator {
                 CHANNEL,
             ])
             .args(["--health-probe-bind-address", &format!("{bind}:{port}")])
-            .args(["--k8s-task-backend", "mqtt"])
-            ;
+            .args(["--k8s-task-backend", "mqtt"]);
         match shard.and_then(|s| s.fl) {
             Some((port, public)) => {
                 cmd.args(["--fl-bind-address", &format!("{bind}:{port}")])

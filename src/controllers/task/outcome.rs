@@ -252,11 +252,13 @@ pub(super) async fn record_results(
         ctx.task_metrics.forget(&uid);
     }
     // A task waiting to be placed again is looked at again too: the results were all this reconcile did.
-    Ok(if task.phase().is_active() || changed || task.phase() == TaskPhase::Pending {
-        Action::requeue(Duration::from_millis(100))
-    } else {
-        Action::await_change()
-    })
+    Ok(
+        if task.phase().is_active() || changed || task.phase() == TaskPhase::Pending {
+            Action::requeue(Duration::from_millis(100))
+        } else {
+            Action::await_change()
+        },
+    )
 }
 
 /// Applies received results to `status`; true when it changed. A single task takes the first result from
