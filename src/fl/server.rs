@@ -103,12 +103,20 @@ async fn authorize(
     let held = match cached {
         Some(t) => Some(t),
         // Not in this replica's cache (another shard's, or just created): ask the API server.
-        None => Api::<crate::api::Task>::namespaced(ctx.client.clone(), ns)
+        None => match Api::<crate::api::Task>::namespaced(ctx.client.clone(), ns)
             .get_opt(task)
             .await
-            .ok()
-            .flatten()
-            .map(Arc::new),
+        {
+            Ok(found) => found.map(Arc::new),
+            // Not known to be wrong: the participant is told to try again, not that it is refused.
+            Err(e) => {
+                tracing::warn!(namespace = %ns, %task, error = %e, "FL capability not checked: the API server did not answer");
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the capability cannot be checked now (the API server did not answer); try again",
+                ));
+            }
+        },
     };
     let Some(held) = held else { return Err(bad()) };
     let env = held.spec.env.clone().unwrap_or_default();

@@ -16,6 +16,7 @@ use propeller_operator::testbed::{self, Broker, Lifetime};
 use serde_json::json;
 
 use crate::Bench;
+use crate::chaos_apiserver::ApiServer;
 use crate::chaos_fl;
 use crate::fleet::{all_running, create_tasks, make_proplets, slow_sims, watch_completions};
 use crate::measure::{percentile, sorted};
@@ -209,16 +210,28 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let creating =
         tokio::spawn(async move { create_tasks(&client, &task_ns, "chaos", names, rate).await });
     let deadline = started + Duration::from_secs(b.args.chaos_minutes * 60);
-    let apiserver = b
+    let mut apiserver = b
         .cluster
-        .local_or_skip("chaos: stopping the API server", "stops it")
-        .map(|cp| cp.apiserver.pid);
+        .local_or_skip("chaos: stopping and restarting the API server", "does it")
+        .map(|cp| {
+            ApiServer::new(
+                cp.apiserver.pid,
+                cp.dir.join("kube-apiserver-restarted.log"),
+            )
+        });
     let completed = || done.lock().map(|d| d.len()).unwrap_or(0);
     let mut faults: Vec<(String, Instant, Instant)> = Vec::new();
     let only = &b.args.chaos_faults;
-    let names = ["kill", "broker", "apiserver", "partition"];
-    let available = [true, true, apiserver.is_some(), remote.is_some()];
-    let kinds = (0..4)
+    let names = [
+        "kill",
+        "broker",
+        "apiserver",
+        "partition",
+        "apiserver-restart",
+    ];
+    let local = apiserver.is_some();
+    let available = [true, true, local, remote.is_some(), local];
+    let kinds = (0..names.len())
         .filter(|k| available[*k] && (only.is_empty() || only.iter().any(|o| o == names[*k])))
         .count();
     let mut cycle: Vec<u64> = Vec::new();
@@ -233,7 +246,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
             let at = Instant::now();
             // Every kind in turn, in an order the seed picks: each strikes at least once per cycle.
             if cycle.is_empty() {
-                cycle = (0..4u64)
+                cycle = (0..names.len() as u64)
                     .filter(|k| {
                         let k = *k as usize;
                         available[k] && (only.is_empty() || only.iter().any(|o| o == names[k]))
@@ -264,12 +277,16 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
                     }
                     format!("replica {cut} cut from the broker {secs} s")
                 }
+                4 => {
+                    if let Some(a) = &mut apiserver {
+                        a.restart(&b.client).await?;
+                    }
+                    "API server restarted".to_string()
+                }
                 _ => {
-                    let pid = apiserver.unwrap_or_default() as i32;
-                    // SAFETY: signalling the test bed's own kube-apiserver process.
-                    unsafe { libc::kill(pid, libc::SIGSTOP) };
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    unsafe { libc::kill(pid, libc::SIGCONT) };
+                    if let Some(a) = &apiserver {
+                        a.pause(5).await;
+                    }
                     "API server stopped 5 s".to_string()
                 }
             };
@@ -337,10 +354,16 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .filter(|(id, n)| **n > 1 && reached(id) >= **n)
         .count();
     let started_again = start_msgs.values().filter(|n| **n > 1).count();
-    // A result the broker had and no Task recorded: lost by the operator.
+    // A result the broker had and no Task recorded (a Task that ended records its result, or its error):
+    // lost by the operator.
+    let ended: std::collections::HashSet<String> = tasks
+        .iter()
+        .filter(|t| matches!(t.phase(), TaskPhase::Completed | TaskPhase::Failed))
+        .filter_map(|t| t.uid())
+        .collect();
     let dropped = runs
         .keys()
-        .filter(|id| !completed_uids.contains(*id) && reached(id) > 0)
+        .filter(|id| !ended.contains(*id) && reached(id) > 0)
         .count();
     let lost_by_proplets: usize = runs
         .iter()

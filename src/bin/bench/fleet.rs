@@ -87,7 +87,9 @@ pub fn watch_completions(
             .default_backoff()
             .applied_objects();
         futures::pin_mut!(stream);
-        while let Some(Ok(t)) = stream.next().await {
+        // Errors (an API server restart ends every watch) are retried by the watcher, not the end.
+        while let Some(event) = stream.next().await {
+            let Ok(t) = event else { continue };
             if t.phase() == TaskPhase::Completed
                 && let (Some(uid), Ok(mut d)) = (t.uid(), done.lock())
             {

@@ -3,6 +3,7 @@
 //! of Tasks, a steady arrival rate searched for its highest sustainable value, and a swarm of heartbeating
 //! proplets. Writes `bench/results/latest.json` and the results block of `docs/benchmarks.md`.
 mod chaos;
+mod chaos_apiserver;
 mod chaos_fl;
 mod fleet;
 mod measure;
