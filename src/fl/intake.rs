@@ -127,15 +127,19 @@ async fn receive_inner(
         ));
     };
     let late = round.is_closed();
-    let created = store::put_update(
-        ctx,
-        round,
-        &participant,
-        update,
-        via,
-        late,
-        ctx.config.fl_max_update_bytes,
-    )
+    let transient =
+        |e: &StoreError| matches!(e, StoreError::Kube(k) if super::patience::transient(k));
+    let created = super::patience::patiently(transient, || {
+        store::put_update(
+            ctx,
+            round,
+            &participant,
+            update,
+            via,
+            late,
+            ctx.config.fl_max_update_bytes,
+        )
+    })
     .await
     .map_err(|e| match e {
         StoreError::TooLarge(m) => Refusal::new(413, "too_large", m),

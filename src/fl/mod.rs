@@ -9,6 +9,7 @@ pub mod federation;
 pub mod intake;
 pub mod member_models;
 pub mod params;
+pub mod patience;
 pub mod server;
 pub mod store;
 pub mod update;

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::intake::{self, Receipt, Target};
+use super::patience::{patiently, transient};
 use super::store::{self, Via};
 use super::update::Update;
 use super::{capability, datasets};
@@ -103,9 +104,11 @@ async fn authorize(
     let held = match cached {
         Some(t) => Some(t),
         // Not in this replica's cache (another shard's, or just created): ask the API server.
-        None => match Api::<crate::api::Task>::namespaced(ctx.client.clone(), ns)
-            .get_opt(task)
-            .await
+        None => match patiently(transient, || {
+            let api = Api::<crate::api::Task>::namespaced(ctx.client.clone(), ns);
+            async move { api.get_opt(task).await }
+        })
+        .await
         {
             Ok(found) => found.map(Arc::new),
             // Not known to be wrong: the participant is told to try again, not that it is refused.
@@ -189,7 +192,11 @@ async fn dataset(
             format!("FederatedJob {ns}/{name} names no dataset (spec.dataset)"),
         );
     };
-    match datasets::participant_data(&ctx.client, &ns, &dataset, &client_id).await {
+    match patiently(transient, || {
+        datasets::participant_data(&ctx.client, &ns, &dataset, &client_id)
+    })
+    .await
+    {
         Ok(Some(data)) => {
             outcome("served");
             (
@@ -299,7 +306,7 @@ async fn model(
             format!("{version:?} is not a model version"),
         );
     };
-    match store::get_model(&ctx.client, &ns, &name, v).await {
+    match patiently(transient, || store::get_model(&ctx.client, &ns, &name, v)).await {
         Ok(Some(m)) => {
             ctx.metrics
                 .fl_model_requests_total
@@ -337,7 +344,7 @@ async fn models(
     if let Err(r) = authorize(&ctx, (&ns, &name, &task, &token)).await {
         return r;
     }
-    match store::list_models(&ctx.client, &ns, &name).await {
+    match patiently(transient, || store::list_models(&ctx.client, &ns, &name)).await {
         Ok(versions) => {
             let list: Vec<Value> = versions
                 .iter()
