@@ -23,20 +23,7 @@ pub(crate) const DATASET: &str = "fl-data";
 /// `n` samples of one labelled problem (y = 1 when 1.5·a − c + 0.2 > 0), drawn from the region `k`
 /// (participants differ in what they see).
 pub(crate) fn dataset(k: usize, n: usize) -> (Vec<[f64; 2]>, Vec<f64>) {
-    let x: Vec<[f64; 2]> = (0..n)
-        .map(|i| {
-            let t = i as f64;
-            [
-                (t * 0.7 + k as f64).sin() * 1.5 + 0.3 * k as f64 - 0.3,
-                (t * 1.3 + 2.0 * k as f64).cos(),
-            ]
-        })
-        .collect();
-    let y = x
-        .iter()
-        .map(|r| f64::from(1.5 * r[0] - r[1] + 0.2 > 0.0))
-        .collect();
-    (x, y)
+    testbed::fl_dataset(k, n)
 }
 
 pub(crate) struct Fl {

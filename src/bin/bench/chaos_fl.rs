@@ -43,21 +43,9 @@ pub async fn balancer(backends: Vec<SocketAddr>) -> anyhow::Result<(SocketAddr, 
     Ok((at, task))
 }
 
-/// `n` rows of one labelled problem as seen from region `k` (participants differ in what they see).
+/// `n` rows of the example client's problem as seen from region `k`, as JSON.
 fn dataset(k: usize, n: usize) -> Value {
-    let x: Vec<[f64; 2]> = (0..n)
-        .map(|i| {
-            let t = i as f64;
-            [
-                (t * 0.7 + k as f64).sin() * 1.5 + 0.3 * k as f64 - 0.3,
-                (t * 1.3 + 2.0 * k as f64).cos(),
-            ]
-        })
-        .collect();
-    let y: Vec<f64> = x
-        .iter()
-        .map(|r| f64::from(1.5 * r[0] - r[1] + 0.2 > 0.0))
-        .collect();
+    let (x, y) = testbed::fl_dataset(k, n);
     json!({"x": x, "y": y})
 }
 
