@@ -11,6 +11,26 @@ use anyhow::{Context, Result, bail};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+/// Forwards each connection `listener` accepts to the first of `backends` that accepts it (within 0.5 s).
+pub fn forward(listener: TcpListener, backends: Vec<SocketAddr>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let backends = backends.clone();
+            tokio::spawn(async move {
+                for b in &backends {
+                    let connect = TcpStream::connect(b);
+                    if let Ok(Ok(mut outbound)) =
+                        tokio::time::timeout(std::time::Duration::from_millis(500), connect).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
 /// One namespace and its two links; removed on drop.
 pub struct Netns {
     pub name: String,
@@ -95,15 +115,7 @@ impl Netns {
             .await
             .with_context(|| format!("bind a relay on {host}"))?;
         let at = listener.local_addr()?;
-        self.relays.push(tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }));
+        self.relays.push(forward(listener, vec![target]));
         Ok(at)
     }
 

@@ -3,7 +3,6 @@
 //! coordinator through a balancer that forwards to whichever replica answers (any replica serves a round
 //! task's capability URL), as a Service would. Judged at the end: the job completed every round.
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -12,7 +11,7 @@ use kube::{Api, Client};
 use propeller_operator::api::FederatedJob;
 use propeller_operator::testbed;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 const MODULE: &str = "registry.example/fl-client.wasm:1";
@@ -20,27 +19,11 @@ const DATASET: &str = "chaos-fl";
 pub const JOB: &str = "chaos-fl";
 const ROUNDS: i64 = 8;
 
-/// Forwards each connection to the first of `backends` that accepts it.
+/// Where participants reach the FL coordinator: whichever of `backends` (the replicas) accepts.
 pub async fn balancer(backends: Vec<SocketAddr>) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let at = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let backends = backends.clone();
-            tokio::spawn(async move {
-                for b in &backends {
-                    let connect = TcpStream::connect(b);
-                    if let Ok(Ok(mut outbound)) =
-                        tokio::time::timeout(Duration::from_millis(500), connect).await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok((at, task))
+    Ok((at, testbed::netns::forward(listener, backends)))
 }
 
 /// `n` rows of the example client's problem as seen from region `k`, as JSON.
