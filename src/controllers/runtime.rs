@@ -204,7 +204,7 @@ impl<K: Kind> Watch<K> {
     /// Runs the watch until the operator stops.
     pub fn spawn(self, shutdown: Shutdown) -> JoinHandle<()> {
         let events = lean(self.api.clone(), self.config.clone())
-            .default_backoff()
+            .backoff(watch_backoff())
             .take_until(shutdown);
         tokio::spawn(self.follow(events))
     }
@@ -277,6 +277,21 @@ impl<K: Kind> Relist<K> {
             tell(obj.as_ref(), Seen::Applied);
         }
     }
+}
+
+/// How long a broken watch waits before it tries again: client-go's exponential back-off (kube's
+/// default), capped at 5 s instead of 30 s: after an API server outage longer than a few seconds, a
+/// watch could otherwise sleep up to 30 s after the server was back while tasks wait for it. A few
+/// relists every 5 s from a handful of replicas cost the server little.
+pub fn watch_backoff() -> impl kube::runtime::utils::Backoff {
+    let exponential: watcher::ExponentialBackoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into();
+    kube::runtime::utils::ResetTimerBackoff::new(exponential, Duration::from_secs(120))
 }
 
 /// A watch whose objects drop `managedFields` before they are cached: they are often the larger part of

@@ -57,7 +57,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         let seen = Arc::clone(&listed);
         let watch = tokio::spawn(
             reflector::reflector(writer, slim)
-                .default_backoff()
+                .backoff(crate::controllers::runtime::watch_backoff())
                 .for_each(move |ev| {
                     if let Ok(watcher::Event::InitDone) = ev {
                         seen.store(true, std::sync::atomic::Ordering::SeqCst);
