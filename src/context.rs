@@ -18,7 +18,7 @@ use crate::api::{FederatedJob, PropellerJob, Proplet, Task, TrainingRound};
 use crate::clock::Clock;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result, conflict};
-use crate::indexes::{PropletIndex, TaskIndex};
+use crate::indexes::{BroadcastChannels, PropletIndex, TaskIndex};
 use crate::liveness::Liveness;
 use crate::memory::{
     CachesReady, Launched, ModuleMisses, OwnWrites, PendingResults, TaskMetricsBuffer, WriteTimes,
@@ -54,6 +54,8 @@ pub struct Context {
     pub fl_updates: Store<ConfigMap>,
     pub proplet_index: PropletIndex,
     pub task_index: TaskIndex,
+    /// The channels of the proplets each running broadcast was sent to.
+    pub broadcasts: BroadcastChannels,
     pub liveness: Liveness,
     pub results: PendingResults,
     pub task_metrics: TaskMetricsBuffer,
@@ -140,6 +142,7 @@ impl Context {
             fl_updates,
             proplet_index: PropletIndex::default(),
             task_index: TaskIndex::default(),
+            broadcasts: BroadcastChannels::default(),
             liveness: Liveness::default(),
             results: PendingResults::default(),
             task_metrics: TaskMetricsBuffer::default(),

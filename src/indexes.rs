@@ -172,6 +172,51 @@ impl TaskIndex {
     }
 }
 
+/// The channels each broadcast this replica holds was sent to. Results come back on the targets'
+/// channels, and a shard hears a channel only while it subscribes to it: a shard's broadcast reaches
+/// proplets of other shards, so their channels are subscribed to for as long as the broadcast runs.
+#[derive(Default)]
+pub struct BroadcastChannels {
+    by_task: std::sync::Mutex<HashMap<String, BTreeSet<Channel>>>,
+    /// Woken on every change: the subscriptions follow.
+    pub changed: Arc<tokio::sync::Notify>,
+}
+
+impl BroadcastChannels {
+    pub fn get(&self, uid: &str) -> Option<BTreeSet<Channel>> {
+        self.by_task.lock().ok()?.get(uid).cloned()
+    }
+
+    /// Records `channels` for task `uid` (the subscriptions are recomputed when they changed).
+    pub fn set(&self, uid: &str, channels: BTreeSet<Channel>) {
+        let changed = self.by_task.lock().is_ok_and(|mut m| {
+            m.insert(uid.to_string(), channels.clone()).as_ref() != Some(&channels)
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The broadcast ended or went away: its channels are no longer needed for it.
+    pub fn forget(&self, uid: &str) {
+        if self
+            .by_task
+            .lock()
+            .is_ok_and(|mut m| m.remove(uid).is_some())
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Every channel some running broadcast needs.
+    pub fn all(&self) -> BTreeSet<Channel> {
+        self.by_task
+            .lock()
+            .map(|m| m.values().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

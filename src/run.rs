@@ -220,7 +220,8 @@ impl Operator {
             w.on_event(move |_| m.notify_one());
         }
 
-        let changed = Arc::new(Notify::new());
+        // Subscriptions follow the owned Proplets' channels and those of running broadcasts.
+        let changed = Arc::clone(&ctx.broadcasts.changed);
         if let (Some(mqtt), Some(inbox)) = (mqtt, inbox) {
             for w in [Some(&mut watches.proplets), watches.incoming.as_mut()]
                 .into_iter()
@@ -540,6 +541,7 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
 /// The channels whose messages this replica must hear: those of its Proplets and of those moving to it.
 fn served_channels(ctx: &Context) -> std::collections::BTreeSet<crate::mqtt::topics::Channel> {
     let mut channels = ctx.proplet_index.channels();
+    channels.extend(ctx.broadcasts.all());
     channels.extend(
         ctx.incoming
             .state()

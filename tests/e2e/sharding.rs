@@ -268,23 +268,6 @@ async fn three_shards_split_the_proplets_and_start_every_task_once() -> anyhow::
             Some(json!("42"))
         );
     }
-    // A broadcast would reach one shard's proplets only: it is refused, visibly, instead.
-    env.create::<Task>(json!({"metadata": {"name": "everyone"},
-        "spec": {"name": "everyone", "functionName": "add", "file": ADD, "inputs": [1, 2], "broadcast": true}}))
-        .await?;
-    env.wait_for(
-        &env.tasks(),
-        "everyone",
-        "refused as a broadcast",
-        |t: &Task| {
-            t.status.as_ref().is_some_and(|s| {
-                s.conditions.iter().any(|c| {
-                    c.type_ == "Ready" && c.reason.as_deref() == Some("BroadcastNotSharded")
-                })
-            })
-        },
-    )
-    .await?;
     // Each shard's caches hold its own share only.
     for i in 0..3 {
         let ctx = env.operator(i).map(|o| std::sync::Arc::clone(o.context()));
@@ -531,6 +514,65 @@ async fn a_rolling_restart_under_load_loses_and_repeats_no_task() -> anyhow::Res
     println!("{resent} starts sent again for tasks running on a stopped shard");
     for s in sims {
         s.shutdown().await;
+    }
+    env.finish().await
+}
+
+/// A broadcast held by one shard reaches every proplet, each on a channel of its own and most owned by other
+/// shards: the holder subscribes to their channels before the start goes out, and hears every result.
+#[tokio::test]
+async fn a_broadcast_reaches_the_proplets_of_every_shard_on_their_own_channels()
+-> anyhow::Result<()> {
+    let (env, sims) = replicas("bcast3", 6, |c| c.channel = format!("own-{}", c.client_id)).await?;
+    let clients: Vec<String> = sims.iter().map(|s| s.client_id.clone()).collect();
+    let l = settled(&env, &clients).await?;
+    let owners: BTreeSet<&String> = l.values().flatten().collect();
+    anyhow::ensure!(
+        owners.len() >= 2,
+        "the proplets are on one shard only: {l:?}"
+    );
+    for i in 0..6 {
+        crate::support::wait_running(&env, &format!("p{i}")).await?;
+    }
+    env.create::<Task>(json!({"metadata": {"name": "everyone"},
+        "spec": {"name": "everyone", "functionName": "add", "file": ADD, "inputs": [1, 2], "broadcast": true}}))
+        .await?;
+    let t = env
+        .wait_for(
+            &env.tasks(),
+            "everyone",
+            "broadcast completion",
+            |t: &Task| t.phase() == TaskPhase::Completed,
+        )
+        .await?;
+    let results = t.status.as_ref().and_then(|s| s.results.clone());
+    let answered: BTreeSet<String> = results
+        .as_ref()
+        .and_then(|r| r.as_object())
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        answered,
+        clients.iter().cloned().collect::<BTreeSet<_>>(),
+        "every proplet's result: {results:?}"
+    );
+    let uid = t.uid().unwrap_or_default();
+    for s in &sims {
+        let runs = s
+            .runs
+            .lock()
+            .map(|v| v.iter().filter(|id| **id == uid).count())
+            .unwrap_or(0);
+        assert_eq!(runs, 1, "{} ran the broadcast {runs} times", s.client_id);
+    }
+    // Ended: no shard keeps the other shards' channels for it.
+    for i in 0..3 {
+        if let Some(o) = env.operator(i) {
+            assert!(
+                o.context().broadcasts.all().is_empty(),
+                "operator {i} still listens"
+            );
+        }
     }
     env.finish().await
 }

@@ -383,9 +383,15 @@ impl Env {
             config.metrics_interval = Duration::from_secs(1);
             config.namespace = self.ns.clone();
             tune(&mut config);
+            // A proplet tuned onto a channel of its own is declared on it.
+            let extra = if config.channel == CHANNEL {
+                json!({})
+            } else {
+                json!({"connectionConfig": {"domainId": DOMAIN, "channelId": config.channel,
+                    "clientId": c, "clientKey": format!("{c}-key"), "mqttAddress": self.broker.address()}})
+            };
             sims.push(sim::spawn(config)?);
-            self.external_proplet(&format!("p{i}"), c, json!({}))
-                .await?;
+            self.external_proplet(&format!("p{i}"), c, extra).await?;
         }
         Ok(sims)
     }

@@ -1,6 +1,6 @@
 //! Putting a placed task on the wire: the finalizer, the start (to one proplet or every channel of a
 //! broadcast), `running` recorded after it; the stop for a task that ends early or is deleted.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::wire::{channel_of, parent_results, start_request};
 use crate::api::common::{ConditionStatus, set_condition};
-use crate::api::proplet::{Proplet, PropletPhase};
+use crate::api::proplet::Proplet;
 use crate::api::task::{Task, TaskPhase, TaskStatus};
 use crate::context::Context;
 use crate::controllers::now;
@@ -90,7 +90,7 @@ pub(super) async fn launch(
 
 /// Writes `status` as running with the Started condition (`msg`), then sends the start: the write first, so
 /// that a stale view sends nothing.
-async fn record_and_send(
+pub(super) async fn record_and_send(
     task: &Task,
     ctx: &Context,
     mut status: TaskStatus,
@@ -221,6 +221,9 @@ fn reaches(task: &Task, ctx: &Context) -> bool {
 fn start_channels(task: &Task, ctx: &Context) -> BTreeSet<Channel> {
     let status = task.status.clone().unwrap_or_default();
     if task.spec.broadcast == Some(true) {
+        if let Some(channels) = ctx.broadcasts.get(&task.uid().unwrap_or_default()) {
+            return channels;
+        }
         return status
             .broadcast_targets
             .iter()
@@ -277,7 +280,9 @@ pub(super) async fn write_status(
     status.updated_at = Some(now());
     let written = ctx.apply_status(task, &status).await?;
     if !written.phase().is_active() {
-        ctx.launched.forget(&written.uid().unwrap_or_default());
+        let uid = written.uid().unwrap_or_default();
+        ctx.launched.forget(&uid);
+        ctx.broadcasts.forget(&uid);
     }
     Ok(written)
 }
@@ -290,53 +295,6 @@ pub(super) fn next_look(task: &Task, ctx: &Context) -> Duration {
     } else {
         timeout.min(FINALIZER_AFTER + Duration::from_millis(100))
     }
-}
-
-pub(super) async fn dispatch_broadcast(
-    task: &Task,
-    ctx: &Context,
-    mut status: TaskStatus,
-) -> Result<Action> {
-    let g = task.metadata.generation;
-    let ns = task.namespace();
-    let targets: Vec<Arc<Proplet>> = ctx
-        .proplets
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace() == ns && p.phase() == PropletPhase::Running)
-        .collect();
-    let mut channels: BTreeMap<Channel, Vec<String>> = BTreeMap::new();
-    for p in &targets {
-        if let (Some(ch), Some(client)) = (channel_of(p), p.spec.connection_config.client()) {
-            channels.entry(ch).or_default().push(client.to_string());
-        }
-    }
-    if channels.is_empty() {
-        let why = "no Running proplets in this namespace to broadcast to";
-        let old = status.clone();
-        set_condition(
-            &mut status.conditions,
-            "Scheduled",
-            ConditionStatus::False,
-            "NoProplet",
-            why,
-            g,
-        );
-        if status != old {
-            write_status(ctx, task, status).await?;
-        }
-        return Ok(Action::requeue(WAIT_FOR_PROPLET));
-    }
-    status.broadcast_targets = channels.into_values().flatten().collect();
-    status.broadcast_targets.sort();
-    status.phase = Some(TaskPhase::Running);
-    status.started_at = Some(now());
-    status.attempts = Some(status.attempts.unwrap_or(0) + 1);
-    status.results = Some(json!({}));
-    let msg = format!("broadcast to {} proplets", status.broadcast_targets.len());
-    record_and_send(task, ctx, status, &msg).await?;
-    ctx.routine_event(task, "Dispatched", "Dispatch", msg).await;
-    Ok(Action::requeue(next_look(task, ctx)))
 }
 
 pub(super) fn timeout_of(task: &Task, ctx: &Context) -> Duration {
@@ -379,16 +337,23 @@ pub(super) async fn stop(task: &Task, ctx: &Context, status: &TaskStatus) {
         broadcast: task.spec.broadcast == Some(true),
     };
     let ns = task.namespace();
-    let channels: Vec<Channel> = ctx
-        .proplets
-        .state()
-        .iter()
-        .filter(|p| p.namespace() == ns)
-        .filter(|p| stop.broadcast || Some(p.name_any()) == status.assigned_proplet)
-        .filter_map(|p| channel_of(p))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let recorded = stop
+        .broadcast
+        .then(|| ctx.broadcasts.get(&stop.id))
+        .flatten();
+    let channels: Vec<Channel> = match recorded {
+        Some(channels) => channels.into_iter().collect(),
+        None => ctx
+            .proplets
+            .state()
+            .iter()
+            .filter(|p| p.namespace() == ns)
+            .filter(|p| stop.broadcast || Some(p.name_any()) == status.assigned_proplet)
+            .filter_map(|p| channel_of(p))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
     for ch in channels {
         let outcome = match mqtt.publish_json(&ch.stop(), &stop).await {
             Ok(()) => "ok",

@@ -4,6 +4,7 @@
 //!
 //! One file per job: [`gates`] (may it be placed yet), [`placement`] (where), [`launch`] (the start and
 //! stop on the wire), [`wire`] (the messages), [`outcome`] (how it ends), [`job_backend`] (k8s proplets).
+pub mod broadcast;
 pub mod gates;
 pub mod job_backend;
 pub mod launch;
@@ -73,10 +74,14 @@ fn stop_deleted(ctx: &Arc<Context>, t: &Task) {
     // A deletion that waited for finalizers has been through `launch::cleanup`, which sent the stop.
     let waited = t.metadata.deletion_timestamp.is_some();
     if !t.phase().is_active() || waited || status.job_name.is_some() || !owned {
+        ctx.broadcasts.forget(&uid);
         return;
     }
     let (ctx, t) = (Arc::clone(ctx), t.clone());
-    tokio::spawn(async move { launch::stop(&t, &ctx, &status).await });
+    tokio::spawn(async move {
+        launch::stop(&t, &ctx, &status).await;
+        ctx.broadcasts.forget(&uid);
+    });
 }
 
 /// Tasks to look at again when a proplet changes: those waiting for one in its namespace, and those on it.
@@ -214,6 +219,9 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
             if status.job_name.is_some() {
                 job_backend::watch(&task, &ctx).await
             } else {
+                if task.spec.broadcast == Some(true) {
+                    broadcast::keep_listening(&task, &ctx).await?;
+                }
                 if let Some(wait) = launch::resume(&task, &ctx).await? {
                     return Ok(wait);
                 }

@@ -9,7 +9,7 @@ use kube::runtime::events::EventType;
 
 use super::gates::{dependency_cycle, dependency_gate, dependency_phases};
 use super::job_backend;
-use super::launch::{WAIT_FOR_PROPLET, dispatch_broadcast, launch};
+use super::launch::{WAIT_FOR_PROPLET, launch};
 use super::outcome::{Ending, end_task, refuse};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::{Proplet, PropletType};
@@ -95,19 +95,7 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
     };
 
     if task.spec.broadcast == Some(true) {
-        if ctx.ownership.is_sharded() {
-            // A shard knows only its own proplets: a broadcast from one would silently miss the others.
-            return refuse(
-                task,
-                ctx,
-                status,
-                "BroadcastNotSharded",
-                "broadcast tasks are not run by sharded replicas (--leader-elect) yet: each shard knows \
-                 only its own proplets",
-            )
-            .await;
-        }
-        return dispatch_broadcast(task, ctx, status).await;
+        return super::broadcast::dispatch(task, ctx, status).await;
     }
 
     let choice = choose(
