@@ -412,8 +412,9 @@ async fn running_on(env: &Env, shard: &str) -> anyhow::Result<BTreeSet<String>> 
 // Many proplets and three operators: on threads of their own, as separate processes would be, so that
 // heartbeats are not delayed behind the test's own work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known failure (docs/sharding.md, What is not built yet): under this load on one machine healthy \
-            shards renew their Lease too late and are fenced; run with --ignored"]
+#[ignore = "not in make test (docs/sharding.md, What is not built yet): passes alone (4 of 4 runs, 74-76 s), but \
+            run beside the moderate kill test it overloads a 2-core machine and that test saw a task run twice \
+            in 3 of 6 runs; run with --ignored"]
 async fn killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task() -> anyhow::Result<()>
 {
     kill_under_load("load", 100, 2000).await
