@@ -75,7 +75,9 @@ where
     let key = object_key(obj);
     let m = &ctx.metrics;
     m.queue_start(controller, &key);
-    let span = tracing::info_span!("reconcile", controller, object = %key);
+    // The replica, for logs of several operators in one process (tests) or one stream (a log store).
+    let replica = ctx.ownership.identity().unwrap_or_default();
+    let span = tracing::info_span!("reconcile", controller, object = %key, replica);
     let start = Instant::now();
     let result = f.instrument(span).await;
     m.reconcile_time_seconds

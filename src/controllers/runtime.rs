@@ -478,14 +478,15 @@ where
 pub fn retry_after_error<K: Resource>(
     controller: &'static str,
 ) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action + Send + Sync + 'static {
-    move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
+    move |obj: Arc<K>, err: &Error, ctx: Arc<Context>| {
         let name = obj.meta().name.clone().unwrap_or_default();
+        let replica = ctx.ownership.identity().unwrap_or_default();
         if let Error::Conflict(msg) = err {
             // Our view was stale; the watch is about to deliver the newer version.
-            tracing::info!(controller, object = %name, %msg, "stale view; retrying");
+            tracing::info!(controller, object = %name, %replica, %msg, "stale view; retrying");
             return Action::requeue(Duration::from_millis(200));
         }
-        warn!(controller, object = %name, error = %err, "reconcile failed; retrying in 5s");
+        warn!(controller, object = %name, %replica, error = %err, "reconcile failed; retrying in 5s");
         Action::requeue(Duration::from_secs(5))
     }
 }
