@@ -61,6 +61,19 @@ impl PendingResults {
         }
     }
 
+    /// Keeps what waits for a task that left this shard (it may come back: a live handover), acknowledged
+    /// now as parked results are, and as fresh for [`PendingResults::sweep`] as if it had just arrived.
+    pub fn park(&self, uid: &str) {
+        if let Ok(mut m) = self.inner.lock()
+            && let Some(v) = m.get_mut(uid)
+        {
+            for ((_, at), ack) in v.iter_mut() {
+                *at = Instant::now();
+                drop(ack.take());
+            }
+        }
+    }
+
     /// Forgets (and acknowledges) everything waiting for a task that is gone.
     pub fn forget(&self, uid: &str) {
         if let Ok(mut m) = self.inner.lock() {
@@ -387,5 +400,26 @@ mod tests {
         w.wrote("u", every);
         assert!(w.wait("u", every).is_some_and(|d| d <= every));
         assert!(w.wait("other", every).is_none());
+    }
+
+    /// A task that left this shard keeps its results (it may come back); the sweep drops them only a park
+    /// period after it left, not after they arrived.
+    #[test]
+    fn results_of_a_task_that_left_stay_parked_until_the_sweep() {
+        let results = PendingResults::default();
+        let r = TaskResult {
+            task_id: "u".into(),
+            proplet_id: Some("c".into()),
+            results: serde_json::json!("42"),
+            error: None,
+        };
+        results.push("u", r, None);
+        std::thread::sleep(Duration::from_millis(30));
+        results.park("u");
+        assert_eq!(results.sweep(Duration::from_millis(20), |_| false), 0);
+        assert_eq!(results.peek("u").len(), 1, "kept for when it comes back");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(results.sweep(Duration::from_millis(20), |_| false), 1);
+        assert!(results.peek("u").is_empty());
     }
 }

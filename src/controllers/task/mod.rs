@@ -62,9 +62,16 @@ pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Task>) {
 /// A running task deleted without our finalizer (it had not run long enough to earn one): its stop goes out
 /// from the delete event. (With the finalizer, the controller sends it before letting the Task go.)
 fn stop_deleted(ctx: &Arc<Context>, t: &Task) {
-    // Results still waiting for it are moot (acknowledged now), and it needs no start any more.
+    // It needs no start from us any more. Results still waiting for it are moot if it is gone; a shard's
+    // watch also says "deleted" of a Task that only moved to another shard and may come back (a live
+    // handover after a restart): those are kept, parked, until the sweep drops them. Forgetting them cost
+    // a task run twice when it came back without its result.
     let uid = t.uid().unwrap_or_default();
-    ctx.results.forget(&uid);
+    if ctx.ownership.is_sharded() {
+        ctx.results.park(&uid);
+    } else {
+        ctx.results.forget(&uid);
+    }
     ctx.launched.forget(&uid);
     let status = t.status.clone().unwrap_or_default();
     let owned = status
