@@ -414,7 +414,7 @@ async fn running_on(env: &Env, shard: &str) -> anyhow::Result<BTreeSet<String>> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "not in make test (docs/sharding.md, What is not built yet): passes alone (4 of 4 runs, 74-76 s); run \
             beside the other sharding tests it overloads 2 cores, and the moderate kill test then failed in 1 of \
-            6 runs (a task still running at the deadline) after the double-run fix; run with --ignored"]
+            8 runs (a task still running at the deadline) after the double-run fix; run with --ignored"]
 async fn killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task() -> anyhow::Result<()>
 {
     kill_under_load("load", 100, 2000).await
