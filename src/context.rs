@@ -56,6 +56,8 @@ pub struct Context {
     pub task_index: TaskIndex,
     /// The channels of the proplets each running broadcast was sent to.
     pub broadcasts: BroadcastChannels,
+    /// Woken whenever the MQTT subscriptions may have to change (owned Proplets, running broadcasts).
+    pub resubscribe: Arc<tokio::sync::Notify>,
     pub liveness: Liveness,
     pub results: PendingResults,
     pub task_metrics: TaskMetricsBuffer,
@@ -121,6 +123,7 @@ impl Context {
         } else {
             Ownership::single()
         };
+        let resubscribe = Arc::new(tokio::sync::Notify::new());
         let ctx = Context {
             backlog,
             launched: Launched::default(),
@@ -142,7 +145,8 @@ impl Context {
             fl_updates,
             proplet_index: PropletIndex::default(),
             task_index: TaskIndex::default(),
-            broadcasts: BroadcastChannels::default(),
+            broadcasts: BroadcastChannels::new(Arc::clone(&resubscribe)),
+            resubscribe,
             liveness: Liveness::default(),
             results: PendingResults::default(),
             task_metrics: TaskMetricsBuffer::default(),

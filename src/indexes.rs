@@ -175,14 +175,21 @@ impl TaskIndex {
 /// The channels each broadcast this replica holds was sent to. Results come back on the targets'
 /// channels, and a shard hears a channel only while it subscribes to it: a shard's broadcast reaches
 /// proplets of other shards, so their channels are subscribed to for as long as the broadcast runs.
-#[derive(Default)]
 pub struct BroadcastChannels {
     by_task: std::sync::Mutex<HashMap<String, BTreeSet<Channel>>>,
     /// Woken on every change: the subscriptions follow.
-    pub changed: Arc<tokio::sync::Notify>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl BroadcastChannels {
+    /// Tells `resubscribe` of every change.
+    pub fn new(resubscribe: Arc<tokio::sync::Notify>) -> Self {
+        BroadcastChannels {
+            by_task: Default::default(),
+            changed: resubscribe,
+        }
+    }
+
     pub fn get(&self, uid: &str) -> Option<BTreeSet<Channel>> {
         self.by_task.lock().ok()?.get(uid).cloned()
     }

@@ -221,7 +221,7 @@ impl Operator {
         }
 
         // Subscriptions follow the owned Proplets' channels and those of running broadcasts.
-        let changed = Arc::clone(&ctx.broadcasts.changed);
+        let changed = Arc::clone(&ctx.resubscribe);
         if let (Some(mqtt), Some(inbox)) = (mqtt, inbox) {
             for w in [Some(&mut watches.proplets), watches.incoming.as_mut()]
                 .into_iter()

@@ -140,7 +140,7 @@ async fn listening(ctx: &Context, channels: &BTreeSet<Channel>) -> bool {
             false
         }
         None => {
-            ctx.broadcasts.changed.notify_one();
+            ctx.resubscribe.notify_one();
             false
         }
     }
