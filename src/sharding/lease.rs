@@ -75,6 +75,11 @@ impl Observed {
             .map(|(_, at)| now.saturating_duration_since(*at))
     }
 
+    /// When the Lease `name` was last seen to change, if it was ever seen.
+    pub fn changed_at(&self, name: &str) -> Option<Instant> {
+        self.seen.get(name).map(|(_, at)| *at)
+    }
+
     /// Forgets Leases no longer listed.
     pub fn retain(&mut self, names: &std::collections::HashSet<String>) {
         self.seen.retain(|n, _| names.contains(n));

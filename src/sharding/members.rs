@@ -79,6 +79,24 @@ pub fn judge_all(
     shards
 }
 
+/// When the first Lease still held by its own shard will have been unchanged for `lease_duration`, as
+/// this replica observed them (a fenced or released Lease expires no more).
+pub fn next_expiry<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+    observed: &Observed,
+    lease_duration: Duration,
+) -> Option<Instant> {
+    leases
+        .into_iter()
+        .filter(|l| {
+            let name = l.name_any();
+            holder(l).is_some_and(|h| shard_of_lease(&name) == Some(h))
+        })
+        .filter_map(|l| observed.changed_at(&l.name_any()))
+        .map(|at| at + lease_duration)
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +128,26 @@ mod tests {
         assert!(!State::Leaving.is_member());
         // Silent while leaving: expired all the same.
         assert_eq!(judge(&leaving, Duration::from_secs(16), d), State::Expired);
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_earliest_live_lease_seen_plus_a_duration() {
+        let d = Duration::from_secs(15);
+        let mut o = Observed::default();
+        let t0 = Instant::now();
+        let a = lease("a", "1", Some("a"));
+        let b = lease("b", "1", Some("b"));
+        let fenced = lease("c", "1", Some("a"));
+        let released = lease("d", "1", None);
+        for (l, at) in [(&a, 3), (&b, 1), (&fenced, 0), (&released, 0)] {
+            o.observe(l, t0 + Duration::from_secs(at));
+        }
+        let all = [a.clone(), b, fenced, released];
+        assert_eq!(next_expiry(&all, &o, d), Some(t0 + Duration::from_secs(16)));
+        // b renewed: a is next.
+        o.observe(&lease("b", "2", Some("b")), t0 + Duration::from_secs(5));
+        assert_eq!(next_expiry(&all, &o, d), Some(t0 + Duration::from_secs(18)));
+        assert_eq!(next_expiry(&all[2..], &o, d), None);
     }
 
     #[test]

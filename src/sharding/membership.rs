@@ -7,14 +7,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::ListParams;
-use kube::{Client, ResourceExt};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
 use kube_leader_election::{LeaseLock, LeaseLockParams, LeaseLockResult};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::lease::{Hold, Leases, Observed, Timings, holder};
-use super::members::{State, judge_all};
+use super::members::{State, judge_all, next_expiry};
 use super::{Ownership, RING, RING_LABEL, ring_selector, shard_lease_name};
 use crate::telemetry::Metrics;
 
@@ -65,6 +70,8 @@ pub fn spawn(
     ));
     let leaving = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(tokio::sync::Notify::new());
+    let (seen, changes) = tokio::sync::mpsc::unbounded_channel();
+    let watch = AbortOnDrop(watch_leases(leases.api().clone(), seen));
     let state = Loop {
         leaving: Arc::clone(&leaving),
         wake: Arc::clone(&wake),
@@ -74,6 +81,9 @@ pub fn spawn(
         settings: settings.clone(),
         metrics: Arc::clone(&metrics),
         observed: Observed::default(),
+        known: BTreeMap::new(),
+        changes: Some(changes),
+        _watch: watch,
         renewed: None,
         leading: None,
     };
@@ -167,6 +177,11 @@ struct Loop {
     settings: Settings,
     metrics: Arc<Metrics>,
     observed: Observed,
+    /// The ring's Leases by name, as last listed or watched.
+    known: BTreeMap<String, Lease>,
+    /// Every change of a ring Lease, as the watch sees it (taken by `run`).
+    changes: Option<tokio::sync::mpsc::UnboundedReceiver<Lease>>,
+    _watch: AbortOnDrop,
     /// When the shard Lease was last renewed.
     renewed: Option<Instant>,
     /// When the leader Lease was last renewed, while leading.
@@ -186,13 +201,35 @@ impl Loop {
     async fn run(mut self, halt: tokio::sync::watch::Sender<bool>) {
         let mut every = tokio::time::interval(self.settings.timings.retry_period);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = self.changes.take();
         loop {
             let wake = Arc::clone(&self.wake);
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = wake.notified() => {}
-            }
-            if let Err(why) = self.round().await {
+            let expiry = self.next_expiry();
+            let woke = tokio::select! {
+                _ = every.tick() => Woke::Period,
+                _ = wake.notified() => Woke::Period,
+                Some(lease) = async {
+                    match changes.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => None,
+                    }
+                } => Woke::Changed(Box::new(lease)),
+                _ = tokio::time::sleep_until(expiry) => Woke::Expiry,
+            };
+            let result = match woke {
+                Woke::Period => self.round().await,
+                Woke::Changed(lease) => {
+                    // Seen as it is made: a renewal is observed within the watch's latency, not a retry
+                    // period later, so a silent shard expires a Lease duration after its last renewal.
+                    self.known.insert(lease.name_any(), *lease);
+                    self.judge_known().await;
+                    Ok(())
+                }
+                // A shard went silent for a Lease duration just now: a whole round, so that a dead leader's
+                // Lease is sought at once too.
+                Woke::Expiry => self.round().await,
+            };
+            if let Err(why) = result {
                 error!(identity = %self.settings.identity, "{why}: this replica stops acting and halts");
                 self.ownership.revoke();
                 leader_gauge(&self.metrics, &self.settings, 0);
@@ -268,7 +305,7 @@ impl Loop {
         } else {
             self.compete(started, retry, deadline).await;
         }
-        self.judge(duration, retry, deadline).await
+        self.judge(retry, deadline).await
     }
 
     /// One try at the leader Lease: acquired or renewed, or stepping back when it is lost.
@@ -308,12 +345,7 @@ impl Loop {
     }
 
     /// Reads every shard Lease into the ring's states; as leader, fences the silent ones.
-    async fn judge(
-        &mut self,
-        duration: Duration,
-        retry: Duration,
-        deadline: Duration,
-    ) -> Result<(), String> {
+    async fn judge(&mut self, retry: Duration, deadline: Duration) -> Result<(), String> {
         let listed = bounded(
             retry.max(deadline / 2),
             self.leases
@@ -321,13 +353,41 @@ impl Loop {
                 .list(&ListParams::default().labels(&ring_selector())),
         )
         .await;
-        let leases = match listed {
-            Ok(l) => l.items,
+        match listed {
+            Ok(l) => {
+                self.known = l.items.into_iter().map(|l| (l.name_any(), l)).collect();
+            }
             Err(e) => {
+                // The watch may still bring changes; the ring is judged from what was seen last.
                 warn!(error = %e, "shard Leases not listed; the ring stays as it was");
                 return Ok(());
             }
-        };
+        }
+        self.judge_known().await;
+        Ok(())
+    }
+
+    /// When the next live shard Lease expires unless renewed (far ahead when there is none: the retry
+    /// period's round comes first).
+    fn next_expiry(&self) -> tokio::time::Instant {
+        let now = Instant::now();
+        let soonest = next_expiry(
+            self.known.values(),
+            &self.observed,
+            self.settings.timings.duration,
+        )
+        .map(|at| at + EXPIRY_MARGIN)
+        .filter(|at| *at > now);
+        soonest.map_or_else(
+            || tokio::time::Instant::now() + self.settings.timings.retry_period * 4,
+            tokio::time::Instant::from_std,
+        )
+    }
+
+    /// Judges the known shard Leases into the ring's states; as leader, fences the silent ones.
+    async fn judge_known(&mut self) {
+        let duration = self.settings.timings.duration;
+        let leases: Vec<Lease> = self.known.values().cloned().collect();
         let now = Instant::now();
         let states = judge_all(&leases, &mut self.observed, now, duration);
         let members = states.iter().filter(|(_, s)| s.is_member()).count();
@@ -357,7 +417,6 @@ impl Loop {
                 self.fence(shard, &leases).await;
             }
         }
-        Ok(())
     }
 
     /// Takes the Lease of a shard silent for a Lease duration: from then on it cannot renew, and it
@@ -384,6 +443,48 @@ impl Loop {
             Ok(Hold::HeldBy(_)) => {}
             Err(e) => warn!(error = %e, %shard, "could not fence a silent shard"),
         }
+    }
+}
+
+/// Past a Lease's expiry when the timer fires (the judgement needs `unchanged_for >= duration`).
+const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
+
+/// What woke the loop.
+enum Woke {
+    Period,
+    Changed(Box<Lease>),
+    Expiry,
+}
+
+/// Sends every ring Lease as it is listed or changes. Deletions are left to the periodic list (a
+/// deleted shard Lease is a rare, manual act).
+fn watch_leases(
+    api: Api<Lease>,
+    seen: tokio::sync::mpsc::UnboundedSender<Lease>,
+) -> JoinHandle<()> {
+    let config = watcher::Config::default().labels(&ring_selector());
+    tokio::spawn(
+        watcher(api, config)
+            .default_backoff()
+            .applied_objects()
+            .for_each(move |lease| {
+                match lease {
+                    Ok(lease) => {
+                        let _ = seen.send(lease);
+                    }
+                    Err(e) => warn!(error = %e, "shard Lease watch failed; retrying"),
+                }
+                futures::future::ready(())
+            }),
+    )
+}
+
+/// Aborts the task when dropped (the Lease watch ends with the loop).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

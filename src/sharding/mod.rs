@@ -83,6 +83,9 @@ pub struct Shard {
     owned: RwLock<Owned>,
     /// Every shard with a Lease, with its state, sorted.
     states: RwLock<Vec<(String, members::State)>>,
+    /// Bumped whenever `states` changes: the leader's sharder acts on a change at once (a fenced shard's
+    /// proplets move without waiting for the sharder's next period).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +113,7 @@ impl Ownership {
                 leader: AtomicBool::new(false),
                 owned: RwLock::new(Owned::default()),
                 states: RwLock::new(Vec::new()),
+                changes: tokio::sync::watch::Sender::new(0),
             })),
         }
     }
@@ -237,9 +241,16 @@ impl Ownership {
     pub(crate) fn set_states(&self, states: Vec<(String, members::State)>) {
         if let Some(s) = &self.shard
             && let Ok(mut m) = s.states.write()
+            && *m != states
         {
             *m = states;
+            s.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Changes as [`Ownership::states`] changes (None for a single replica, whose states never do).
+    pub fn state_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.shard.as_ref().map(|s| s.changes.subscribe())
     }
 
     /// Follows the (label-selected) Proplet watch: a Proplet in it is ours unless it is moving away.

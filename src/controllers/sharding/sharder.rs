@@ -68,9 +68,17 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         let _stop_watch = AbortOnDrop(watch);
         let mut orphaned: BTreeSet<String> = BTreeSet::new();
         let mut every = tokio::time::interval(period / 2);
+        let mut ring = ctx.ownership.state_changes();
         loop {
             tokio::select! {
                 _ = every.tick() => {}
+                // A shard fenced, gone or back: act now, not at the next tick.
+                Some(Ok(())) = async {
+                    match ring.as_mut() {
+                        Some(r) => Some(r.changed().await),
+                        None => None,
+                    }
+                } => {}
                 _ = &mut shutdown => return,
             }
             if !ctx.ownership.is_leader() || !listed.load(std::sync::atomic::Ordering::SeqCst) {
