@@ -20,8 +20,10 @@ lint:
 
 ## Unit, integration and e2e tests on a real kube-apiserver, etcd, kube-controller-manager and mosquitto.
 ## With E2E_KUBECONFIG=path they run against that cluster instead of a local one.
+## The 2,000-task kill test (ignored in the first run) runs alone afterwards: it needs both cores.
 test: provision lint fl-client
 	$(CARGO) test --no-fail-fast --all-targets -- --test-threads=2
+	$(CARGO) test --test e2e -- --ignored --test-threads=1
 
 ## The example FL client (examples/fl-client/fl_client.c) as a WASI command, with Debian's clang and wasi-libc.
 FL_CLIENT := target/wasm32-wasi/fl-client.wasm

@@ -43,6 +43,16 @@ impl std::str::FromStr for BindAddress {
     }
 }
 
+/// What the shard ring hashes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ShardBy {
+    /// The Proplet's clientId.
+    #[default]
+    ClientId,
+    /// The Proplet's (domain, channel); its clientId orders it within the channel.
+    Channel,
+}
+
 /// Where tasks on k8s proplets run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum K8sTaskBackend {
@@ -244,6 +254,13 @@ pub struct OperatorConfig {
     /// How often Leases are renewed and the ring is recomputed.
     #[arg(long, default_value = "2s")]
     pub retry_period: GoDuration,
+    /// What the ring hashes to place a Proplet on a shard. client-id: its clientId (the most even
+    /// spread; a channel's proplets land on every shard, so each shard hears all of that channel's
+    /// messages). channel: its (domain, channel), so that a channel's proplets share a shard and MQTT
+    /// intake divides between shards too (bounded load still caps each shard; a channel larger than a
+    /// shard's share spills over). See docs/sharding.md.
+    #[arg(long, value_enum, default_value_t = ShardBy::ClientId)]
+    pub shard_by: ShardBy,
     /// Proplets handed over between live shards at the same time.
     #[arg(long, default_value_t = 100)]
     pub max_concurrent_moves: usize,

@@ -306,6 +306,11 @@ impl MqttClient {
             .then(|| self.generation.load(Ordering::SeqCst))
     }
 
+    /// The topics subscribed to now.
+    pub async fn subscriptions(&self) -> BTreeSet<String> {
+        self.subscriptions.lock().await.clone()
+    }
+
     /// The current generation of the subscription set.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)

@@ -69,9 +69,24 @@ impl Ring {
         keys: impl IntoIterator<Item = &'k str>,
         load_factor: f64,
     ) -> BTreeMap<String, String> {
-        let mut keys: Vec<&str> = keys.into_iter().collect();
-        keys.sort_by_key(|k| (hash(k), *k));
-        keys.dedup();
+        self.assign_grouped(keys.into_iter().map(|k| (k, k)), load_factor)
+    }
+
+    /// [`Ring::assign`] for `(group, key)` pairs placed by their group's hash: the keys of a group go to
+    /// one member unless it fills up (bounded load), then on clockwise. Adding or removing a member moves
+    /// about 1/N of the groups. Keys are placed in the order of (group hash, key hash), so the result does
+    /// not depend on the order they are given in.
+    pub fn assign_grouped<'k>(
+        &self,
+        keys: impl IntoIterator<Item = (&'k str, &'k str)>,
+        load_factor: f64,
+    ) -> BTreeMap<String, String> {
+        let mut keys: Vec<(u64, u64, &str, &str)> = keys
+            .into_iter()
+            .map(|(g, k)| (hash(g), hash(k), k, g))
+            .collect();
+        keys.sort();
+        keys.dedup_by(|a, b| a.2 == b.2);
         let mut out = BTreeMap::new();
         if self.members.is_empty() {
             return out;
@@ -79,8 +94,8 @@ impl Ring {
         let capacity = ((load_factor.max(1.0) * keys.len() as f64) / self.members.len() as f64)
             .ceil() as usize;
         let mut load = vec![0usize; self.members.len()];
-        for key in keys {
-            if let Some(m) = self.walk(key).find(|m| load[*m] < capacity.max(1)) {
+        for (_, _, key, group) in keys {
+            if let Some(m) = self.walk(group).find(|m| load[*m] < capacity.max(1)) {
                 load[m] += 1;
                 out.insert(key.to_string(), self.members[m].clone());
             }
@@ -131,6 +146,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn grouped_keys_stay_together_unless_their_member_is_full() {
+        let ring = Ring::new(shards(3), VIRTUAL_NODES);
+        // 30 groups of 10: a member holds at most ⌈1.25 × 100⌉ = 125, so at most one group per member
+        // is split where that member filled up.
+        let pairs: Vec<(String, String)> = (0..300)
+            .map(|i| (format!("channel-{}", i % 30), format!("proplet-{i}")))
+            .collect();
+        let a = ring.assign_grouped(
+            pairs.iter().map(|(g, k)| (g.as_str(), k.as_str())),
+            LOAD_FACTOR,
+        );
+        assert_eq!(a.len(), 300);
+        let mut members_of: BTreeMap<&str, std::collections::BTreeSet<&String>> = BTreeMap::new();
+        for (g, k) in &pairs {
+            members_of.entry(g.as_str()).or_default().insert(&a[k]);
+        }
+        let split = members_of.values().filter(|m| m.len() > 1).count();
+        assert!(
+            split <= ring.members().len(),
+            "{split} groups split: {members_of:?}"
+        );
+        for s in ring.members() {
+            assert!(a.values().filter(|m| *m == s).count() <= 125);
+        }
+        let reversed = ring.assign_grouped(
+            pairs.iter().rev().map(|(g, k)| (g.as_str(), k.as_str())),
+            LOAD_FACTOR,
+        );
+        assert_eq!(a, reversed, "the order keys are given in does not matter");
+        // Each key its own group: the plain assignment.
+        let ks = keys(500, 3);
+        assert_eq!(
+            ring.assign_grouped(ks.iter().map(|k| (k.as_str(), k.as_str())), LOAD_FACTOR),
+            ring.assign(ks.iter().map(String::as_str), LOAD_FACTOR)
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -149,6 +202,33 @@ mod tests {
                 .assign(ks.iter().map(String::as_str), LOAD_FACTOR);
             let fraction = moved(&after, &fewer) as f64 / ks.len() as f64;
             prop_assert!(fraction >= 0.5 * ideal && fraction <= 2.0 * ideal,
+                "leaving: {fraction:.3} moved, ideal {ideal:.3}");
+        }
+
+        /// Grouped by channel (200 channels of 10 proplets), a shard joining or leaving moves about 1/N of
+        /// the proplets too, whole channels at a time.
+        #[test]
+        fn grouped_a_shard_joining_or_leaving_moves_about_one_nth(n in 2usize..8, seed in 0u64..1000) {
+            let pairs: Vec<(String, String)> = keys(2000, seed)
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| (format!("channel-{seed}-{}", i % 200), k))
+                .collect();
+            let assign = |members: Vec<String>| {
+                Ring::new(members, VIRTUAL_NODES).assign_grouped(
+                    pairs.iter().map(|(g, k)| (g.as_str(), k.as_str())),
+                    LOAD_FACTOR,
+                )
+            };
+            let before = assign(shards(n));
+            let after = assign(shards(n + 1));
+            let ideal = 1.0 / (n + 1) as f64;
+            let fraction = moved(&before, &after) as f64 / pairs.len() as f64;
+            prop_assert!(fraction >= 0.4 * ideal && fraction <= 2.2 * ideal,
+                "joining: {fraction:.3} moved, ideal {ideal:.3}");
+            let fewer = assign(shards(n + 1).into_iter().skip(1).collect());
+            let fraction = moved(&after, &fewer) as f64 / pairs.len() as f64;
+            prop_assert!(fraction >= 0.4 * ideal && fraction <= 2.2 * ideal,
                 "leaving: {fraction:.3} moved, ideal {ideal:.3}");
         }
     }

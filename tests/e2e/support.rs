@@ -530,6 +530,12 @@ fn first_args(config: &OperatorConfig) -> Vec<String> {
             format!("--lease-duration={}ms", config.lease_duration.0.as_millis()),
             format!("--renew-deadline={}ms", config.renew_deadline.0.as_millis()),
             format!("--retry-period={}ms", config.retry_period.0.as_millis()),
+            format!(
+                "--shard-by={}",
+                clap::ValueEnum::to_possible_value(&config.shard_by)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            ),
         ]);
     }
     args

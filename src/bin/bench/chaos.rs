@@ -102,6 +102,7 @@ fn shard(
             lease_namespace: lease_ns,
             host,
             fl: Some(fl),
+            shard_by: b.args.shard_by,
         },
     )
 }

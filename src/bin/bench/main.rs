@@ -72,6 +72,9 @@ pub struct Args {
     /// Seconds over which CPU, memory and messages are measured in the sharding scale scenario.
     #[arg(long, default_value_t = 90)]
     pub shard_window_seconds: u64,
+    /// What the shards' ring hashes (the operator's `--shard-by`): client-id or channel.
+    #[arg(long, value_enum, default_value_t = propeller_operator::config::ShardBy::ClientId)]
+    pub shard_by: propeller_operator::config::ShardBy,
     /// Proplets on one channel for the messages-per-shard comparison.
     #[arg(long, default_value_t = 1_200)]
     pub fanout_proplets: usize,

@@ -25,6 +25,8 @@ pub struct ShardSpec<'a> {
     pub host: Option<&'a Remote<'a>>,
     /// The FL server's port and the public URL proplets are given (default: any port, no public URL).
     pub fl: Option<(u16, &'a str)>,
+    /// What the ring hashes.
+    pub shard_by: propeller_operator::config::ShardBy,
 }
 
 /// A network namespace and how the operator inside reaches the API server and the broker.
@@ -140,8 +142,13 @@ impl Operator {
             }
         }
         if let Some(s) = shard {
+            let by = match s.shard_by {
+                propeller_operator::config::ShardBy::ClientId => "client-id",
+                propeller_operator::config::ShardBy::Channel => "channel",
+            };
             cmd.args(["--leader-elect", "--identity", s.identity])
-                .args(["--leader-election-namespace", s.lease_namespace]);
+                .args(["--leader-election-namespace", s.lease_namespace])
+                .args(["--shard-by", by]);
         }
         let child = cmd
             .stdout(log_file.try_clone()?)

@@ -11,6 +11,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use propeller_operator::api::Proplet;
 use propeller_operator::api::proplet::PropletPhase;
+use propeller_operator::controllers::sharding::plan::position;
 use propeller_operator::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
 use propeller_operator::sharding::{DRAIN_LABEL, SHARD_LABEL};
 use serde_json::{Value, json};
@@ -58,13 +59,19 @@ async fn all_proplets(client: &Client) -> anyhow::Result<Vec<Proplet>> {
     }
 }
 
-async fn census(client: &Client, ns: &str, live: &[String]) -> anyhow::Result<Census> {
-    let all = all_proplets(client).await?;
+async fn census(b: &Bench, ns: &str, live: &[String]) -> anyhow::Result<Census> {
+    let by = b.args.shard_by;
+    let all = all_proplets(&b.client).await?;
     let ring = Ring::new(live.iter().cloned(), VIRTUAL_NODES);
-    let want = ring.assign(
-        all.iter().filter_map(|p| p.spec.connection_config.client()),
-        LOAD_FACTOR,
-    );
+    // Placed as the leader places them: by clientId, within its channel when the ring groups by channel.
+    let placed: Vec<(String, &str)> = all
+        .iter()
+        .filter_map(|p| {
+            let client = p.spec.connection_config.client()?;
+            Some((position(p, by), client))
+        })
+        .collect();
+    let want = ring.assign_grouped(placed.iter().map(|(g, k)| (g.as_str(), *k)), LOAD_FACTOR);
     let mut out = Census::default();
     for p in all.iter().filter(|p| p.namespace().as_deref() == Some(ns)) {
         out.total += 1;
@@ -91,7 +98,7 @@ async fn census(client: &Client, ns: &str, live: &[String]) -> anyhow::Result<Ce
 /// Waits until `n` Proplets are Running, each labelled with one of `live`, none draining; and, when
 /// `balanced`, each where the ring over `live` puts it. Returns the time it took.
 async fn settle(
-    client: &Client,
+    b: &Bench,
     ns: &str,
     n: usize,
     live: &[String],
@@ -100,7 +107,7 @@ async fn settle(
 ) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     loop {
-        let c = census(client, ns, live).await?;
+        let c = census(b, ns, live).await?;
         let labelled: usize = live.iter().filter_map(|s| c.by_shard.get(s)).sum();
         if c.running >= n && labelled >= n && c.draining == 0 && (!balanced || c.placed >= n) {
             return Ok(t0.elapsed());
@@ -116,7 +123,7 @@ async fn settle(
 
 /// Waits until none of `n` Proplets is labelled with shard `gone` (each on another of `live`).
 async fn moved_off(
-    client: &Client,
+    b: &Bench,
     ns: &str,
     n: usize,
     live: &[String],
@@ -127,7 +134,7 @@ async fn moved_off(
         .filter(|s| **s != identity(gone))
         .cloned()
         .collect();
-    settle(client, ns, n, &others, false, Duration::from_secs(300)).await
+    settle(b, ns, n, &others, false, Duration::from_secs(300)).await
 }
 
 fn identity(i: usize) -> String {
@@ -145,6 +152,7 @@ fn start_shard(b: &Bench, lease_ns: &str, i: usize) -> anyhow::Result<Operator> 
             lease_namespace: lease_ns,
             host: None,
             fl: None,
+            shard_by: b.args.shard_by,
         },
     )
 }
@@ -276,15 +284,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     single.kill();
     let mut ops = start_shards(b, &lease_ns).await?;
     let live: Vec<String> = (0..shards_n).map(identity).collect();
-    settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &live,
-        false,
-        Duration::from_secs(120),
-    )
-    .await?;
+    settle(b, &ns, ids.len(), &live, false, Duration::from_secs(120)).await?;
     let (rate_n, writes_n) = burst_once(b, &ns, "sbn").await?;
     eprintln!(
         "sharded burst: 1 replica {rate1:.0} tasks/s ({writes1:.2} writes/task), {shards_n} shards {rate_n:.0} tasks/s ({writes_n:.2})"
@@ -309,15 +309,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .collect();
     make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
     let hb = beat(b, &ids, 0);
-    settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &live,
-        false,
-        Duration::from_secs(300),
-    )
-    .await?;
+    settle(b, &ns, ids.len(), &live, false, Duration::from_secs(300)).await?;
     let refs: Vec<&Operator> = ops.iter().collect();
     let rows = usage_over(&refs, Duration::from_secs(60)).await?;
     hb.abort();
@@ -349,15 +341,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let single_row = usage_over(&[&single], window).await?;
     single.kill();
     let mut ops = start_shards(b, &lease_ns).await?;
-    settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &live,
-        true,
-        Duration::from_secs(600),
-    )
-    .await?;
+    settle(b, &ns, ids.len(), &live, true, Duration::from_secs(600)).await?;
     tokio::time::sleep(Duration::from_secs(20)).await;
     let before = apiserver_writes(&b.client).await?;
     let t0 = Instant::now();
@@ -394,20 +378,13 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let victim = (lead + 1) % shards_n;
     ops[victim].kill();
     let killed = Instant::now();
-    moved_off(&b.client, &ns, ids.len(), &live, victim).await?;
+    moved_off(b, &ns, ids.len(), &live, victim).await?;
     let failover = killed.elapsed().as_secs_f64();
     ops[victim] = start_shard(b, &lease_ns, victim)?;
     ops[victim].ready().await?;
-    let rejoin = settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &live,
-        true,
-        Duration::from_secs(300),
-    )
-    .await?
-    .as_secs_f64();
+    let rejoin = settle(b, &ns, ids.len(), &live, true, Duration::from_secs(300))
+        .await?
+        .as_secs_f64();
     eprintln!("failover: reassigned {failover:.1} s after the kill; rejoined in {rejoin:.1} s");
     b.results.insert("shard_failover_s", json!(failover));
     b.results.insert("shard_rejoin_s", json!(rejoin));
@@ -419,7 +396,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let moves: Moves = Arc::default();
     let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = census(&b.client, &ns, &live)
+    let held = census(b, &ns, &live)
         .await?
         .by_shard
         .get(&identity(victim))
@@ -428,7 +405,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let t0 = Instant::now();
     ops[victim].terminate(Duration::from_secs(120)).await;
     let exited = t0.elapsed().as_secs_f64();
-    moved_off(&b.client, &ns, ids.len(), &live, victim).await?;
+    moved_off(b, &ns, ids.len(), &live, victim).await?;
     let all_moved = t0.elapsed().as_secs_f64();
     mover.abort();
     let per_move = sorted(
@@ -485,15 +462,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     ops[victim].ready().await?;
     // Rebalancing a large fleet live may outlast the wait on a loaded machine: that is a result too, and
     // the fleet search needs a balanced ring, so it is skipped then.
-    let rebalanced = settle(
-        &b.client,
-        &ns,
-        ids.len(),
-        &live,
-        true,
-        Duration::from_secs(300),
-    )
-    .await;
+    let rebalanced = settle(b, &ns, ids.len(), &live, true, Duration::from_secs(300)).await;
     if let Err(e) = &rebalanced {
         eprintln!("rebalance after the graceful stop: {e}");
         b.results
@@ -546,7 +515,7 @@ async fn fleet_step(
     live: &[String],
 ) -> Value {
     let n = ids.len();
-    if let Err(e) = settle(&b.client, ns, n, live, false, Duration::from_secs(900)).await {
+    if let Err(e) = settle(b, ns, n, live, false, Duration::from_secs(900)).await {
         return json!({"proplets": n, "held": false, "why": format!("never settled: {e}")});
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -564,10 +533,7 @@ async fn fleet_step(
         }
         Err(_) => f64::NAN,
     };
-    let running = census(&b.client, ns, live)
-        .await
-        .map(|c| c.running)
-        .unwrap_or(0);
+    let running = census(b, ns, live).await.map(|c| c.running).unwrap_or(0);
     let held = running >= n && per_min <= 0.5;
     let why = if running < n {
         format!("{} of {n} proplets not Running at the end", n - running)

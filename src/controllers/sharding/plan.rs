@@ -8,6 +8,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 
 use crate::api::proplet::Proplet;
+use crate::config::ShardBy;
 use crate::sharding::members::State;
 use crate::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
 use crate::sharding::{DRAIN_READY_LABEL, drain_of, shard_of};
@@ -61,8 +62,25 @@ pub fn key(p: &Proplet) -> String {
         .unwrap_or_else(|| p.name_any())
 }
 
+/// Where a Proplet's place on the ring is hashed from: its key, or its channel (`domain/channel`: the
+/// MQTT topics it is heard on) when the ring groups by channel.
+pub fn position(p: &Proplet, by: ShardBy) -> String {
+    let cc = &p.spec.connection_config;
+    match by {
+        ShardBy::Channel if !cc.channel_id.is_empty() => {
+            format!("{}/{}", cc.domain().unwrap_or_default(), cc.channel_id)
+        }
+        _ => key(p),
+    }
+}
+
 /// What to do now. `states` holds every shard with a Lease; a shard without one counts as gone.
-pub fn plan(proplets: &[Arc<Proplet>], states: &HashMap<String, State>, max_moves: usize) -> Plan {
+pub fn plan(
+    proplets: &[Arc<Proplet>],
+    states: &HashMap<String, State>,
+    max_moves: usize,
+    by: ShardBy,
+) -> Plan {
     let members = states
         .iter()
         .filter(|(_, s)| s.is_member())
@@ -77,7 +95,14 @@ pub fn plan(proplets: &[Arc<Proplet>], states: &HashMap<String, State>, max_move
         return out;
     }
     let keys: Vec<String> = proplets.iter().map(|p| key(p)).collect();
-    let desired = ring.assign(keys.iter().map(String::as_str), LOAD_FACTOR);
+    let positions: Vec<String> = proplets.iter().map(|p| position(p, by)).collect();
+    let desired = ring.assign_grouped(
+        positions
+            .iter()
+            .map(String::as_str)
+            .zip(keys.iter().map(String::as_str)),
+        LOAD_FACTOR,
+    );
     let state = |s: &str| states.get(s).copied();
     let mut new_drains = Vec::new();
     for (p, k) in proplets.iter().zip(&keys) {
@@ -161,6 +186,41 @@ mod tests {
         Arc::new(p)
     }
 
+    fn on_channel(i: usize, channel: &str) -> Arc<Proplet> {
+        let mut p = (*proplet(i, &[])).clone();
+        p.spec.connection_config.channel_id = channel.to_string();
+        Arc::new(p)
+    }
+
+    #[test]
+    fn grouped_by_channel_a_channels_proplets_share_a_shard() {
+        let ps: Vec<Arc<Proplet>> = (0..60)
+            .map(|i| on_channel(i, &format!("ch-{}", i % 6)))
+            .collect();
+        let st = states(&[
+            ("a", State::Ready),
+            ("b", State::Ready),
+            ("c", State::Ready),
+        ]);
+        let split = |by: ShardBy| {
+            let to = assigned(&plan(&ps, &st, 10, by));
+            assert_eq!(to.len(), 60, "every new Proplet assigned");
+            let mut shards: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+            for p in &ps {
+                shards
+                    .entry(p.spec.connection_config.channel_id.clone())
+                    .or_default()
+                    .insert(to[&p.name_any()].clone());
+            }
+            shards.values().map(|s| s.len() - 1).sum::<usize>()
+        };
+        // Each shard fills once at most: at most three extra (channel, shard) pairs.
+        assert!(split(ShardBy::Channel) <= 3);
+        assert!(split(ShardBy::ClientId) > 3, "by clientId, channels spread");
+        assert_eq!(position(&ps[0], ShardBy::Channel), "/ch-0");
+        assert_eq!(position(&ps[0], ShardBy::ClientId), "client-0");
+    }
+
     fn states(s: &[(&str, State)]) -> HashMap<String, State> {
         s.iter().map(|(n, st)| (n.to_string(), *st)).collect()
     }
@@ -184,7 +244,7 @@ mod tests {
             ("c", State::Expired),
             ("d", State::Released),
         ]);
-        let plan = plan(&ps, &st, 10);
+        let plan = plan(&ps, &st, 10, ShardBy::ClientId);
         let to = assigned(&plan);
         assert_eq!(to.len(), 300);
         let on_a = to.values().filter(|s| *s == "a").count();
@@ -204,7 +264,7 @@ mod tests {
             ("dead", State::Dead),
             ("silent", State::Expired),
         ]);
-        let plan = plan(&ps, &st, 10);
+        let plan = plan(&ps, &st, 10, ShardBy::ClientId);
         assert_eq!(plan.unowned, 1);
         let to = assigned(&plan);
         assert_eq!(to.get("p-1").map(String::as_str), Some("a"));
@@ -223,7 +283,7 @@ mod tests {
             .map(|i| proplet(i, &[(SHARD_LABEL, "a")]))
             .collect();
         let st = states(&[("a", State::Ready), ("b", State::Ready)]);
-        let plan1 = plan(&ps, &st, 5);
+        let plan1 = plan(&ps, &st, 5, ShardBy::ClientId);
         assert!(
             assigned(&plan1).is_empty(),
             "a live owner is never bypassed"
@@ -252,7 +312,7 @@ mod tests {
                 }
             })
             .collect();
-        let plan2 = plan(&ps2, &st, 5);
+        let plan2 = plan(&ps2, &st, 5, ShardBy::ClientId);
         assert_eq!(plan2.drains_in_flight, 3);
         let new = plan2
             .steps
@@ -266,7 +326,7 @@ mod tests {
     fn a_leaving_shard_is_drained_never_bypassed() {
         let ps: Vec<_> = (0..20).map(|i| proplet(i, &[(SHARD_LABEL, "a")])).collect();
         let st = states(&[("a", State::Leaving), ("b", State::Ready)]);
-        let plan = plan(&ps, &st, 8);
+        let plan = plan(&ps, &st, 8, ShardBy::ClientId);
         assert!(assigned(&plan).is_empty(), "a leaving owner still acts");
         let drains = plan
             .steps
@@ -280,7 +340,7 @@ mod tests {
     fn a_drain_whose_reason_went_away_is_cancelled() {
         let p = proplet(7, &[(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")]);
         let only_a = states(&[("a", State::Ready)]);
-        let plan = plan(&[p], &only_a, 10);
+        let plan = plan(&[p], &only_a, 10, ShardBy::ClientId);
         assert!(matches!(plan.steps.as_slice(), [Step::CancelDrain { .. }]));
     }
 }

@@ -107,7 +107,12 @@ async fn round(
 ) -> Result<()> {
     let states: HashMap<_, _> = ctx.ownership.states().into_iter().collect();
     let proplets = store.state();
-    let p = plan(&proplets, &states, ctx.config.max_concurrent_moves);
+    let p = plan(
+        &proplets,
+        &states,
+        ctx.config.max_concurrent_moves,
+        ctx.config.shard_by,
+    );
     ctx.metrics.shards.unowned.set(p.unowned as i64);
     let mut owner_of: HashMap<String, String> = proplets
         .iter()
