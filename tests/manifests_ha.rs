@@ -24,6 +24,13 @@ fn the_ha_overlay_runs_three_sharded_replicas_with_stable_identities() {
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap_or_default();
     assert!(args.iter().any(|a| a == "--leader-elect"), "{args:?}");
+    // Every flag of the overlay is one the operator accepts.
+    let argv: Vec<&str> = std::iter::once("propeller-operator")
+        .chain(args.iter().map(String::as_str))
+        .collect();
+    if let Err(e) = propeller_operator::config::OperatorConfig::try_parse_from_args(&argv) {
+        panic!("the overlay's args are refused: {e}");
+    }
     let env: Vec<String> = c.env.iter().flatten().map(|e| e.name.clone()).collect();
     assert!(
         env.contains(&"POD_NAME".to_string()),

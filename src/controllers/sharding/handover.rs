@@ -12,7 +12,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::labels::{Guard, patch_meta};
+use futures::StreamExt;
+
+use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
 use super::plan::drain_ready;
 use crate::api::proplet::Proplet;
 use crate::api::task::TaskPhase;
@@ -99,6 +101,7 @@ async fn incoming(
         return Ok(false);
     };
     let mut waiting = false;
+    let mut ready = Vec::new();
     for p in ctx.incoming.state() {
         if drain_of(p.as_ref()).as_deref() != Some(me) || drain_ready(&p) {
             continue;
@@ -107,18 +110,7 @@ async fn incoming(
             .map(|c| c.subscriptions())
             .unwrap_or_default();
         match mqtt.subscribed(&topics).await {
-            Some(g) if ctx.backlog.confirmed(g) => {
-                let ok = patch_meta(
-                    &ctx.client,
-                    &ctx.metrics,
-                    p.as_ref(),
-                    &[(DRAIN_READY_LABEL, Some("true"))],
-                    &[],
-                    Guard::Labels(&[(DRAIN_LABEL, me)]),
-                )
-                .await?;
-                debug!(proplet = %p.name_any(), ok, "subscribed for an incoming proplet");
-            }
+            Some(g) if ctx.backlog.confirmed(g) => ready.push(p),
             Some(g) => {
                 waiting = true;
                 // The probe of this generation may have been lost (a reconnect): another one.
@@ -137,6 +129,27 @@ async fn incoming(
             }
         }
     }
+    // Many at once: a leaving shard's whole share arrives together.
+    let marked: Vec<Result<bool>> = futures::stream::iter(ready)
+        .map(|p| async move {
+            let ok = patch_meta(
+                &ctx.client,
+                &ctx.metrics,
+                p.as_ref(),
+                &[(DRAIN_READY_LABEL, Some("true"))],
+                &[],
+                Guard::Labels(&[(DRAIN_LABEL, me)]),
+            )
+            .await;
+            debug!(proplet = %p.name_any(), ok = ?ok, "subscribed for an incoming proplet");
+            ok
+        })
+        .buffer_unordered(WRITES_AT_ONCE)
+        .collect()
+        .await;
+    for m in marked {
+        m?;
+    }
     Ok(waiting)
 }
 
@@ -152,80 +165,93 @@ async fn outgoing(ctx: &Context) -> Result<()> {
         .filter(|p| shard_of(p.as_ref()).as_deref() == Some(me))
         .filter(|p| drain_of(p.as_ref()).is_some() && drain_ready(p))
         .collect();
-    for p in ready {
-        let Some(to) = drain_of(p.as_ref()) else {
-            continue;
-        };
-        let ns = p.namespace();
-        let name = p.name_any();
-        let client = p.spec.connection_config.client().map(str::to_string);
-        let on_it: Vec<_> = ctx
-            .tasks
-            .state()
-            .into_iter()
-            .filter(|t| {
-                let status = t.status.as_ref();
-                t.namespace() == ns
-                    && shard_of(t.as_ref()).as_deref() == Some(me)
-                    && (status.and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str())
-                        || (client.is_some()
-                            && status.and_then(|s| s.assigned_client_id.clone()) == client))
-            })
-            .collect();
-        for chunk in on_it.chunks(32) {
-            let relabels = chunk.iter().map(|t| {
-                // Its start went out from here: the new owner must not send it again.
-                let sent = (t.phase() == TaskPhase::Running
-                    && ctx.launched.contains(&t.uid().unwrap_or_default()))
-                .then(|| {
-                    t.status
-                        .as_ref()
-                        .and_then(|s| s.attempts)
-                        .unwrap_or(0)
-                        .to_string()
-                });
-                let to = to.clone();
-                async move {
-                    let annotations: Vec<(&str, Option<&str>)> = sent
-                        .as_deref()
-                        .map(|a| vec![(START_SENT_ANNOTATION, Some(a))])
-                        .unwrap_or_default();
-                    patch_meta(
-                        &ctx.client,
-                        &ctx.metrics,
-                        t.as_ref(),
-                        &[(SHARD_LABEL, Some(&to))],
-                        &annotations,
-                        Guard::None,
-                    )
-                    .await
-                }
+    // Several Proplets at once (each one's Tasks before the Proplet itself): a leaving shard hands its
+    // whole share over together.
+    let handed: Vec<Result<()>> = futures::stream::iter(ready)
+        .map(|p| hand_over(ctx, me, p))
+        .buffer_unordered(WRITES_AT_ONCE / 4)
+        .collect()
+        .await;
+    for h in handed {
+        h?;
+    }
+    Ok(())
+}
+
+/// One Proplet whose new owner is ready: its Tasks, then it, relabelled to that owner.
+async fn hand_over(ctx: &Context, me: &str, p: Arc<Proplet>) -> Result<()> {
+    let Some(to) = drain_of(p.as_ref()) else {
+        return Ok(());
+    };
+    let ns = p.namespace();
+    let name = p.name_any();
+    let client = p.spec.connection_config.client().map(str::to_string);
+    let on_it: Vec<_> = ctx
+        .tasks
+        .state()
+        .into_iter()
+        .filter(|t| {
+            let status = t.status.as_ref();
+            t.namespace() == ns
+                && shard_of(t.as_ref()).as_deref() == Some(me)
+                && (status.and_then(|s| s.assigned_proplet.as_deref()) == Some(name.as_str())
+                    || (client.is_some()
+                        && status.and_then(|s| s.assigned_client_id.clone()) == client))
+        })
+        .collect();
+    for chunk in on_it.chunks(32) {
+        let relabels = chunk.iter().map(|t| {
+            // Its start went out from here: the new owner must not send it again.
+            let sent = (t.phase() == TaskPhase::Running
+                && ctx.launched.contains(&t.uid().unwrap_or_default()))
+            .then(|| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| s.attempts)
+                    .unwrap_or(0)
+                    .to_string()
             });
-            for r in futures::future::join_all(relabels).await {
-                r?;
+            let to = to.clone();
+            async move {
+                let annotations: Vec<(&str, Option<&str>)> = sent
+                    .as_deref()
+                    .map(|a| vec![(START_SENT_ANNOTATION, Some(a))])
+                    .unwrap_or_default();
+                patch_meta(
+                    &ctx.client,
+                    &ctx.metrics,
+                    t.as_ref(),
+                    &[(SHARD_LABEL, Some(&to))],
+                    &annotations,
+                    Guard::None,
+                )
+                .await
             }
+        });
+        for r in futures::future::join_all(relabels).await {
+            r?;
         }
-        let moved = patch_meta(
-            &ctx.client,
-            &ctx.metrics,
-            p.as_ref(),
-            &[
-                (SHARD_LABEL, Some(&to)),
-                (DRAIN_LABEL, None),
-                (DRAIN_READY_LABEL, None),
-            ],
-            &[],
-            Guard::Labels(&[(SHARD_LABEL, me), (DRAIN_LABEL, &to)]),
-        )
-        .await?;
-        if moved {
-            ctx.metrics
-                .shards
-                .moves_total
-                .with_label_values(&["live"])
-                .inc();
-            info!(proplet = %name, %to, "proplet handed over");
-        }
+    }
+    let moved = patch_meta(
+        &ctx.client,
+        &ctx.metrics,
+        p.as_ref(),
+        &[
+            (SHARD_LABEL, Some(&to)),
+            (DRAIN_LABEL, None),
+            (DRAIN_READY_LABEL, None),
+        ],
+        &[],
+        Guard::Labels(&[(SHARD_LABEL, me), (DRAIN_LABEL, &to)]),
+    )
+    .await?;
+    if moved {
+        ctx.metrics
+            .shards
+            .moves_total
+            .with_label_values(&["live"])
+            .inc();
+        info!(proplet = %name, %to, "proplet handed over");
     }
     Ok(())
 }

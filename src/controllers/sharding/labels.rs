@@ -11,6 +11,10 @@ use crate::context::MANAGER;
 use crate::error::{Error, Result, conflict};
 use crate::telemetry::Metrics;
 
+/// Label writes a sharding component keeps in flight at once: a shard's whole share moves at the API
+/// server's pace, not one write after the other.
+pub const WRITES_AT_ONCE: usize = 64;
+
 /// What must still hold for a label write to apply.
 #[derive(Clone, Copy, Debug)]
 pub enum Guard<'a> {

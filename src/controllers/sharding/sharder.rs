@@ -12,7 +12,7 @@ use kube::{Api, ResourceExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::labels::{Guard, patch_meta};
+use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
 use super::plan::{MoveKind, Step, key, plan};
 use crate::api::proplet::Proplet;
 use crate::api::task::Task;
@@ -22,9 +22,6 @@ use crate::error::Result;
 use crate::sharding::{
     DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, drain_of, own_selector, shard_of,
 };
-
-/// Label writes in flight at once (moves of a dead shard's Proplets and Tasks).
-const AT_ONCE: usize = 64;
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -119,14 +116,14 @@ async fn round(
         .filter_map(|p| shard_of(p.as_ref()).map(|s| (key(p), s)))
         .collect();
     let mut draining = p.drains_in_flight;
-    // Up to AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
+    // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
     // Proplets move at the API server's pace, not at that of the slowest write of each batch).
     let applied: Vec<(Step, Result<bool>)> = futures::stream::iter(p.steps.iter().cloned())
         .map(|step| async move {
             let done = apply(ctx, &step).await;
             (step, done)
         })
-        .buffer_unordered(AT_ONCE)
+        .buffer_unordered(WRITES_AT_ONCE)
         .collect()
         .await;
     for (step, done) in applied {
@@ -255,7 +252,7 @@ async fn adopt_tasks(
             .cloned()
     };
     let mut relabels = Vec::new();
-    for chunk in listed.items.chunks(AT_ONCE) {
+    for chunk in listed.items.chunks(WRITES_AT_ONCE) {
         relabels.extend(
             futures::future::join_all(chunk.iter().map(|t| {
                 let to = proplet_owner(t);
