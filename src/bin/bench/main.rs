@@ -167,10 +167,14 @@ async fn main() -> anyhow::Result<()> {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
+        // This run's write limit is kept apart: the rows of the last full run are judged against its own.
+        if let Some(limit) = b.results.remove("apiserver_write_limit_per_s") {
+            b.results.insert("shard_apiserver_write_limit_per_s", limit);
+        }
         for (k, v) in previous {
             if !k.starts_with("shard") && !matches!(k.as_str(), "machine" | "date" | "commit") {
                 let key: &'static str = Box::leak(k.into_boxed_str());
-                b.results.entry(key).or_insert(v);
+                b.results.insert(key, v);
             }
         }
         b.results.insert("sharded_only_run", json!(true));
