@@ -3,11 +3,10 @@
 //! ring's members; as leader, it fences shards that went silent by taking their Lease. A replica that
 //! cannot renew its shard Lease within the renew deadline stops acting at once and halts (its successor
 //! starts clean, as controller-runtime's managers do); one that loses the leadership steps back.
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -82,12 +81,11 @@ pub fn spawn(
         metrics: Arc::clone(&metrics),
         observed: Observed::default(),
         known: BTreeMap::new(),
-        changes: Some(changes),
         _watch: watch,
         renewed: None,
         leading: None,
     };
-    let loop_ = tokio::spawn(state.run(halt));
+    let loop_ = tokio::spawn(state.run(halt, changes));
     Membership {
         loop_,
         leaving,
@@ -179,8 +177,6 @@ struct Loop {
     observed: Observed,
     /// The ring's Leases by name, as last listed or watched.
     known: BTreeMap<String, Lease>,
-    /// Every change of a ring Lease, as the watch sees it (taken by `run`).
-    changes: Option<tokio::sync::mpsc::UnboundedReceiver<Lease>>,
     _watch: AbortOnDrop,
     /// When the shard Lease was last renewed.
     renewed: Option<Instant>,
@@ -198,22 +194,22 @@ impl Loop {
         leader_gauge(&self.metrics, &self.settings, 0);
     }
 
-    async fn run(mut self, halt: tokio::sync::watch::Sender<bool>) {
+    /// Rounds every retry period, on a wake-up and at the next expiry; `changes` brings every change of a
+    /// ring Lease as the watch sees it.
+    async fn run(
+        mut self,
+        halt: tokio::sync::watch::Sender<bool>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<Lease>,
+    ) {
         let mut every = tokio::time::interval(self.settings.timings.retry_period);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut changes = self.changes.take();
         loop {
             let wake = Arc::clone(&self.wake);
             let expiry = self.next_expiry();
             let woke = tokio::select! {
                 _ = every.tick() => Woke::Period,
                 _ = wake.notified() => Woke::Period,
-                Some(lease) = async {
-                    match changes.as_mut() {
-                        Some(c) => c.recv().await,
-                        None => None,
-                    }
-                } => Woke::Changed(Box::new(lease)),
+                Some(lease) = changes.recv() => Woke::Changed(Box::new(lease)),
                 _ = tokio::time::sleep_until(expiry) => Woke::Expiry,
             };
             let result = match woke {
