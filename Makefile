@@ -20,10 +20,11 @@ lint:
 
 ## Unit, integration and e2e tests on a real kube-apiserver, etcd, kube-controller-manager and mosquitto.
 ## With E2E_KUBECONFIG=path they run against that cluster instead of a local one.
-## The 2,000-task kill test (ignored in the first run) runs alone afterwards: it needs both cores.
+## The 2,000-task kill test (skipped in the first run) runs alone afterwards: it needs both cores.
+HEAVY_TEST := sharding::killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task
 test: provision lint fl-client
-	$(CARGO) test --no-fail-fast --all-targets -- --test-threads=2
-	$(CARGO) test --test e2e -- --ignored --test-threads=1
+	$(CARGO) test --no-fail-fast --all-targets -- --test-threads=2 --skip $(HEAVY_TEST)
+	$(CARGO) test --test e2e -- --exact $(HEAVY_TEST)
 
 ## The example FL client (examples/fl-client/fl_client.c) as a WASI command, with Debian's clang and wasi-libc.
 FL_CLIENT := target/wasm32-wasi/fl-client.wasm

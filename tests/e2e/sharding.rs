@@ -431,10 +431,9 @@ async fn running_on(env: &Env, shard: &str) -> anyhow::Result<BTreeSet<String>> 
 }
 
 // Many proplets and three operators: on threads of their own, as separate processes would be, so that
-// heartbeats are not delayed behind the test's own work.
+// heartbeats are not delayed behind the test's own work. `make test` runs it alone, after the rest of the
+// suite: beside the other tests it overloads 2 cores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "run on its own by make test, after the rest of the suite (`cargo test --test e2e -- --ignored`): \
-            beside the other tests it overloads 2 cores"]
 async fn killing_the_leader_and_a_shard_under_load_loses_and_repeats_no_task() -> anyhow::Result<()>
 {
     kill_under_load("load", 100, 2000).await
@@ -501,7 +500,8 @@ async fn kill_under_load(prefix: &str, proplets: usize, count: usize) -> anyhow:
 }
 
 // Many proplets and three operators: on threads of their own, as separate processes would be, so that
-// heartbeats are not delayed behind the test's own work.
+// heartbeats are not delayed behind the test's own work. `make test` runs it alone, after the rest of the
+// suite: beside the other tests it overloads 2 cores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_under_load_loses_and_repeats_no_task() -> anyhow::Result<()> {
     let (mut env, sims) = replicas("roll", 12, |c| {
