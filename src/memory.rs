@@ -260,9 +260,23 @@ impl WriteTimes {
 /// otherwise see the object before it and fail its resourceVersion test (a conflict, a wasted write and a
 /// retry); it takes the written object instead. Records stay for [`OwnWrites::FRESH_FOR`] even once the
 /// watch has caught up: a reconcile may hold a copy taken from the cache just before.
-#[derive(Default)]
 pub struct OwnWrites {
-    inner: Mutex<HashMap<String, Written>>,
+    inner: Mutex<Records>,
+    fresh_for: Duration,
+}
+
+impl Default for OwnWrites {
+    fn default() -> Self {
+        OwnWrites::fresh_for(Self::FRESH_FOR)
+    }
+}
+
+#[derive(Default)]
+struct Records {
+    by_uid: HashMap<String, Written>,
+    /// Every record in the order it was made: the stale ones are dropped from the front as new ones come,
+    /// so that only the last few seconds' writes are held (each holds a whole object).
+    order: std::collections::VecDeque<(Instant, String)>,
 }
 
 struct Written {
@@ -278,6 +292,14 @@ impl OwnWrites {
     /// Past this many entries, stale ones are dropped (each holds a whole object).
     const MAX: usize = 10_000;
 
+    /// Records kept for `fresh_for` (the default is [`OwnWrites::FRESH_FOR`]).
+    pub fn fresh_for(fresh_for: Duration) -> Self {
+        OwnWrites {
+            inner: Mutex::default(),
+            fresh_for,
+        }
+    }
+
     pub fn record<K: Resource + Serialize>(&self, written: &K) {
         let (Some(uid), Some(rv)) = (written.uid(), written.resource_version()) else {
             return;
@@ -286,27 +308,40 @@ impl OwnWrites {
             return;
         };
         if let Ok(mut m) = self.inner.lock() {
-            if m.len() >= Self::MAX {
-                m.retain(|_, w| w.at.elapsed() < Self::FRESH_FOR);
+            let Records { by_uid, order } = &mut *m;
+            while let Some((at, _)) = order.front()
+                && (at.elapsed() >= self.fresh_for || order.len() >= Self::MAX)
+            {
+                if let Some((at, uid)) = order.pop_front()
+                    && by_uid.get(&uid).is_some_and(|w| w.at == at)
+                {
+                    by_uid.remove(&uid);
+                }
             }
-            m.insert(
+            let at = Instant::now();
+            order.push_back((at, uid.clone()));
+            by_uid.insert(
                 uid,
                 Written {
                     resource_version: rv,
-                    at: Instant::now(),
+                    at,
                     object,
                 },
             );
         }
     }
 
+    /// How many writes are held.
+    pub fn held(&self) -> usize {
+        self.inner.lock().map(|m| m.by_uid.len()).unwrap_or(0)
+    }
+
     /// The object as we last wrote it, when the cache has not caught up with that write yet.
     pub fn newer<K: Resource + DeserializeOwned>(&self, cached: &K) -> Option<K> {
         let uid = cached.uid()?;
-        let mut m = self.inner.lock().ok()?;
-        let w = m.get(&uid)?;
-        if w.at.elapsed() >= Self::FRESH_FOR {
-            m.remove(&uid);
+        let m = self.inner.lock().ok()?;
+        let w = m.by_uid.get(&uid)?;
+        if w.at.elapsed() >= self.fresh_for {
             return None;
         }
         // Only a write the cache has not seen yet: with etcd, resourceVersions are revisions, so a larger
@@ -371,6 +406,31 @@ mod tests {
             own.newer(&task("9", false)).is_some(),
             "kept after the watch caught up: a reconcile may still hold the older copy"
         );
+    }
+
+    #[test]
+    fn only_the_last_moments_writes_are_held() {
+        let own = OwnWrites::fresh_for(Duration::from_millis(50));
+        let mut t = task("10", false);
+        for i in 0..100 {
+            t.metadata.uid = Some(format!("uid-{i}"));
+            own.record(&t);
+        }
+        assert_eq!(own.held(), 100);
+        std::thread::sleep(Duration::from_millis(60));
+        t.metadata.uid = Some("uid-new".into());
+        own.record(&t);
+        assert_eq!(own.held(), 1, "the stale records went with the next write");
+        // A uid written again stays held by its newer record.
+        own.record(&t);
+        std::thread::sleep(Duration::from_millis(30));
+        own.record(&t);
+        std::thread::sleep(Duration::from_millis(30));
+        t.metadata.uid = Some("uid-other".into());
+        own.record(&t);
+        t.metadata.uid = Some("uid-new".into());
+        t.metadata.resource_version = Some("9".into());
+        assert!(own.newer(&t).is_some(), "its latest record is fresh");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::liveness::Change;
 use crate::mqtt::client::Message;
 use crate::mqtt::topics::{self, Channel, Inbound};
 use crate::mqtt::wire::{self, DiscoveryMetadata};
+use crate::sharding::Ownership;
 
 pub struct Triggers {
     pub proplets: Waker<Proplet>,
@@ -29,6 +30,12 @@ pub async fn run(mut rx: mpsc::Receiver<Message>, ctx: Arc<Context>, triggers: T
     // result would look like one for an unknown task. (Messages wait in the bounded channel meanwhile.)
     ctx.caches_ready.wait().await;
     debug!("watch caches ready: routing MQTT messages");
+    // Only now: before the caches are complete, a proplet of ours would look like another shard's.
+    if ctx.ownership.is_sharded()
+        && let Some(mqtt) = &ctx.mqtt
+    {
+        mqtt.set_intake_filter(not_owned_filter(&ctx));
+    }
     while let Some(msg) = rx.recv().await {
         if ctx.backlog.receive(&msg.topic, &msg.payload) {
             debug!(drained = ctx.backlog.drained(), "session marker received");
@@ -97,19 +104,50 @@ fn proplet_for(ctx: &Context, channel: &Channel, client_id: &str) -> Option<Obje
     (cc.domain() == Some(channel.domain.as_str()) && cc.channel_id == channel.channel).then_some(r)
 }
 
+/// A heartbeat or metrics message from a proplet this shard does not hold: its kind.
+fn not_owned(ownership: &Ownership, topic: &str, payload: &[u8]) -> Option<Inbound> {
+    let (_, kind @ (Inbound::Alive | Inbound::Metrics)) = topics::parse(topic)? else {
+        return None;
+    };
+    let id = wire::peek_proplet_id(payload)?;
+    (!id.is_empty() && !ownership.holds_client(id)).then_some(kind)
+}
+
+/// Drops another shard's heartbeats and metrics in the MQTT connection's task, before they are queued for
+/// the router: counted, never decoded or traced.
+fn not_owned_filter(ctx: &Context) -> crate::mqtt::client::IntakeFilter {
+    let ownership = ctx.ownership.clone();
+    let counted = |kind: Inbound| {
+        ctx.metrics
+            .mqtt_messages_total
+            .with_label_values(&[kind.as_str(), "not_owned"])
+    };
+    let (alive, metrics) = (counted(Inbound::Alive), counted(Inbound::Metrics));
+    Arc::new(
+        move |topic, payload| match not_owned(&ownership, topic, payload) {
+            None => true,
+            Some(Inbound::Alive) => {
+                alive.inc();
+                false
+            }
+            Some(_) => {
+                metrics.inc();
+                false
+            }
+        },
+    )
+}
+
 pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
-    let parsed = topics::parse(&msg.topic);
     // A shard hears every proplet of the channels it listens to: another shard's heartbeats and metrics
-    // are dropped before any decoding or tracing.
-    if let Some((_, kind @ (Inbound::Alive | Inbound::Metrics))) = &parsed
-        && ctx.ownership.is_sharded()
-        && let Some(id) = wire::peek_proplet_id(&msg.payload)
-        && !id.is_empty()
-        && !ctx.ownership.holds_client(id)
+    // are dropped before any decoding or tracing (here only those received before the intake filter is set).
+    if ctx.ownership.is_sharded()
+        && let Some(kind) = not_owned(&ctx.ownership, &msg.topic, &msg.payload)
     {
         ctx.metrics.mqtt_message(kind.as_str(), "not_owned");
         return;
     }
+    let parsed = topics::parse(&msg.topic);
     // One span per message: its log lines carry the topic and, once decoded, the proplet or task id.
     let span = tracing::info_span!(
         "mqtt",

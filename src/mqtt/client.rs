@@ -107,6 +107,11 @@ pub enum MqttError {
     Encode(#[from] serde_json::Error),
 }
 
+/// Decides, in the connection's own task, whether a received message goes on to the receiver: a message it
+/// refuses is acknowledged at once and costs no hand-over to another task (a shard hears every proplet of
+/// its channels and refuses most of what it hears).
+pub type IntakeFilter = Arc<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
+
 /// Handle to the connection; cheap to clone.
 #[derive(Clone)]
 pub struct MqttClient {
@@ -122,6 +127,7 @@ pub struct MqttClient {
     /// When the current connection came up (`None` while disconnected).
     up_since: Arc<std::sync::Mutex<Option<Instant>>>,
     closing: Arc<AtomicBool>,
+    intake: Arc<std::sync::OnceLock<IntakeFilter>>,
 }
 
 fn qos(level: u8) -> QoS {
@@ -174,6 +180,7 @@ impl MqttClient {
             connects: Arc::new(tokio::sync::watch::channel(0).0),
             up_since: Arc::new(std::sync::Mutex::new(None)),
             closing: Arc::new(AtomicBool::new(false)),
+            intake: Arc::new(std::sync::OnceLock::new()),
         };
         let loop_handle = handle.clone();
         let ack_client = handle.client.clone();
@@ -202,6 +209,15 @@ impl MqttClient {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let mut receipt = rumqttc::Publish::new(&p.topic, p.qos, Vec::<u8>::new());
                         receipt.pkid = p.pkid;
+                        if let Some(keep) = loop_handle.intake.get()
+                            && !keep(&p.topic, &p.payload)
+                        {
+                            if p.qos != QoS::AtMostOnce {
+                                // Only fails when the connection is closing: the broker then redelivers.
+                                let _ = ack_client.try_ack(&receipt);
+                            }
+                            continue;
+                        }
                         let msg = Message {
                             topic: p.topic,
                             payload: p.payload,
@@ -232,6 +248,11 @@ impl MqttClient {
             }
         });
         Ok((handle, rx))
+    }
+
+    /// Sets the filter applied to every message received from now on; only the first call has effect.
+    pub fn set_intake_filter(&self, keep: IntakeFilter) {
+        let _ = self.intake.set(keep);
     }
 
     fn set_up_since(&self, at: Option<Instant>) {

@@ -304,10 +304,54 @@ async fn three_shards_split_the_proplets_and_start_every_task_once() -> anyhow::
             assert!(ctx.proplets.state().len() < 9);
         }
     }
+    not_owned_heartbeats_are_dropped_on_intake(&env, &clients).await?;
     for s in sims {
         s.shutdown().await;
     }
     env.finish().await
+}
+
+/// All the proplets share one channel, so every shard hears every heartbeat: another shard's are dropped and
+/// counted on intake, its own still reach its liveness tracker.
+async fn not_owned_heartbeats_are_dropped_on_intake(
+    env: &Env,
+    clients: &[String],
+) -> anyhow::Result<()> {
+    for i in 0..env.operator_count() {
+        let Some(ctx) = env.operator(i).map(|o| std::sync::Arc::clone(o.context())) else {
+            continue;
+        };
+        let me = ctx.ownership.identity().unwrap_or_default().to_string();
+        let dropped = || {
+            ctx.metrics
+                .mqtt_messages_total
+                .with_label_values(&["alive", "not_owned"])
+                .get()
+        };
+        let (before, since) = (dropped(), Instant::now());
+        // Heartbeats come every 500 ms: a few seconds hear several from every proplet.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let others = clients
+            .iter()
+            .filter(|c| !ctx.ownership.holds_client(c))
+            .count();
+        anyhow::ensure!(others > 0, "{me} holds every proplet");
+        anyhow::ensure!(
+            dropped() - before >= others as u64,
+            "{me} counted {} heartbeats of its {others} proplets' neighbours as not owned in 3 s",
+            dropped() - before
+        );
+        let window_start = jiff::Timestamp::now() - since.elapsed();
+        for c in clients.iter().filter(|c| ctx.ownership.holds_client(c)) {
+            let fresh = ctx
+                .liveness
+                .get(c)
+                .and_then(|o| o.last_seen)
+                .is_some_and(|t| t >= window_start);
+            anyhow::ensure!(fresh, "{me} heard no heartbeat of its own {c} in 3 s");
+        }
+    }
+    Ok(())
 }
 
 #[tokio::test]
