@@ -3,6 +3,7 @@
 //! ([`handover`]). Which proplets a replica owns is [`crate::sharding::Ownership`]'s answer.
 pub mod claim;
 pub mod handover;
+pub mod inputs;
 pub mod labels;
 pub mod plan;
 pub mod sharder;

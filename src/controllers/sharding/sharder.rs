@@ -1,8 +1,11 @@
-//! The leader's sharder: it keeps a cache of every Proplet (only while leading), and every retry period
-//! applies [`super::plan`]: labels new Proplets, reassigns those of dead or released shards together with
-//! their Tasks, and starts or cancels drains of live shards' Proplets.
+//! The leader's sharder: it keeps a cache of every Proplet (only while leading), and applies
+//! [`super::plan`] when the ring or what the plan reads of a Proplet changed (at most twice a retry period,
+//! and every [`RESYNC`] regardless): labels new Proplets, reassigns those of dead or released shards together
+//! with their Tasks, and starts or cancels drains of live shards' Proplets.
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::ListParams;
@@ -12,6 +15,7 @@ use kube::{Api, ResourceExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::inputs::PlanInputs;
 use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
 use super::plan::{MoveKind, Step, key, plan};
 use crate::api::proplet::Proplet;
@@ -22,6 +26,9 @@ use crate::error::Result;
 use crate::sharding::{
     DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, drain_of, own_selector, shard_of,
 };
+
+/// A round even when nothing the plan reads was seen to change: a safety net, not the way changes arrive.
+const RESYNC: Duration = Duration::from_secs(30);
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -52,12 +59,20 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         // Consumed on its own task: a round writing thousands of labels must not leave the watch unread
         // (the API server would drop it as too slow, and the next round would plan on a stale cache).
         let seen = Arc::clone(&listed);
+        let dirty = Arc::new(AtomicBool::new(true));
+        let changed = Arc::clone(&dirty);
+        let mut inputs = PlanInputs::default();
         let watch = tokio::spawn(
             reflector::reflector(writer, slim)
                 .backoff(crate::controllers::runtime::watch_backoff())
                 .for_each(move |ev| {
-                    if let Ok(watcher::Event::InitDone) = ev {
-                        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    if let Ok(ev) = &ev {
+                        if inputs.changed(ev) {
+                            changed.store(true, Ordering::SeqCst);
+                        }
+                        if let watcher::Event::InitDone = ev {
+                            seen.store(true, Ordering::SeqCst);
+                        }
                     }
                     futures::future::ready(())
                 }),
@@ -66,24 +81,40 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         let mut orphaned: BTreeSet<String> = BTreeSet::new();
         let mut every = tokio::time::interval(period / 2);
         let mut ring = ctx.ownership.state_changes();
+        // Another round is due even with no change seen: the last one planned steps or failed.
+        let mut again = true;
+        let mut last_round = tokio::time::Instant::now();
         loop {
-            tokio::select! {
-                _ = every.tick() => {}
+            let ring_changed = tokio::select! {
+                _ = every.tick() => false,
                 // A shard fenced, gone or back: act now, not at the next tick.
                 Some(Ok(())) = async {
                     match ring.as_mut() {
                         Some(r) => Some(r.changed().await),
                         None => None,
                     }
-                } => {}
+                } => true,
                 _ = &mut shutdown => return,
-            }
-            if !ctx.ownership.is_leader() || !listed.load(std::sync::atomic::Ordering::SeqCst) {
+            };
+            if !ctx.ownership.is_leader() || !listed.load(Ordering::SeqCst) {
                 continue;
             }
-            if let Err(e) = round(&ctx, &store, &mut orphaned).await {
-                warn!(error = %e, "sharding round failed; retrying");
+            let due = dirty.swap(false, Ordering::SeqCst)
+                || ring_changed
+                || again
+                || !orphaned.is_empty()
+                || last_round.elapsed() >= RESYNC;
+            if !due {
+                continue;
             }
+            last_round = tokio::time::Instant::now();
+            again = match round(&ctx, &store, &mut orphaned).await {
+                Ok(planned) => planned,
+                Err(e) => {
+                    warn!(error = %e, "sharding round failed; retrying");
+                    true
+                }
+            };
         }
     })
 }
@@ -97,11 +128,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// One plan applied; true when it had steps (their outcome is looked at by the next round).
 async fn round(
     ctx: &Context,
     store: &Store<Proplet>,
     orphaned: &mut BTreeSet<String>,
-) -> Result<()> {
+) -> Result<bool> {
     let states: HashMap<_, _> = ctx.ownership.states().into_iter().collect();
     let proplets = store.state();
     let p = plan(
@@ -111,6 +143,7 @@ async fn round(
         ctx.config.shard_by,
     );
     ctx.metrics.shards.unowned.set(p.unowned as i64);
+    let planned = !p.steps.is_empty();
     let mut owner_of: HashMap<String, String> = proplets
         .iter()
         .filter_map(|p| shard_of(p.as_ref()).map(|s| (key(p), s)))
@@ -162,7 +195,7 @@ async fn round(
             orphaned.remove(&shard);
         }
     }
-    Ok(())
+    Ok(planned)
 }
 
 /// Writes one step; false when its guard no longer held (the next round looks again).
