@@ -91,10 +91,56 @@ pub struct Shard {
 #[derive(Debug, Default)]
 struct Owned {
     by_client: HashMap<String, HashSet<String>>,
+    /// The clientId of each owned Proplet (namespace/name): an event then costs a few lookups, not a pass
+    /// over the whole shard (status refreshes bring dozens of events a second).
+    client_of: HashMap<String, String>,
     /// When each owned clientId became ours: its heartbeats reach us only from then on.
     since: HashMap<String, Instant>,
     /// While the watch relists: what the new list holds so far.
-    relisting: Option<HashMap<String, HashSet<String>>>,
+    relisting: Option<HashMap<String, String>>,
+}
+
+impl Owned {
+    fn insert(&mut self, key: String, client: String) {
+        if self.client_of.get(&key) == Some(&client) {
+            return;
+        }
+        self.remove(&key);
+        let keys = self.by_client.entry(client.clone()).or_default();
+        if keys.is_empty() {
+            self.since.insert(client.clone(), Instant::now());
+        }
+        keys.insert(key.clone());
+        self.client_of.insert(key, client);
+    }
+
+    fn remove(&mut self, key: &str) {
+        let Some(client) = self.client_of.remove(key) else {
+            return;
+        };
+        if let Some(keys) = self.by_client.get_mut(&client) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_client.remove(&client);
+                self.since.remove(&client);
+            }
+        }
+    }
+
+    /// Replaces everything with a relisted set, keeping `since` of the clientIds still owned.
+    fn replace(&mut self, client_of: HashMap<String, String>) {
+        let since = std::mem::take(&mut self.since);
+        self.by_client.clear();
+        self.client_of.clear();
+        for (key, client) in client_of {
+            self.insert(key, client);
+        }
+        for (client, at) in since {
+            if let Some(s) = self.since.get_mut(&client) {
+                *s = at;
+            }
+        }
+    }
 }
 
 impl Ownership {
@@ -264,45 +310,25 @@ impl Ownership {
             shard_of(p).as_deref() == Some(s.identity.as_str()) && drain_of(p).is_none()
         };
         let client = |p: &Proplet| p.spec.connection_config.client().map(str::to_string);
-        fn insert(map: &mut HashMap<String, HashSet<String>>, client: String, key: String) {
-            map.entry(client).or_default().insert(key);
-        }
-        fn remove(map: &mut HashMap<String, HashSet<String>>, key: &str) {
-            map.retain(|_, keys| {
-                keys.remove(key);
-                !keys.is_empty()
-            });
-        }
         match ev {
             watcher::Event::Init => owned.relisting = Some(HashMap::new()),
             watcher::Event::InitApply(p) => {
-                if let (Some(c), true) = (client(p), ours(p)) {
-                    let k = key(p);
-                    if let Some(next) = owned.relisting.as_mut() {
-                        insert(next, c, k);
-                    }
+                if let (Some(c), true) = (client(p), ours(p))
+                    && let Some(next) = owned.relisting.as_mut()
+                {
+                    next.insert(key(p), c);
                 }
             }
             watcher::Event::InitDone => {
                 if let Some(next) = owned.relisting.take() {
-                    owned.by_client = next;
+                    owned.replace(next);
                 }
             }
-            watcher::Event::Apply(p) => {
-                let k = key(p);
-                remove(&mut owned.by_client, &k);
-                if let (Some(c), true) = (client(p), ours(p)) {
-                    insert(&mut owned.by_client, c, k);
-                }
-            }
-            watcher::Event::Delete(p) => remove(&mut owned.by_client, &key(p)),
-        }
-        let Owned {
-            by_client, since, ..
-        } = &mut *owned;
-        since.retain(|c, _| by_client.contains_key(c));
-        for c in by_client.keys() {
-            since.entry(c.clone()).or_insert_with(Instant::now);
+            watcher::Event::Apply(p) => match (client(p), ours(p)) {
+                (Some(c), true) => owned.insert(key(p), c),
+                _ => owned.remove(&key(p)),
+            },
+            watcher::Event::Delete(p) => owned.remove(&key(p)),
         }
     }
 
@@ -382,6 +408,14 @@ mod tests {
         );
         o.apply(&watcher::Event::Apply(mine.clone()));
         assert!(o.owns_client("client-a"));
+        let since = o.owned_since("client-a");
+        std::thread::sleep(Duration::from_millis(2));
+        o.apply(&watcher::Event::Apply(mine.clone()));
+        assert_eq!(
+            o.owned_since("client-a"),
+            since,
+            "a status refresh keeps it"
+        );
         o.revoke();
         assert!(!o.owns_client("client-a"), "a lost Lease stops everything");
         o.renewed(Instant::now());
@@ -393,8 +427,32 @@ mod tests {
             &[(SHARD_LABEL, "op-0")],
         )));
         assert!(o.owns_client("client-a"), "kept until the relist is done");
+        let since_b = o.owned_since("client-b");
+        assert!(since_b.is_none(), "not yet");
         o.apply(&watcher::Event::InitDone);
         assert!(!o.owns_client("client-a") && o.owns_client("client-b"));
+        assert!(o.owned_since("client-a").is_none());
+        let since_b = o.owned_since("client-b");
+        o.apply(&watcher::Event::Init);
+        o.apply(&watcher::Event::InitApply(proplet(
+            "b",
+            "client-b",
+            &[(SHARD_LABEL, "op-0")],
+        )));
+        o.apply(&watcher::Event::InitDone);
+        assert_eq!(o.owned_since("client-b"), since_b, "a relist keeps it");
+        // Two Proplets claiming one clientId: it stays owned until both are gone.
+        o.apply(&watcher::Event::Apply(proplet(
+            "b2",
+            "client-b",
+            &[(SHARD_LABEL, "op-0")],
+        )));
+        o.apply(&watcher::Event::Delete(proplet(
+            "b2",
+            "client-b",
+            &[(SHARD_LABEL, "op-0")],
+        )));
+        assert!(o.owns_client("client-b"));
         o.apply(&watcher::Event::Delete(proplet(
             "b",
             "client-b",
