@@ -289,7 +289,7 @@ impl OwnWrites {
     /// The watch delivers our writes within milliseconds; an entry older than this is forgotten (e.g. a
     /// relist that skipped the event).
     const FRESH_FOR: Duration = Duration::from_secs(5);
-    /// Past this many entries, stale ones are dropped (each holds a whole object).
+    /// Past this many entries, the oldest are dropped however fresh (each holds a whole object).
     const MAX: usize = 10_000;
 
     /// Records kept for `fresh_for` (the default is [`OwnWrites::FRESH_FOR`]).
@@ -331,8 +331,8 @@ impl OwnWrites {
         }
     }
 
-    /// How many writes are held.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.inner.lock().map(|m| m.by_uid.len()).unwrap_or(0)
     }
 

@@ -209,22 +209,20 @@ impl MqttClient {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let mut receipt = rumqttc::Publish::new(&p.topic, p.qos, Vec::<u8>::new());
                         receipt.pkid = p.pkid;
+                        let ack = Ack {
+                            client: ack_client.clone(),
+                            publish: receipt,
+                        };
                         if let Some(keep) = loop_handle.intake.get()
                             && !keep(&p.topic, &p.payload)
                         {
-                            if p.qos != QoS::AtMostOnce {
-                                // Only fails when the connection is closing: the broker then redelivers.
-                                let _ = ack_client.try_ack(&receipt);
-                            }
+                            // Refused: acknowledged here and now, as `ack` is dropped.
                             continue;
                         }
                         let msg = Message {
                             topic: p.topic,
                             payload: p.payload,
-                            ack: std::cell::Cell::new(Some(Ack {
-                                client: ack_client.clone(),
-                                publish: receipt,
-                            })),
+                            ack: std::cell::Cell::new(Some(ack)),
                         };
                         if tx.send(msg).await.is_err() {
                             debug!("MQTT receiver dropped; stopping the event loop");
