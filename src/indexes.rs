@@ -23,20 +23,27 @@ struct PropletMaps {
     channel_of: HashMap<ObjectRef<Proplet>, (String, Channel)>,
     /// How many Proplets use each channel: the subscription set without a scan of every Proplet.
     channels: BTreeMap<Channel, usize>,
-    /// Objects seen during a relist, swapped in when it is done.
-    relist: Option<Vec<Proplet>>,
+    /// What a relist saw of each object (not the object: a copy of the whole shard), swapped in when it
+    /// is done.
+    relist: Option<Vec<Indexed>>,
+}
+
+/// What the index reads of a Proplet: its clientId and channel, when it has both.
+type Indexed = (ObjectRef<Proplet>, Option<(String, Channel)>);
+
+fn indexed(p: &Proplet) -> Indexed {
+    let cc = &p.spec.connection_config;
+    let wanted = match (cc.client(), cc.domain()) {
+        (Some(client), Some(domain)) => {
+            Some((client.to_string(), Channel::new(domain, &cc.channel_id)))
+        }
+        _ => None,
+    };
+    (ObjectRef::from_obj(p), wanted)
 }
 
 impl PropletMaps {
-    fn insert(&mut self, p: &Proplet) {
-        let r = ObjectRef::from_obj(p);
-        let cc = &p.spec.connection_config;
-        let wanted = match (cc.client(), cc.domain()) {
-            (Some(client), Some(domain)) => {
-                Some((client.to_string(), Channel::new(domain, &cc.channel_id)))
-            }
-            _ => None,
-        };
+    fn insert(&mut self, (r, wanted): Indexed) {
         // Status updates (most events) change neither: nothing to do.
         if wanted.is_some() && self.channel_of.get(&r) == wanted.as_ref() {
             return;
@@ -77,12 +84,12 @@ impl PropletIndex {
             return;
         };
         match event {
-            watcher::Event::Apply(p) => m.insert(p),
+            watcher::Event::Apply(p) => m.insert(indexed(p)),
             watcher::Event::Delete(p) => m.remove(&ObjectRef::from_obj(p)),
             watcher::Event::Init => m.relist = Some(Vec::new()),
             watcher::Event::InitApply(p) => {
                 if let Some(buf) = m.relist.as_mut() {
-                    buf.push(p.clone());
+                    buf.push(indexed(p));
                 }
             }
             watcher::Event::InitDone => {
@@ -90,7 +97,7 @@ impl PropletIndex {
                 m.by_client.clear();
                 m.channel_of.clear();
                 m.channels.clear();
-                for p in &fresh {
+                for p in fresh {
                     m.insert(p);
                 }
             }

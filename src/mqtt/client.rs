@@ -130,6 +130,15 @@ pub struct MqttClient {
     intake: Arc<std::sync::OnceLock<IntakeFilter>>,
 }
 
+/// The QoS a filter is subscribed with: the configured one, but at most once for periodic messages.
+fn subscription_qos(filter: &str, configured: QoS) -> QoS {
+    if super::topics::periodic_filter(filter) {
+        QoS::AtMostOnce
+    } else {
+        configured
+    }
+}
+
 fn qos(level: u8) -> QoS {
     match level {
         0 => QoS::AtMostOnce,
@@ -306,7 +315,10 @@ impl MqttClient {
             }
         }
         for new in wanted.difference(&current) {
-            if let Err(e) = self.client.try_subscribe(new, self.qos) {
+            if let Err(e) = self
+                .client
+                .try_subscribe(new, subscription_qos(new, self.qos))
+            {
                 warn!(topic = %new, error = %e, "MQTT subscribe failed");
             }
         }
@@ -338,7 +350,10 @@ impl MqttClient {
     async fn resubscribe(&self) {
         let current = self.subscriptions.lock().await;
         for topic in current.iter() {
-            if let Err(e) = self.client.try_subscribe(topic, self.qos) {
+            if let Err(e) = self
+                .client
+                .try_subscribe(topic, subscription_qos(topic, self.qos))
+            {
                 warn!(%topic, error = %e, "MQTT resubscribe failed");
             }
         }

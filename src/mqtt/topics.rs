@@ -86,6 +86,15 @@ impl Inbound {
         }
     }
 
+    /// Sent again every few seconds whatever happens (heartbeats, resource metrics): a lost one is
+    /// replaced by the next, so the operator takes them at most once. The broker then keeps none for an
+    /// operator that is away (its return is not a flood of stale heartbeats) and nothing is acknowledged:
+    /// a real proplet publishes at QoS 2, which costs the operator an acknowledgement per heartbeat
+    /// otherwise.
+    pub fn periodic(self) -> bool {
+        matches!(self, Inbound::Alive | Inbound::Metrics)
+    }
+
     /// Label value for metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -111,6 +120,12 @@ pub fn parse(topic: &str) -> Option<(Channel, Inbound)> {
     Some((Channel::new(domain, channel), kind))
 }
 
+/// Whether a subscription filter (a channel's topic, or a pattern with `+` for the domain and channel)
+/// names periodic messages (see [`Inbound::periodic`]).
+pub fn periodic_filter(filter: &str) -> bool {
+    parse(filter).is_some_and(|(_, kind)| kind.periodic())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +136,19 @@ mod tests {
         assert_eq!(ch, Channel::new("dom-1", "chan-1"));
         assert_eq!(kind, Inbound::Alive);
         assert_eq!(ch.start(), "m/dom-1/c/chan-1/control/manager/start");
+    }
+
+    #[test]
+    fn only_heartbeats_and_metrics_are_periodic() {
+        let ch = Channel::new("d", "c");
+        let periodic: Vec<Inbound> = INBOUND
+            .into_iter()
+            .filter(|k| periodic_filter(&ch.topic(k.suffix())))
+            .collect();
+        assert_eq!(periodic, [Inbound::Alive, Inbound::Metrics]);
+        assert!(periodic_filter("m/+/c/+/control/proplet/alive"));
+        assert!(!periodic_filter("m/+/c/+/control/proplet/results"));
+        assert!(!periodic_filter("fl/rounds/+/updates/+"));
     }
 
     #[test]

@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 
+use super::fleet::Placed;
 use crate::api::proplet::Proplet;
 use crate::config::ShardBy;
+use crate::sharding::DRAIN_READY_LABEL;
 use crate::sharding::members::State;
 use crate::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
-use crate::sharding::{DRAIN_READY_LABEL, drain_of, shard_of};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoveKind {
@@ -34,15 +35,15 @@ impl MoveKind {
 pub enum Step {
     /// Label the Proplet with `to` (and clear any drain). `from` is its previous, dead shard.
     Assign {
-        proplet: Arc<Proplet>,
+        proplet: Arc<Placed>,
         from: Option<String>,
         to: String,
         kind: MoveKind,
     },
     /// Ask its live owner to hand it to `to`.
-    Drain { proplet: Arc<Proplet>, to: String },
+    Drain { proplet: Arc<Placed>, to: String },
     /// A drain that no longer makes sense (the ring changed back, or its target left): cleared.
-    CancelDrain { proplet: Arc<Proplet> },
+    CancelDrain { proplet: Arc<Placed> },
 }
 
 #[derive(Debug, Default)]
@@ -55,28 +56,18 @@ pub struct Plan {
 
 /// The key a Proplet is hashed by: its clientId (its name when it has none yet).
 pub fn key(p: &Proplet) -> String {
-    p.spec
-        .connection_config
-        .client()
-        .map(str::to_string)
-        .unwrap_or_else(|| p.name_any())
+    Placed::of(p).key
 }
 
 /// Where a Proplet's place on the ring is hashed from: its key, or its channel (`domain/channel`: the
 /// MQTT topics it is heard on) when the ring groups by channel.
 pub fn position(p: &Proplet, by: ShardBy) -> String {
-    let cc = &p.spec.connection_config;
-    match by {
-        ShardBy::Channel if !cc.channel_id.is_empty() => {
-            format!("{}/{}", cc.domain().unwrap_or_default(), cc.channel_id)
-        }
-        _ => key(p),
-    }
+    Placed::of(p).position(by).to_string()
 }
 
 /// What to do now. `states` holds every shard with a Lease; a shard without one counts as gone.
 pub fn plan(
-    proplets: &[Arc<Proplet>],
+    proplets: &[Arc<Placed>],
     states: &HashMap<String, State>,
     max_moves: usize,
     by: ShardBy,
@@ -88,27 +79,21 @@ pub fn plan(
     let ring = Ring::new(members, VIRTUAL_NODES);
     let mut out = Plan::default();
     if ring.members().is_empty() {
-        out.unowned = proplets
-            .iter()
-            .filter(|p| shard_of(p.as_ref()).is_none())
-            .count();
+        out.unowned = proplets.iter().filter(|p| p.shard.is_none()).count();
         return out;
     }
-    let keys: Vec<String> = proplets.iter().map(|p| key(p)).collect();
-    let positions: Vec<String> = proplets.iter().map(|p| position(p, by)).collect();
     let desired = ring.assign_grouped(
-        positions
-            .iter()
-            .map(String::as_str)
-            .zip(keys.iter().map(String::as_str)),
+        proplets.iter().map(|p| (p.position(by), p.key.as_str())),
         LOAD_FACTOR,
     );
     let state = |s: &str| states.get(s).copied();
     let mut new_drains = Vec::new();
-    for (p, k) in proplets.iter().zip(&keys) {
-        let Some(want) = desired.get(k) else { continue };
-        let drain = drain_of(p.as_ref());
-        let Some(current) = shard_of(p.as_ref()) else {
+    for p in proplets {
+        let Some(want) = desired.get(&p.key) else {
+            continue;
+        };
+        let drain = p.drain.clone();
+        let Some(current) = p.shard.clone() else {
             out.steps.push(Step::Assign {
                 proplet: Arc::clone(p),
                 from: None,
@@ -205,7 +190,7 @@ mod tests {
             ("c", State::Ready),
         ]);
         let split = |by: ShardBy| {
-            let to = assigned(&plan(&ps, &st, 10, by));
+            let to = assigned(&plan(&placed(&ps), &st, 10, by));
             assert_eq!(to.len(), 60, "every new Proplet assigned");
             let mut shards: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
             for p in &ps {
@@ -223,6 +208,10 @@ mod tests {
         assert_eq!(position(&ps[0], ShardBy::ClientId), "client-0");
     }
 
+    fn placed(ps: &[Arc<Proplet>]) -> Vec<Arc<Placed>> {
+        ps.iter().map(|p| Arc::new(Placed::of(p))).collect()
+    }
+
     fn states(s: &[(&str, State)]) -> HashMap<String, State> {
         s.iter().map(|(n, st)| (n.to_string(), *st)).collect()
     }
@@ -231,7 +220,7 @@ mod tests {
         plan.steps
             .iter()
             .filter_map(|s| match s {
-                Step::Assign { proplet, to, .. } => Some((proplet.name_any(), to.clone())),
+                Step::Assign { proplet, to, .. } => Some((proplet.name.clone(), to.clone())),
                 _ => None,
             })
             .collect()
@@ -246,7 +235,7 @@ mod tests {
             ("c", State::Expired),
             ("d", State::Released),
         ]);
-        let plan = plan(&ps, &st, 10, ShardBy::ClientId);
+        let plan = plan(&placed(&ps), &st, 10, ShardBy::ClientId);
         let to = assigned(&plan);
         assert_eq!(to.len(), 300);
         let on_a = to.values().filter(|s| *s == "a").count();
@@ -266,7 +255,7 @@ mod tests {
             ("dead", State::Dead),
             ("silent", State::Expired),
         ]);
-        let plan = plan(&ps, &st, 10, ShardBy::ClientId);
+        let plan = plan(&placed(&ps), &st, 10, ShardBy::ClientId);
         assert_eq!(plan.unowned, 1);
         let to = assigned(&plan);
         assert_eq!(to.get("p-1").map(String::as_str), Some("a"));
@@ -285,7 +274,7 @@ mod tests {
             .map(|i| proplet(i, &[(SHARD_LABEL, "a")]))
             .collect();
         let st = states(&[("a", State::Ready), ("b", State::Ready)]);
-        let plan1 = plan(&ps, &st, 5, ShardBy::ClientId);
+        let plan1 = plan(&placed(&ps), &st, 5, ShardBy::ClientId);
         assert!(
             assigned(&plan1).is_empty(),
             "a live owner is never bypassed"
@@ -301,7 +290,7 @@ mod tests {
             .iter()
             .take(3)
             .filter_map(|s| match s {
-                Step::Drain { proplet, .. } => Some(proplet.name_any()),
+                Step::Drain { proplet, .. } => Some(proplet.name.clone()),
                 _ => None,
             })
             .collect();
@@ -314,7 +303,7 @@ mod tests {
                 }
             })
             .collect();
-        let plan2 = plan(&ps2, &st, 5, ShardBy::ClientId);
+        let plan2 = plan(&placed(&ps2), &st, 5, ShardBy::ClientId);
         assert_eq!(plan2.drains_in_flight, 3);
         let new = plan2
             .steps
@@ -328,7 +317,7 @@ mod tests {
     fn a_leaving_shard_is_drained_never_bypassed() {
         let ps: Vec<_> = (0..20).map(|i| proplet(i, &[(SHARD_LABEL, "a")])).collect();
         let st = states(&[("a", State::Leaving), ("b", State::Ready)]);
-        let plan = plan(&ps, &st, 8, ShardBy::ClientId);
+        let plan = plan(&placed(&ps), &st, 8, ShardBy::ClientId);
         assert!(assigned(&plan).is_empty(), "a leaving owner still acts");
         let drains = plan
             .steps
@@ -342,7 +331,7 @@ mod tests {
     fn a_drain_whose_reason_went_away_is_cancelled() {
         let p = proplet(7, &[(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")]);
         let only_a = states(&[("a", State::Ready)]);
-        let plan = plan(&[p], &only_a, 10, ShardBy::ClientId);
+        let plan = plan(&placed(&[p]), &only_a, 10, ShardBy::ClientId);
         assert!(matches!(plan.steps.as_slice(), [Step::CancelDrain { .. }]));
     }
 }

@@ -1,31 +1,28 @@
-//! The leader's sharder: it keeps a cache of every Proplet (only while leading), and applies
+//! The leader's sharder: it keeps a [`Fleet`] of every Proplet (only while leading), and applies
 //! [`super::plan`] when the ring or what the plan reads of a Proplet changed (at most twice a retry period,
 //! and every [`RESYNC`] regardless): labels new Proplets, reassigns those of dead or released shards together
 //! with their Tasks, and starts or cancels drains of live shards' Proplets.
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::Api;
 use kube::api::ListParams;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::inputs::PlanInputs;
-use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
-use super::plan::{MoveKind, Step, key, plan};
+use super::fleet::{Fleet, FleetProplet, Placed};
+use super::labels::{Guard, WRITES_AT_ONCE, patch_meta, patch_meta_of};
+use super::plan::{MoveKind, Step, plan};
 use crate::api::proplet::Proplet;
 use crate::api::task::Task;
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
 use crate::error::Result;
-use crate::sharding::{
-    DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, drain_of, own_selector, shard_of,
-};
+use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, own_selector};
 
 /// A round even when nothing the plan reads was seen to change: a safety net, not the way changes arrive.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -42,35 +39,29 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             }
         }
         info!("leading: the sharder starts");
-        let (store, writer) = reflector::store::<Proplet>();
-        let api: Api<Proplet> = if ctx.config.watch_namespace.is_empty() {
+        let api: Api<FleetProplet> = if ctx.config.watch_namespace.is_empty() {
             Api::all(ctx.client.clone())
         } else {
             Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
         };
-        let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // The leader's cache of the whole fleet keeps what placement reads (name, labels, clientId,
-        // resourceVersion): no status, no managed fields, so it stays a fraction of a full cache.
-        let slim = watcher(api, watcher::Config::default()).modify(|p| {
-            p.status = None;
-            p.metadata.managed_fields = None;
-            p.metadata.annotations = None;
-        });
+        let fleet = Arc::new(Mutex::new(Fleet::default()));
+        let listed = Arc::new(AtomicBool::new(false));
         // Consumed on its own task: a round writing thousands of labels must not leave the watch unread
         // (the API server would drop it as too slow, and the next round would plan on a stale cache).
         let seen = Arc::clone(&listed);
         let dirty = Arc::new(AtomicBool::new(true));
         let changed = Arc::clone(&dirty);
-        let mut inputs = PlanInputs::default();
+        let held = Arc::clone(&fleet);
         let watch = tokio::spawn(
-            reflector::reflector(writer, slim)
+            watcher(api, watcher::Config::default())
                 .backoff(crate::controllers::runtime::watch_backoff())
                 .for_each(move |ev| {
-                    if let Ok(ev) = &ev {
-                        if inputs.changed(ev) {
+                    if let Ok(ev) = ev {
+                        let done = matches!(ev, watcher::Event::InitDone);
+                        if held.lock().is_ok_and(|mut f| f.apply(ev)) {
                             changed.store(true, Ordering::SeqCst);
                         }
-                        if let watcher::Event::InitDone = ev {
+                        if done {
                             seen.store(true, Ordering::SeqCst);
                         }
                     }
@@ -108,7 +99,11 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
                 continue;
             }
             last_round = tokio::time::Instant::now();
-            again = match round(&ctx, &store, &mut orphaned).await {
+            let proplets = match fleet.lock() {
+                Ok(f) => f.snapshot(),
+                Err(_) => return,
+            };
+            again = match round(&ctx, &proplets, &mut orphaned).await {
                 Ok(planned) => planned,
                 Err(e) => {
                     warn!(error = %e, "sharding round failed; retrying");
@@ -131,13 +126,12 @@ impl Drop for AbortOnDrop {
 /// One plan applied; true when it had steps (their outcome is looked at by the next round).
 async fn round(
     ctx: &Context,
-    store: &Store<Proplet>,
+    proplets: &[Arc<Placed>],
     orphaned: &mut BTreeSet<String>,
 ) -> Result<bool> {
     let states: HashMap<_, _> = ctx.ownership.states().into_iter().collect();
-    let proplets = store.state();
     let p = plan(
-        &proplets,
+        proplets,
         &states,
         ctx.config.max_concurrent_moves,
         ctx.config.shard_by,
@@ -146,7 +140,7 @@ async fn round(
     let planned = !p.steps.is_empty();
     let mut owner_of: HashMap<String, String> = proplets
         .iter()
-        .filter_map(|p| shard_of(p.as_ref()).map(|s| (key(p), s)))
+        .filter_map(|p| p.shard.clone().map(|s| (p.key.clone(), s)))
         .collect();
     let mut draining = p.drains_in_flight;
     // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
@@ -173,11 +167,11 @@ async fn round(
                     .moves_total
                     .with_label_values(&[kind.as_str()])
                     .inc();
-                owner_of.insert(key(&proplet), to.clone());
+                owner_of.insert(proplet.key.clone(), to.clone());
                 if kind == MoveKind::Dead
                     && let Some(from) = from
                 {
-                    info!(proplet = %proplet.name_any(), %from, %to, "proplet of a gone shard reassigned");
+                    info!(proplet = %proplet.name, %from, %to, "proplet of a gone shard reassigned");
                     orphaned.insert(from);
                 }
             }
@@ -212,10 +206,10 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
             } else {
                 Guard::Version
             };
-            patch_meta(
+            patch_meta_of::<Proplet>(
                 &ctx.client,
                 &ctx.metrics,
-                proplet.as_ref(),
+                &proplet.meta(),
                 &[
                     (SHARD_LABEL, Some(to)),
                     (DRAIN_LABEL, None),
@@ -227,11 +221,11 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
             .await
         }
         Step::Drain { proplet, to } => {
-            let owner = shard_of(proplet.as_ref()).unwrap_or_default();
-            patch_meta(
+            let owner = proplet.shard.clone().unwrap_or_default();
+            patch_meta_of::<Proplet>(
                 &ctx.client,
                 &ctx.metrics,
-                proplet.as_ref(),
+                &proplet.meta(),
                 &[(DRAIN_LABEL, Some(to))],
                 &[],
                 Guard::Labels(&[(SHARD_LABEL, &owner)]),
@@ -239,11 +233,11 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
             .await
         }
         Step::CancelDrain { proplet } => {
-            let target = drain_of(proplet.as_ref()).unwrap_or_default();
-            patch_meta(
+            let target = proplet.drain.clone().unwrap_or_default();
+            patch_meta_of::<Proplet>(
                 &ctx.client,
                 &ctx.metrics,
-                proplet.as_ref(),
+                &proplet.meta(),
                 &[(DRAIN_LABEL, None), (DRAIN_READY_LABEL, None)],
                 &[],
                 Guard::Labels(&[(DRAIN_LABEL, &target)]),
