@@ -8,7 +8,7 @@ use std::time::Instant;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -27,6 +27,7 @@ use crate::mqtt::MqttClient;
 use crate::mqtt::backlog::Backlog;
 use crate::sharding::Ownership;
 use crate::telemetry::Metrics;
+use crate::telemetry::events::Events;
 
 /// Field manager of every write.
 pub const MANAGER: &str = "propeller-operator";
@@ -73,7 +74,7 @@ pub struct Context {
     pub caches_ready: CachesReady,
     /// Whether what the broker queued for this operator's session has been handled.
     pub backlog: Backlog,
-    pub recorder: Recorder,
+    pub recorder: Events,
     /// The time cron schedules are judged by.
     pub clock: Clock,
     /// A hub's clients for its member clusters.
@@ -128,7 +129,7 @@ impl Context {
             backlog,
             launched: Launched::default(),
             caches_ready: CachesReady::default(),
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Events::new(client.clone(), reporter),
             client,
             config,
             mqtt,

@@ -1,5 +1,6 @@
 //! Prometheus metrics (controller-runtime's names where they exist) and the HTTP endpoint serving them
 //! with the health probes.
+pub mod events;
 pub mod multicluster;
 pub mod secure;
 pub mod server;

@@ -252,6 +252,12 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             format!("≤ 0.4: {}", ok(num("shard_rss_ratio") <= 0.4)),
         ),
         (
+            "… the same for anonymous memory only (RssAnon: without the executable's pages, which the page cache shares)"
+                .into(),
+            format!("{:.2}", num("shard_anon_rss_ratio")),
+            "measured".into(),
+        ),
+        (
             "heartbeats a shard receives ÷ heartbeats published: 1 channel / 1 channel per 100"
                 .into(),
             format!(
@@ -275,6 +281,15 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             format!(
                 "≤ Lease {lease:.0} s + 2 s: {}",
                 ok(num("shard_failover_s") <= lease + 2.0)
+            ),
+        ),
+        (
+            "… of which: kill → its Lease taken (the first proplet relabelled)".into(),
+            format!("{:.1} s", num("shard_failover_first_s")),
+            format!(
+                "{} proplets relabelled in {:.1} s",
+                num("shard_failover_moves"),
+                num("shard_failover_s") - num("shard_failover_first_s")
             ),
         ),
         (

@@ -208,7 +208,8 @@ async fn usage_over(ops: &[&Operator], window: Duration) -> anyhow::Result<Vec<V
             "identity": op.identity,
             "cpu_cores": (cpu1 - cpu0) / secs,
             "peak_rss_mib": peak,
-            "rss_mib": current_rss_mib(op.pid()),
+            "rss_mib": status_mib(op.pid(), "VmRSS:"),
+            "anon_rss_mib": status_mib(op.pid(), "RssAnon:"),
             "messages_per_s": (msg1 - msg0) / secs,
             "not_owned_per_s": (drop1 - drop0) / secs,
         }));
@@ -216,11 +217,13 @@ async fn usage_over(ops: &[&Operator], window: Duration) -> anyhow::Result<Vec<V
     Ok(out)
 }
 
-fn current_rss_mib(pid: u32) -> f64 {
+/// A size from /proc/{pid}/status, in MiB: `VmRSS:` (resident now) or `RssAnon:` (its part that is the
+/// process's own memory, without the executable's and libraries' pages, which the page cache shares).
+fn status_mib(pid: u32, key: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(f64::NAN, |k| k / 1024.0)
 }
@@ -369,24 +372,52 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     b.results
         .insert("shard_current_rss_ratio", json!(ratio("rss_mib")));
     b.results
+        .insert("shard_anon_rss_ratio", json!(ratio("anon_rss_mib")));
+    b.results
         .insert("shard_messages_ratio_per_100", json!(fan100));
     b.results
         .insert("shard_writes_per_proplet_minute", json!(per_min));
 
-    // 4. Failover: a follower killed (SIGKILL) with default Lease timings.
+    // 4. Failover: a follower killed (SIGKILL) with default Lease timings; each of its proplets' move
+    // (kill → labelled with a live shard) timed by a watch, the first one being when its Lease was taken.
     let lead = leader(&ops).await.unwrap_or(0);
     let victim = (lead + 1) % shards_n;
+    let moves: Moves = Arc::default();
+    let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
+    tokio::time::sleep(Duration::from_secs(2)).await;
     ops[victim].kill();
     let killed = Instant::now();
     moved_off(b, &ns, ids.len(), &live, victim).await?;
-    let failover = killed.elapsed().as_secs_f64();
+    let settled = killed.elapsed().as_secs_f64();
+    mover.abort();
+    let relabelled = sorted(
+        moves
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter_map(|(_, z)| {
+                        z.map(|z| z.saturating_duration_since(killed).as_secs_f64())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
+    let first = relabelled.first().copied().unwrap_or(f64::NAN);
+    let failover = relabelled.last().copied().unwrap_or(settled);
     ops[victim] = start_shard(b, &lease_ns, victim)?;
     ops[victim].ready().await?;
     let rejoin = settle(b, &ns, ids.len(), &live, true, Duration::from_secs(300))
         .await?
         .as_secs_f64();
-    eprintln!("failover: reassigned {failover:.1} s after the kill; rejoined in {rejoin:.1} s");
+    eprintln!(
+        "failover: {} proplets relabelled from {first:.1} s (Lease taken) to {failover:.1} s after the kill; a census saw all settled at {settled:.1} s; rejoined in {rejoin:.1} s",
+        relabelled.len()
+    );
     b.results.insert("shard_failover_s", json!(failover));
+    b.results.insert("shard_failover_first_s", json!(first));
+    b.results
+        .insert("shard_failover_moves", json!(relabelled.len()));
+    b.results.insert("shard_failover_settled_s", json!(settled));
     b.results.insert("shard_rejoin_s", json!(rejoin));
 
     // 5. Graceful handover: a follower stopped with SIGTERM; each proplet's move (SIGTERM → labelled with
