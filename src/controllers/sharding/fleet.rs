@@ -30,7 +30,9 @@ pub struct Placed {
     pub resource_version: Option<String>,
     pub shard: Option<String>,
     pub drain: Option<String>,
-    pub drain_ready: bool,
+    /// The drain-ready label as found (the target sets it to "true"; whatever it holds, a write that
+    /// removes it must know it is there).
+    pub drain_ready: Option<String>,
     /// Whether the object has labels at all: a label write must not replace the map (see [`Placed::meta`]).
     pub labelled: bool,
     /// Its clientId (its name when it has none yet): what the ring hashes and what groups the Proplets
@@ -110,7 +112,7 @@ impl Placed {
             resource_version: meta.resource_version.clone(),
             shard: label(SHARD_LABEL),
             drain: label(DRAIN_LABEL),
-            drain_ready: label(DRAIN_READY_LABEL).as_deref() == Some("true"),
+            drain_ready: label(DRAIN_READY_LABEL),
             labelled: labels.is_some(),
             deleting: meta.deletion_timestamp.is_some(),
             name,
@@ -148,10 +150,7 @@ impl Placed {
         let labels: BTreeMap<String, String> = [
             (SHARD_LABEL, self.shard.clone()),
             (DRAIN_LABEL, self.drain.clone()),
-            (
-                DRAIN_READY_LABEL,
-                self.drain_ready.then(|| "true".to_string()),
-            ),
+            (DRAIN_READY_LABEL, self.drain_ready.clone()),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
@@ -167,13 +166,14 @@ impl Placed {
 
     /// Whether the plan reads anything different in `other` (the resourceVersion aside).
     fn plans_like(&self, other: &Placed) -> bool {
-        Placed {
-            resource_version: None,
-            ..self.clone()
-        } == Placed {
-            resource_version: None,
-            ..other.clone()
+        fn inputs(p: &Placed) -> impl PartialEq + '_ {
+            (
+                (&p.name, &p.namespace, &p.key, &p.channel),
+                (&p.shard, &p.drain, &p.drain_ready),
+                (p.labelled, p.deleting),
+            )
         }
+        inputs(self) == inputs(other)
     }
 }
 
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(placed.key, "later-name");
         assert_eq!(placed.position(ShardBy::Channel), "tenant/c");
         assert_eq!(placed.position(ShardBy::ClientId), "later-name");
-        assert!(placed.drain_ready);
+        assert_eq!(placed.drain_ready.as_deref(), Some("true"));
         let mut nameless = proplet("b", "s");
         nameless.spec.connection_config.client_id = None;
         assert_eq!(Placed::of(&nameless).key, "b", "no clientId yet: its name");
@@ -286,6 +286,17 @@ mod tests {
         assert_eq!(
             meta.labels,
             Some([(SHARD_LABEL.to_string(), "shard-0".to_string())].into())
+        );
+        // Whatever a label holds, the write that removes it sees it.
+        p.labels_mut()
+            .insert(DRAIN_READY_LABEL.into(), "yes".into());
+        assert_eq!(
+            Placed::of(&p)
+                .meta()
+                .labels
+                .and_then(|l| l.get(DRAIN_READY_LABEL).cloned())
+                .as_deref(),
+            Some("yes")
         );
         p.metadata.labels = None;
         assert_eq!(Placed::of(&p).meta().labels, None);
