@@ -390,18 +390,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     moved_off(b, &ns, ids.len(), &live, victim).await?;
     let settled = killed.elapsed().as_secs_f64();
     mover.abort();
-    let relabelled = sorted(
-        moves
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter_map(|(_, z)| {
-                        z.map(|z| z.saturating_duration_since(killed).as_secs_f64())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    );
+    let relabelled = moved_since(&moves, killed);
     let first = relabelled.first().copied().unwrap_or(f64::NAN);
     let failover = relabelled.last().copied().unwrap_or(settled);
     ops[victim] = start_shard(b, &lease_ns, victim)?;
@@ -439,16 +428,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     moved_off(b, &ns, ids.len(), &live, victim).await?;
     let all_moved = t0.elapsed().as_secs_f64();
     mover.abort();
-    let per_move = sorted(
-        moves
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter_map(|(_, z)| z.map(|z| z.saturating_duration_since(t0).as_secs_f64()))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    );
+    let per_move = moved_since(&moves, t0);
     let drain_to_moved = sorted(
         moves
             .lock()
@@ -583,6 +563,22 @@ async fn fleet_step(
 
 /// Records the Proplets labelled `from`, when each is first seen draining, and when it is first seen
 /// labelled with another shard.
+/// Seconds from `since` until each Proplet in `moves` was labelled with another shard, sorted.
+fn moved_since(moves: &Moves, since: Instant) -> Vec<f64> {
+    sorted(
+        moves
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter_map(|(_, z)| {
+                        z.map(|z| z.saturating_duration_since(since).as_secs_f64())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
 fn watch_moves(
     client: &Client,
     ns: &str,

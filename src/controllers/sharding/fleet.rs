@@ -61,7 +61,8 @@ struct Spec {
     connection_config: Connection,
 }
 
-/// A Proplet as the leader's fleet watch parses it: every other field is skipped unread.
+/// A Proplet as the leader's fleet watch parses it: every other field is skipped unread. Also what its
+/// label writes are addressed with (its kind is a Proplet's).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct FleetProplet {
     #[serde(default)]
@@ -143,10 +144,10 @@ impl Placed {
         }
     }
 
-    /// The metadata a label write is built from: name, namespace, resourceVersion, and the sharding labels
-    /// (the labels map present, if only with those, whenever the object has one: an absent map is created
-    /// by the write, which would replace one that exists).
-    pub fn meta(&self) -> ObjectMeta {
+    /// What a label write is built from: name, namespace, resourceVersion, and the sharding labels (the
+    /// labels map present, if only with those, whenever the object has one: an absent map is created by the
+    /// write, which would replace one that exists).
+    pub fn object(&self) -> FleetProplet {
         let labels: BTreeMap<String, String> = [
             (SHARD_LABEL, self.shard.clone()),
             (DRAIN_LABEL, self.drain.clone()),
@@ -155,12 +156,15 @@ impl Placed {
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
         .collect();
-        ObjectMeta {
-            name: Some(self.name.clone()),
-            namespace: Some(self.namespace.clone()),
-            resource_version: self.resource_version.clone(),
-            labels: self.labelled.then_some(labels),
-            ..ObjectMeta::default()
+        FleetProplet {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                resource_version: self.resource_version.clone(),
+                labels: self.labelled.then_some(labels),
+                ..ObjectMeta::default()
+            },
+            spec: Spec::default(),
         }
     }
 
@@ -282,7 +286,7 @@ mod tests {
     fn a_label_write_never_creates_a_labels_map_over_one_that_exists() {
         let mut p = proplet("a", "shard-0");
         p.labels_mut().insert("team".into(), "x".into());
-        let meta = Placed::of(&p).meta();
+        let meta = Placed::of(&p).object().metadata;
         assert_eq!(
             meta.labels,
             Some([(SHARD_LABEL.to_string(), "shard-0".to_string())].into())
@@ -292,16 +296,20 @@ mod tests {
             .insert(DRAIN_READY_LABEL.into(), "yes".into());
         assert_eq!(
             Placed::of(&p)
-                .meta()
+                .object()
+                .metadata
                 .labels
                 .and_then(|l| l.get(DRAIN_READY_LABEL).cloned())
                 .as_deref(),
             Some("yes")
         );
         p.metadata.labels = None;
-        assert_eq!(Placed::of(&p).meta().labels, None);
+        assert_eq!(Placed::of(&p).object().metadata.labels, None);
         p.metadata.labels = Some(BTreeMap::new());
-        assert_eq!(Placed::of(&p).meta().labels, Some(BTreeMap::new()));
+        assert_eq!(
+            Placed::of(&p).object().metadata.labels,
+            Some(BTreeMap::new())
+        );
     }
 
     #[test]

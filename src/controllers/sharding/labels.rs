@@ -3,11 +3,8 @@
 //! read ([`Guard::Labels`]: a JSON patch whose `test` operations fail if another writer moved them). The
 //! latter matters for Proplets, whose status changes often: a resourceVersion would make every move race
 //! with heartbeats.
-use std::collections::BTreeMap;
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::context::MANAGER;
@@ -50,37 +47,15 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    patch_meta_of::<K>(client, metrics, obj.meta(), labels, annotations, guard).await
-}
-
-/// [`patch_meta`] for an object of kind `K` known by its metadata only: its name, namespace and
-/// resourceVersion, and the labels and annotations the write touches (the maps present whenever the
-/// object has them: an absent map is created, which would replace one that exists).
-pub async fn patch_meta_of<K>(
-    client: &Client,
-    metrics: &Metrics,
-    meta: &ObjectMeta,
-    labels: &[(&str, Option<&str>)],
-    annotations: &[(&str, Option<&str>)],
-    guard: Guard<'_>,
-) -> Result<bool>
-where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = meta.name.clone().unwrap_or_default();
-    let ns = meta
-        .namespace
-        .clone()
-        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let ns = obj
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
     let api: Api<K> = Api::namespaced(client.clone(), &ns);
     let mut ops: Vec<Value> = Vec::new();
     match guard {
         Guard::None => {}
         Guard::Version => ops.push(json!({
-            "op": "test", "path": "/metadata/resourceVersion", "value": meta.resource_version
+            "op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()
         })),
         Guard::Labels(expected) => {
             for (k, v) in expected {
@@ -89,7 +64,7 @@ where
         }
     }
     let mut edit = |field: &str,
-                    present: &BTreeMap<String, String>,
+                    present: &std::collections::BTreeMap<String, String>,
                     map_missing: bool,
                     changes: &[(&str, Option<&str>)]| {
         if changes.iter().any(|(_, v)| v.is_some()) && map_missing {
@@ -104,23 +79,18 @@ where
             }
         }
     };
-    let none = BTreeMap::new();
-    edit(
-        "labels",
-        meta.labels.as_ref().unwrap_or(&none),
-        meta.labels.is_none(),
-        labels,
-    );
+    let meta = obj.meta();
+    edit("labels", obj.labels(), meta.labels.is_none(), labels);
     edit(
         "annotations",
-        meta.annotations.as_ref().unwrap_or(&none),
+        obj.annotations(),
         meta.annotations.is_none(),
         annotations,
     );
     let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
     match api
         .patch(
-            &name,
+            &obj.name_any(),
             &PatchParams::apply(MANAGER),
             &Patch::<()>::Json(patch),
         )

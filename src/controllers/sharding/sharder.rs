@@ -15,9 +15,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::fleet::{Fleet, FleetProplet, Placed};
-use super::labels::{Guard, WRITES_AT_ONCE, patch_meta, patch_meta_of};
+use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
 use super::plan::{MoveKind, Step, plan};
-use crate::api::proplet::Proplet;
 use crate::api::task::Task;
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
@@ -206,10 +205,10 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
             } else {
                 Guard::Version
             };
-            patch_meta_of::<Proplet>(
+            patch_meta(
                 &ctx.client,
                 &ctx.metrics,
-                &proplet.meta(),
+                &proplet.object(),
                 &[
                     (SHARD_LABEL, Some(to)),
                     (DRAIN_LABEL, None),
@@ -222,10 +221,10 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
         }
         Step::Drain { proplet, to } => {
             let owner = proplet.shard.clone().unwrap_or_default();
-            patch_meta_of::<Proplet>(
+            patch_meta(
                 &ctx.client,
                 &ctx.metrics,
-                &proplet.meta(),
+                &proplet.object(),
                 &[(DRAIN_LABEL, Some(to))],
                 &[],
                 Guard::Labels(&[(SHARD_LABEL, &owner)]),
@@ -234,10 +233,10 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
         }
         Step::CancelDrain { proplet } => {
             let target = proplet.drain.clone().unwrap_or_default();
-            patch_meta_of::<Proplet>(
+            patch_meta(
                 &ctx.client,
                 &ctx.metrics,
-                &proplet.meta(),
+                &proplet.object(),
                 &[(DRAIN_LABEL, None), (DRAIN_READY_LABEL, None)],
                 &[],
                 Guard::Labels(&[(DRAIN_LABEL, &target)]),
