@@ -561,8 +561,6 @@ async fn fleet_step(
     })
 }
 
-/// Records the Proplets labelled `from`, when each is first seen draining, and when it is first seen
-/// labelled with another shard.
 /// Seconds from `since` until each Proplet in `moves` was labelled with another shard, sorted.
 fn moved_since(moves: &Moves, since: Instant) -> Vec<f64> {
     sorted(
@@ -579,6 +577,8 @@ fn moved_since(moves: &Moves, since: Instant) -> Vec<f64> {
     )
 }
 
+/// Records the Proplets labelled `from`, when each is first seen draining, and when it is first seen
+/// labelled with another shard.
 fn watch_moves(
     client: &Client,
     ns: &str,

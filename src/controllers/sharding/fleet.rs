@@ -201,8 +201,8 @@ impl Fleet {
     pub fn apply(&mut self, ev: Event<FleetProplet>) -> bool {
         match ev {
             Event::Apply(p) => {
-                let now = Placed::from_wire(&p);
-                match self.proplets.insert(key_of(&now), Arc::new(now.clone())) {
+                let now = Arc::new(Placed::from_wire(&p));
+                match self.proplets.insert(key_of(&now), Arc::clone(&now)) {
                     Some(was) => !was.plans_like(&now),
                     None => true,
                 }

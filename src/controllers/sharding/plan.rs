@@ -54,11 +54,6 @@ pub struct Plan {
     pub drains_in_flight: usize,
 }
 
-/// The key a Proplet is hashed by: its clientId (its name when it has none yet).
-pub fn key(p: &Proplet) -> String {
-    Placed::of(p).key
-}
-
 /// Where a Proplet's place on the ring is hashed from: its key, or its channel (`domain/channel`: the
 /// MQTT topics it is heard on) when the ring groups by channel.
 pub fn position(p: &Proplet, by: ShardBy) -> String {
