@@ -264,6 +264,11 @@ pub struct OperatorConfig {
     /// Proplets handed over between live shards at the same time.
     #[arg(long, default_value_t = 100)]
     pub max_concurrent_moves: usize,
+    /// How long after fencing a shard the leader waits before it relabels the Proplets the survivors took
+    /// over (they handle them from the fence on; the relabel only makes the labels say so). A wait spares
+    /// the API server thousands of writes at the moment the survivors list what they took over.
+    #[arg(long, default_value = "0s")]
+    pub takeover_relabel_after: GoDuration,
     /// Run as a hub: register member clusters from Secrets in `--member-namespace` (our kubeconfig format or
     /// Argo CD's cluster Secrets) and keep a MemberCluster per member. See docs/multi-cluster.md.
     #[arg(long, env = "HUB", default_value_t = false)]

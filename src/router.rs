@@ -248,6 +248,16 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                     ctx.metrics.mqtt_message(kind.as_str(), "unknown_task");
                     debug!(topic = %msg.topic, task_id = %r.task_id, "result for an unknown task");
                 }
+                // A fenced shard's Task another survivor took over: parked as another shard's.
+                Some(t)
+                    if ctx
+                        .tasks
+                        .get(&t)
+                        .is_some_and(|task| crate::controllers::task::is_foreign(ctx, &task)) =>
+                {
+                    ctx.metrics.mqtt_message(kind.as_str(), "parked");
+                    ctx.results.push(&r.task_id.clone(), r, None);
+                }
                 Some(t) => {
                     ctx.metrics.mqtt_message(kind.as_str(), "ok");
                     let uid = r.task_id.clone();

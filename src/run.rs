@@ -177,6 +177,7 @@ impl Operator {
                     namespace: config.lease_namespace(),
                     leader_lease: config.leader_election_id.clone(),
                     timings,
+                    shard_by: config.shard_by,
                 },
                 ctx.ownership.clone(),
                 Arc::clone(&ctx.metrics),
@@ -201,6 +202,18 @@ impl Operator {
             job_selector,
             crate::fl::store::UPDATE_LABEL,
         );
+        // A shard's Proplet and Task caches also hold what it takes over from fenced shards.
+        let takeover_caches = shard.as_deref().map(|me| {
+            let (a, b) = (me.to_string(), me.to_string());
+            vec![
+                watches
+                    .proplets
+                    .extra_sources(move |p| crate::sharding::shard_of(p).as_deref() == Some(&a)),
+                watches
+                    .tasks
+                    .extra_sources(move |t| crate::sharding::shard_of(t).as_deref() == Some(&b)),
+            ]
+        });
         keep_indexes(&ctx, &mut watches);
         proplet::wake_ups(&ctx, &mut watches, &proplets.waker());
         task::wake_ups(&ctx, &mut watches, &tasks.waker());
@@ -305,6 +318,11 @@ impl Operator {
                 shutdown.clone(),
             ));
             background.push(sharder::spawn(Arc::clone(&ctx), shutdown.clone()));
+            background.push(crate::controllers::sharding::takeover::spawn(
+                ctx.ownership.clone(),
+                takeover_caches.unwrap_or_default(),
+                shutdown.clone(),
+            ));
             background.push(wake_on_leading(
                 Arc::clone(&ctx),
                 [

@@ -10,6 +10,7 @@ pub mod runtime;
 pub mod schedule;
 pub mod selection;
 pub mod sharding;
+pub mod sources;
 pub mod task;
 pub mod training_round;
 

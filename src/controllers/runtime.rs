@@ -2,15 +2,17 @@
 //! controller, bounded concurrency, metrics and a trace span per reconcile, back-off after errors, and a stop
 //! that lets reconciles in flight finish. Each controller declares what wakes it next to its reconcile (a
 //! `wake_ups` function); `run.rs` only wires them together.
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
+use futures::stream::{AbortHandle, BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
@@ -22,6 +24,8 @@ use crate::api::{FederatedJob, PropellerJob, Proplet, Task, TrainingRound};
 use crate::context::{Context, Writers};
 use crate::error::{Error, Result};
 use crate::telemetry::Metrics;
+
+use super::sources::{Change, Merge, Source};
 
 /// Resolves once when the operator is asked to stop; every loop and controller listens to it.
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;
@@ -160,6 +164,8 @@ pub struct Watch<K: Kind> {
     writer: Writer<K>,
     on_event: Vec<EventHandler<K>>,
     on_object: Vec<ObjectHandler<K>>,
+    /// Extra sources of the same cache, started and stopped while the watch runs.
+    extra: Option<(Merge<K>, mpsc::UnboundedReceiver<Change>)>,
 }
 
 impl<K: Kind> Watch<K> {
@@ -170,7 +176,19 @@ impl<K: Kind> Watch<K> {
             writer,
             on_event: Vec::new(),
             on_object: Vec::new(),
+            extra: None,
         }
+    }
+
+    /// Lets extra watches fill this watch's cache (`in_primary` says what this watch's own selector
+    /// selects); the returned sender starts and stops them. Listeners see one stream of events.
+    pub fn extra_sources(
+        &mut self,
+        in_primary: impl Fn(&K) -> bool + Send + Sync + 'static,
+    ) -> mpsc::UnboundedSender<Change> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.extra = Some((Merge::new(self.writer.as_reader(), in_primary), rx));
+        tx
     }
 
     /// `f` sees every event (relists included), before any wake-up.
@@ -205,50 +223,110 @@ impl<K: Kind> Watch<K> {
     pub fn spawn(self, shutdown: Shutdown) -> JoinHandle<()> {
         let events = lean(self.api.clone(), self.config.clone())
             .backoff(watch_backoff())
-            .take_until(shutdown);
-        tokio::spawn(self.follow(events))
+            .take_until(shutdown.clone());
+        tokio::spawn(self.follow(events, shutdown))
     }
 
-    /// Caches `events` and tells every listener, until they end.
-    async fn follow<S>(self, events: S)
+    /// Caches `events` (and those of any extra source) and tells every listener, until they end.
+    async fn follow<S>(self, events: S, shutdown: Shutdown)
     where
-        S: futures::Stream<Item = std::result::Result<watcher::Event<K>, watcher::Error>>,
+        S: futures::Stream<Item = std::result::Result<watcher::Event<K>, watcher::Error>>
+            + Send
+            + 'static,
     {
         let Watch {
-            writer,
+            api,
+            mut writer,
             on_event,
             on_object,
+            extra,
             ..
         } = self;
+        let (mut merge, mut control) = match extra {
+            Some((m, c)) => (Some(m), Some(c)),
+            None => (None, None),
+        };
         let kind = K::kind(&()).to_string();
         let reader = writer.as_reader();
-        let stream = reflector::reflector(writer, events);
-        futures::pin_mut!(stream);
+        let mut streams: SelectAll<SourcedEvents<K>> = SelectAll::new();
+        streams.push(events.map(|e| (None, e)).boxed());
+        let mut running: HashMap<String, AbortHandle> = HashMap::new();
         let mut relist = Relist { before: Vec::new() };
-        while let Some(ev) = stream.next().await {
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(e) => {
-                    warn!(%kind, error = %e, "watch error");
-                    continue;
-                }
+        loop {
+            let batch = tokio::select! {
+                change = next_change(&mut control) => match change {
+                    Some(Change::Start { name, selector }) => {
+                        if running.contains_key(&name) {
+                            continue;
+                        }
+                        let config = watcher::Config::default().labels(&selector);
+                        let (events, stop) = futures::stream::abortable(
+                            lean(api.clone(), config)
+                                .backoff(watch_backoff())
+                                .take_until(shutdown.clone()),
+                        );
+                        running.insert(name.clone(), stop);
+                        streams.push(events.map(move |e| (Some(name.clone()), e)).boxed());
+                        continue;
+                    }
+                    Some(Change::Stop { name }) => {
+                        if let Some(stop) = running.remove(&name) {
+                            stop.abort();
+                        }
+                        merge.as_mut().map(|m| m.stop(&name)).unwrap_or_default()
+                    }
+                    None => {
+                        control = None;
+                        continue;
+                    }
+                },
+                item = streams.next() => match item {
+                    None => break,
+                    Some((_, Err(e))) => {
+                        warn!(%kind, error = %e, "watch error");
+                        continue;
+                    }
+                    Some((source, Ok(ev))) => match merge.as_mut() {
+                        Some(m) => m.event(&source, ev),
+                        None => vec![ev],
+                    },
+                },
             };
-            for f in &on_event {
-                f(&ev);
-            }
-            let tell = |obj: &K, seen: Seen| {
-                for f in &on_object {
-                    f(obj, seen);
+            for ev in batch {
+                writer.apply_watcher_event(&ev);
+                for f in &on_event {
+                    f(&ev);
                 }
-            };
-            match &ev {
-                watcher::Event::Apply(o) => tell(o, Seen::Applied),
-                watcher::Event::Delete(o) => tell(o, Seen::Deleted),
-                watcher::Event::Init => relist.begin(&reader),
-                watcher::Event::InitApply(_) => {}
-                watcher::Event::InitDone => relist.end(&reader, tell),
+                let tell = |obj: &K, seen: Seen| {
+                    for f in &on_object {
+                        f(obj, seen);
+                    }
+                };
+                match &ev {
+                    watcher::Event::Apply(o) => tell(o, Seen::Applied),
+                    watcher::Event::Delete(o) => tell(o, Seen::Deleted),
+                    watcher::Event::Init => relist.begin(&reader),
+                    watcher::Event::InitApply(_) => {}
+                    watcher::Event::InitDone => relist.end(&reader, tell),
+                }
             }
         }
+    }
+}
+
+type SourcedEvents<K> = BoxStream<
+    'static,
+    (
+        Source,
+        std::result::Result<watcher::Event<K>, watcher::Error>,
+    ),
+>;
+
+/// The next start or stop of an extra source; never, for a watch without them.
+async fn next_change(control: &mut Option<mpsc::UnboundedReceiver<Change>>) -> Option<Change> {
+    match control {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -499,6 +577,7 @@ pub fn shutdown_from(shutdown: impl std::future::Future<Output = ()> + Send + 's
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::reflector;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
@@ -613,7 +692,10 @@ mod tests {
             InitDone,
         ];
         watch
-            .follow(futures::stream::iter(events.into_iter().map(Ok)))
+            .follow(
+                futures::stream::iter(events.into_iter().map(Ok)),
+                futures::future::pending::<()>().boxed().shared(),
+            )
             .await;
         let told = told.lock().expect("lock").clone();
         let mut after_relist: Vec<_> = told[2..].to_vec();

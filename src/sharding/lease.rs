@@ -11,6 +11,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 
 use super::LEAVING_ANNOTATION;
+use super::takeover::TAKEOVER_ANNOTATION;
 
 /// Lease timings (client-go's defaults: 15 s, 10 s, 2 s).
 #[derive(Clone, Copy, Debug)]
@@ -33,8 +34,9 @@ impl Default for Timings {
 /// What an attempt to hold a Lease found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hold {
-    /// We hold it; `transitions` counts its changes of holder (a fencing epoch).
-    Held { transitions: i32 },
+    /// We hold it; `transitions` counts its changes of holder (a fencing epoch); `from_other`: we took it
+    /// from another holder just now.
+    Held { transitions: i32, from_other: bool },
     /// Someone else holds it and it has not expired.
     HeldBy(String),
 }
@@ -109,12 +111,14 @@ impl Leases {
 
     /// Creates, renews or takes `name`. Taking someone else's Lease needs `takeable(&lease)` (a released
     /// Lease is always takeable). `labels` are set on creation; `leaving` sets (`Some(true)`) or clears
-    /// (`Some(false)`) the leaving mark, `None` leaves it as it is.
+    /// (`Some(false)`) the leaving mark, `None` leaves it as it is; taking the Lease writes `takeover` as
+    /// its takeover record, or removes the one it had.
     pub async fn hold(
         &self,
         name: &str,
         labels: &[(&str, &str)],
         leaving: Option<bool>,
+        takeover: Option<&str>,
         takeable: impl FnOnce(&Lease) -> bool,
     ) -> kube::Result<Hold> {
         let now = MicroTime(jiff::Timestamp::now());
@@ -142,7 +146,10 @@ impl Leases {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(Hold::Held { transitions: 0 }),
+                Ok(_) => Ok(Hold::Held {
+                    transitions: 0,
+                    from_other: false,
+                }),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(Hold::HeldBy(String::new())),
                 Err(e) => Err(e),
             };
@@ -163,6 +170,15 @@ impl Leases {
             }
             None => {}
         }
+        let from_other = !mine && current.is_some();
+        if !mine {
+            match takeover {
+                Some(record) => lease
+                    .annotations_mut()
+                    .insert(TAKEOVER_ANNOTATION.to_string(), record.to_string()),
+                None => lease.annotations_mut().remove(TAKEOVER_ANNOTATION),
+            };
+        }
         let spec = lease.spec.get_or_insert_with(Default::default);
         if !mine {
             spec.holder_identity = Some(self.holder.clone());
@@ -174,7 +190,10 @@ impl Leases {
         let transitions = spec.lease_transitions.unwrap_or(0);
         // The PUT carries the resourceVersion read above: a concurrent change makes it fail.
         match self.api.replace(name, &PostParams::default(), &lease).await {
-            Ok(_) => Ok(Hold::Held { transitions }),
+            Ok(_) => Ok(Hold::Held {
+                transitions,
+                from_other,
+            }),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Hold::HeldBy(String::new())),
             Err(e) => Err(e),
         }

@@ -19,7 +19,9 @@ use tracing::{error, info, warn};
 
 use super::lease::{Hold, Leases, Observed, Timings, holder};
 use super::members::{State, judge_all, next_expiry};
+use super::takeover::{TAKEOVER_ANNOTATION, Takeover};
 use super::{Ownership, RING, RING_LABEL, ring_selector, shard_lease_name};
+use crate::config::ShardBy;
 use crate::telemetry::Metrics;
 
 #[derive(Clone, Debug)]
@@ -28,6 +30,8 @@ pub struct Settings {
     pub namespace: String,
     pub leader_lease: String,
     pub timings: Timings,
+    /// What the ring hashes: recorded in a fence, for the takeover of the fenced shard's proplets.
+    pub shard_by: ShardBy,
 }
 
 /// The running membership loop, and what a graceful stop releases.
@@ -83,6 +87,7 @@ pub fn spawn(
         known: BTreeMap::new(),
         _watch: watch,
         renewed: None,
+        acting_from: None,
         leading: None,
     };
     let loop_ = tokio::spawn(state.run(halt, changes));
@@ -180,6 +185,9 @@ struct Loop {
     _watch: AbortOnDrop,
     /// When the shard Lease was last renewed.
     renewed: Option<Instant>,
+    /// After taking our shard Lease back from the leader that fenced us: not before then do we act, so
+    /// that the survivors' takeover of our proplets has lapsed (their confirmation lasts a renew deadline).
+    acting_from: Option<Instant>,
     /// When the leader Lease was last renewed, while leading.
     leading: Option<Instant>,
 }
@@ -217,9 +225,18 @@ impl Loop {
                 Woke::Changed(lease) => {
                     // Seen as it is made: a renewal is observed within the watch's latency, not a retry
                     // period later, so a silent shard expires a Lease duration after its last renewal.
+                    let fenced = takeover_record(&lease).is_some();
                     self.known.insert(lease.name_any(), *lease);
-                    self.judge_known().await;
-                    Ok(())
+                    self.judge_known(None).await;
+                    // A fence seen by the watch confirms nothing: a list does, at once, so that the
+                    // survivors take the fenced shard's proplets over without waiting for the next round.
+                    if fenced {
+                        let timings = self.settings.timings;
+                        self.judge(timings.retry_period, timings.renew_deadline)
+                            .await
+                    } else {
+                        Ok(())
+                    }
                 }
                 // A shard went silent for a Lease duration just now: a whole round, so that a dead leader's
                 // Lease is sought at once too.
@@ -256,18 +273,28 @@ impl Loop {
                 &own,
                 &[(RING_LABEL, RING)],
                 Some(self.leaving.load(Ordering::SeqCst)),
+                None,
                 |_| expired,
             ),
         )
         .await
         {
-            Ok(Hold::Held { .. }) => {
+            Ok(Hold::Held { from_other, .. }) => {
                 if self.renewed.is_none() {
                     info!(lease = %own, "shard Lease acquired");
                     self.metrics.shards.lease("shard", "acquired");
                 }
+                if from_other {
+                    // Fenced while we were away: survivors may act on our proplets until their last
+                    // confirmation of the fence lapses (a renew deadline after the list that made it).
+                    let from = Instant::now() + deadline;
+                    warn!(lease = %own, "shard Lease taken back after a fence: acting again in {deadline:?}");
+                    self.acting_from = Some(from);
+                }
                 self.renewed = Some(started);
-                self.ownership.renewed(started);
+                if self.acting_from.is_none_or(|from| Instant::now() >= from) {
+                    self.ownership.renewed(started);
+                }
             }
             Ok(Hold::HeldBy(other)) => {
                 if self.renewed.is_some() {
@@ -342,6 +369,7 @@ impl Loop {
 
     /// Reads every shard Lease into the ring's states; as leader, fences the silent ones.
     async fn judge(&mut self, retry: Duration, deadline: Duration) -> Result<(), String> {
+        let started = Instant::now();
         let listed = bounded(
             retry.max(deadline / 2),
             self.leases
@@ -359,7 +387,7 @@ impl Loop {
                 return Ok(());
             }
         }
-        self.judge_known().await;
+        self.judge_known(Some(started)).await;
         Ok(())
     }
 
@@ -380,8 +408,9 @@ impl Loop {
         )
     }
 
-    /// Judges the known shard Leases into the ring's states; as leader, fences the silent ones.
-    async fn judge_known(&mut self) {
+    /// Judges the known shard Leases into the ring's states and the fenced shards' takeovers (`listed`:
+    /// when the list they come from started, None for the watch); as leader, fences the silent ones.
+    async fn judge_known(&mut self, listed: Option<Instant>) {
         let duration = self.settings.timings.duration;
         let leases: Vec<Lease> = self.known.values().cloned().collect();
         let now = Instant::now();
@@ -402,22 +431,39 @@ impl Loop {
                 .set(n as i64);
         }
         self.metrics.shards.ring_members.set(members as i64);
+        let takeovers = states
+            .iter()
+            .filter(|(n, s)| *s == State::Dead && n != &self.settings.identity)
+            .filter_map(|(n, _)| {
+                let lease = self.known.get(&shard_lease_name(n))?;
+                Some((n.clone(), Takeover::parse(takeover_record(lease)?)?))
+            })
+            .collect();
+        // Takeovers before states: whoever reads the states, then the takeovers, finds the record of
+        // every dead shard it saw (the sharder must never relabel a taken-over proplet elsewhere).
+        self.ownership.set_takeovers(takeovers, listed);
         self.ownership.set_states(states.clone());
 
         if self.ownership.is_leader() {
+            let ring: Vec<String> = states
+                .iter()
+                .filter(|(_, s)| s.is_member())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let record = Takeover::new(self.settings.shard_by, ring).record();
             // Never our own: if it expired, our own renewal is failing and we stop acting anyway.
             for (shard, _) in states
                 .iter()
                 .filter(|(n, s)| *s == State::Expired && n != &self.settings.identity)
             {
-                self.fence(shard, &leases).await;
+                self.fence(shard, &leases, &record).await;
             }
         }
     }
 
     /// Takes the Lease of a shard silent for a Lease duration: from then on it cannot renew, and it
     /// stopped acting at its renew deadline before; its proplets may move.
-    async fn fence(&self, shard: &str, leases: &[k8s_openapi::api::coordination::v1::Lease]) {
+    async fn fence(&self, shard: &str, leases: &[Lease], record: &str) {
         let name = shard_lease_name(shard);
         let Some(judged) = leases.iter().find(|l| l.name_any() == name) else {
             return;
@@ -425,7 +471,7 @@ impl Loop {
         let rv = judged.resource_version();
         let result = bounded(
             self.settings.timings.renew_deadline / 2,
-            self.leases.hold(&name, &[], None, |current| {
+            self.leases.hold(&name, &[], None, Some(record), |current| {
                 // Only the version judged silent: a renewal in between keeps the shard alive.
                 current.resource_version() == rv && holder(current) == Some(shard)
             }),
@@ -440,6 +486,16 @@ impl Loop {
             Err(e) => warn!(error = %e, %shard, "could not fence a silent shard"),
         }
     }
+}
+
+/// The takeover record a fence wrote on a shard Lease, while someone other than the shard holds it.
+fn takeover_record(lease: &Lease) -> Option<&str> {
+    let shard = super::shard_of_lease(lease.metadata.name.as_deref()?)?;
+    holder(lease).filter(|h| *h != shard)?;
+    lease
+        .annotations()
+        .get(TAKEOVER_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// Past a Lease's expiry when the timer fires (the judgement needs `unchanged_for >= duration`).

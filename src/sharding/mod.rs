@@ -6,6 +6,7 @@ pub mod lease;
 pub mod members;
 pub mod membership;
 pub mod ring;
+pub mod takeover;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +84,8 @@ pub struct Shard {
     owned: RwLock<Owned>,
     /// Every shard with a Lease, with its state, sorted.
     states: RwLock<Vec<(String, members::State)>>,
+    /// Fenced shards whose Lease records how their proplets are taken over.
+    takeovers: RwLock<HashMap<String, takeover::Known>>,
     /// Bumped whenever `states` changes: the leader's sharder acts on a change at once (a fenced shard's
     /// proplets move without waiting for the sharder's next period).
     changes: tokio::sync::watch::Sender<u64>,
@@ -91,21 +94,37 @@ pub struct Shard {
 #[derive(Debug, Default)]
 struct Owned {
     by_client: HashMap<String, HashSet<String>>,
+    /// Keys owned by takeover (still labelled with their fenced shard): the shard they came from.
+    taken_from: HashMap<String, String>,
     /// The clientId of each owned Proplet (namespace/name): an event then costs a few lookups, not a pass
     /// over the whole shard (status refreshes bring dozens of events a second).
     client_of: HashMap<String, String>,
     /// When each owned clientId became ours: its heartbeats reach us only from then on.
     since: HashMap<String, Instant>,
     /// While the watch relists: what the new list holds so far.
-    relisting: Option<HashMap<String, String>>,
+    relisting: Option<HashMap<String, Claim>>,
 }
 
+/// Why a Proplet is ours: its clientId, and the fenced shard it is taken over from (None: its label).
+type Claim = (String, Option<String>);
+
 impl Owned {
-    fn insert(&mut self, key: String, client: String) {
+    fn insert(&mut self, key: String, (client, from): Claim) {
+        if self.client_of.get(&key) == Some(&client) && self.taken_from.get(&key) == from.as_ref() {
+            return;
+        }
         if self.client_of.get(&key) == Some(&client) {
+            // Only the reason changed (its relabel to us arrived): it stays ours since it was.
+            match from {
+                Some(f) => self.taken_from.insert(key, f),
+                None => self.taken_from.remove(&key),
+            };
             return;
         }
         self.remove(&key);
+        if let Some(f) = from {
+            self.taken_from.insert(key.clone(), f);
+        }
         let keys = self.by_client.entry(client.clone()).or_default();
         if keys.is_empty() {
             self.since.insert(client.clone(), Instant::now());
@@ -115,6 +134,7 @@ impl Owned {
     }
 
     fn remove(&mut self, key: &str) {
+        self.taken_from.remove(key);
         let Some(client) = self.client_of.remove(key) else {
             return;
         };
@@ -128,12 +148,13 @@ impl Owned {
     }
 
     /// Replaces everything with a relisted set, keeping `since` of the clientIds still owned.
-    fn replace(&mut self, client_of: HashMap<String, String>) {
+    fn replace(&mut self, claims: HashMap<String, Claim>) {
         let since = std::mem::take(&mut self.since);
         self.by_client.clear();
         self.client_of.clear();
-        for (key, client) in client_of {
-            self.insert(key, client);
+        self.taken_from.clear();
+        for (key, claim) in claims {
+            self.insert(key, claim);
         }
         for (client, at) in since {
             if let Some(s) = self.since.get_mut(&client) {
@@ -159,6 +180,7 @@ impl Ownership {
                 leader: AtomicBool::new(false),
                 owned: RwLock::new(Owned::default()),
                 states: RwLock::new(Vec::new()),
+                takeovers: RwLock::new(HashMap::new()),
                 changes: tokio::sync::watch::Sender::new(0),
             })),
         }
@@ -187,15 +209,28 @@ impl Ownership {
         }
     }
 
-    /// Whether this replica handles the proplet with this clientId (and the tasks placed on it).
+    /// Whether this replica handles the proplet with this clientId (and the tasks placed on it). One
+    /// taken over from a fenced shard only while a recent list of the Leases showed it fenced.
     pub fn owns_client(&self, client_id: &str) -> bool {
         match &self.shard {
             None => true,
             Some(s) => {
-                self.may_act()
-                    && s.owned
-                        .read()
-                        .is_ok_and(|o| o.by_client.contains_key(client_id))
+                if !self.may_act() {
+                    return false;
+                }
+                let Ok(owned) = s.owned.read() else {
+                    return false;
+                };
+                let Some(keys) = owned.by_client.get(client_id) else {
+                    return false;
+                };
+                keys.iter().any(|k| match owned.taken_from.get(k) {
+                    None => true,
+                    Some(from) => s.takeovers.read().is_ok_and(|t| {
+                        t.get(from)
+                            .is_some_and(|k| k.confirmed_within(s.renew_deadline))
+                    }),
+                })
             }
         }
     }
@@ -209,6 +244,18 @@ impl Ownership {
                 .owned
                 .read()
                 .is_ok_and(|o| o.by_client.contains_key(client_id)),
+        }
+    }
+
+    /// Whether an object in this replica's caches is another shard's: labelled with another shard and not
+    /// about a proplet we hold. Only objects of a fenced shard are such (a takeover's watches bring all of
+    /// them, of which the record places some on us): they are left alone.
+    pub fn is_foreign(&self, shard: Option<&str>, client: Option<&str>) -> bool {
+        match &self.shard {
+            None => false,
+            Some(s) => {
+                shard != Some(s.identity.as_str()) && !client.is_some_and(|c| self.holds_client(c))
+            }
         }
     }
 
@@ -294,6 +341,61 @@ impl Ownership {
         }
     }
 
+    /// The fenced shards whose proplets are taken over, with their records. `listed` is when the list of
+    /// Leases these come from started (None: seen by the watch, which confirms nothing): each takeover it
+    /// holds is confirmed as of then; one first seen by the watch waits for the next list.
+    pub(crate) fn set_takeovers(
+        &self,
+        takeovers: Vec<(String, takeover::Takeover)>,
+        listed: Option<Instant>,
+    ) {
+        let Some(s) = &self.shard else { return };
+        let Ok(mut known) = s.takeovers.write() else {
+            return;
+        };
+        let before = known.len();
+        let next: HashMap<String, takeover::Known> = takeovers
+            .into_iter()
+            .map(|(shard, t)| {
+                let confirmed = listed.or_else(|| known.get(&shard).and_then(|k| k.confirmed));
+                (
+                    shard,
+                    takeover::Known {
+                        takeover: t,
+                        confirmed,
+                    },
+                )
+            })
+            .collect();
+        let changed = next.len() != before || next.keys().any(|k| !known.contains_key(k));
+        *known = next;
+        drop(known);
+        if changed {
+            s.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The fenced shards whose proplets are taken over, and how (empty for a single replica).
+    pub fn takeovers(&self) -> HashMap<String, takeover::Takeover> {
+        self.shard
+            .as_ref()
+            .and_then(|s| s.takeovers.read().ok())
+            .map(|t| {
+                t.iter()
+                    .map(|(n, k)| (n.clone(), k.takeover.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many Proplets this shard owns by takeover (still labelled with a fenced shard).
+    pub fn taken_count(&self) -> usize {
+        self.shard
+            .as_ref()
+            .and_then(|s| s.owned.read().ok().map(|o| o.taken_from.len()))
+            .unwrap_or(0)
+    }
+
     /// Changes as [`Ownership::states`] changes (None for a single replica, whose states never do).
     pub fn state_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.shard.as_ref().map(|s| s.changes.subscribe())
@@ -305,15 +407,27 @@ impl Ownership {
         let Ok(mut owned) = s.owned.write() else {
             return;
         };
-        let key = |p: &Proplet| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-        let ours = |p: &Proplet| {
-            shard_of(p).as_deref() == Some(s.identity.as_str()) && drain_of(p).is_none()
+        let Ok(takeovers) = s.takeovers.read() else {
+            return;
         };
-        let client = |p: &Proplet| p.spec.connection_config.client().map(str::to_string);
+        let key = |p: &Proplet| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        // Ours by its label, or taken over from a fenced shard whose record places it on us.
+        let claim = |p: &Proplet| -> Option<Claim> {
+            let client = p.spec.connection_config.client()?.to_string();
+            if drain_of(p).is_some() {
+                return None;
+            }
+            let shard = shard_of(p)?;
+            if shard == s.identity {
+                return Some((client, None));
+            }
+            let t = takeovers.get(&shard)?;
+            (t.takeover.owner(p) == Some(s.identity.as_str())).then_some((client, Some(shard)))
+        };
         match ev {
             watcher::Event::Init => owned.relisting = Some(HashMap::new()),
             watcher::Event::InitApply(p) => {
-                if let (Some(c), true) = (client(p), ours(p))
+                if let Some(c) = claim(p)
                     && let Some(next) = owned.relisting.as_mut()
                 {
                     next.insert(key(p), c);
@@ -324,9 +438,9 @@ impl Ownership {
                     owned.replace(next);
                 }
             }
-            watcher::Event::Apply(p) => match (client(p), ours(p)) {
-                (Some(c), true) => owned.insert(key(p), c),
-                _ => owned.remove(&key(p)),
+            watcher::Event::Apply(p) => match claim(p) {
+                Some(c) => owned.insert(key(p), c),
+                None => owned.remove(&key(p)),
             },
             watcher::Event::Delete(p) => owned.remove(&key(p)),
         }
@@ -384,6 +498,65 @@ mod tests {
                 .collect(),
         );
         p
+    }
+
+    #[test]
+    fn a_survivor_owns_what_a_confirmed_takeover_record_places_on_it_and_nothing_else() {
+        let o = Ownership::sharded("b", Duration::from_millis(300));
+        o.renewed(Instant::now());
+        let record = takeover::Takeover::new(
+            crate::config::ShardBy::ClientId,
+            ["a".to_string(), "b".to_string()],
+        );
+        let clients: Vec<String> = (0..40).map(|i| format!("c-{i}")).collect();
+        let ours: Vec<&String> = clients
+            .iter()
+            .filter(|c| record.owner_at(c) == Some("b"))
+            .collect();
+        assert!(!ours.is_empty() && ours.len() < clients.len());
+        // Seen by the watch only: nothing is confirmed yet.
+        o.set_takeovers(vec![("x".into(), record.clone())], None);
+        for (i, c) in clients.iter().enumerate() {
+            o.apply(&watcher::Event::Apply(proplet(
+                &format!("p{i}"),
+                c,
+                &[(SHARD_LABEL, "x")],
+            )));
+        }
+        assert_eq!(o.taken_count(), ours.len());
+        assert!(ours.iter().all(|c| o.holds_client(c) && !o.owns_client(c)));
+        o.set_takeovers(vec![("x".into(), record.clone())], Some(Instant::now()));
+        for c in &clients {
+            assert_eq!(o.owns_client(c), ours.contains(&c), "{c}");
+            assert_eq!(o.is_foreign(Some("x"), Some(c)), !ours.contains(&c));
+        }
+        assert!(
+            o.is_foreign(Some("x"), None),
+            "an unplaced task of the fenced shard"
+        );
+        assert!(!o.is_foreign(Some("b"), None));
+        // The confirmation lapses a renew deadline after the list that made it.
+        std::thread::sleep(Duration::from_millis(320));
+        o.renewed(Instant::now());
+        assert!(ours.iter().all(|c| !o.owns_client(c)));
+        o.set_takeovers(vec![("x".into(), record.clone())], Some(Instant::now()));
+        let first = ours[0];
+        let name = format!("p{}", clients.iter().position(|c| c == first).unwrap_or(0));
+        let since = o.owned_since(first);
+        // Its relabel to us keeps it ours, since it was; the takeover's end no longer matters to it.
+        o.apply(&watcher::Event::Apply(proplet(
+            &name,
+            first,
+            &[(SHARD_LABEL, "b")],
+        )));
+        assert_eq!(o.owned_since(first), since);
+        assert_eq!(o.taken_count(), ours.len() - 1);
+        o.set_takeovers(Vec::new(), Some(Instant::now()));
+        assert!(o.owns_client(first));
+        assert!(
+            ours[1..].iter().all(|c| !o.owns_client(c)),
+            "the fenced shard is back"
+        );
     }
 
     #[test]

@@ -400,6 +400,98 @@ async fn a_crashed_shards_proplets_move_once_its_lease_is_taken_and_no_task_runs
     env.finish().await
 }
 
+/// A crashed shard's proplets are handled by the survivors from the fence on, by the takeover record on
+/// its Lease, while they still carry its label: the leader's relabel is held back for 20 s here, so the
+/// takeover alone must carry them (ownership, new tasks, tasks that were running there), once each.
+#[tokio::test]
+async fn a_crashed_shards_proplets_are_taken_over_before_any_relabel_and_no_task_runs_twice()
+-> anyhow::Result<()> {
+    let flags: Vec<&str> = HA
+        .iter()
+        .copied()
+        .chain(["--takeover-relabel-after=20s"])
+        .collect();
+    let (mut env, sims) = replicas_with("takeover", 6, &flags, |c| {
+        c.faults.task_delay = Duration::from_secs(2)
+    })
+    .await?;
+    let clients: Vec<String> = sims.iter().map(|s| s.client_id.clone()).collect();
+    let labels = settled(&env, &clients).await?;
+    let names: Vec<String> = (0..24).map(|i| format!("t{i}")).collect();
+    create_all(&env, &names).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lead = leader(&env).await?;
+    let victim = (0..3)
+        .find(|&i| env.operator(i).is_some() && Some(i) != lead)
+        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let gone = identity(&env, victim);
+    let theirs: Vec<String> = env
+        .proplets()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|p| shard_of(*p).as_deref() == Some(gone.as_str()))
+        .filter_map(|p| p.spec.connection_config.client().map(str::to_string))
+        .collect();
+    anyhow::ensure!(!theirs.is_empty(), "the victim owns no proplet: {labels:?}");
+    let may_repeat = running_on(&env, &gone).await?;
+    let crashed_at = Instant::now();
+    env.crash_operator_n(victim).await;
+    // Every one of its proplets gets exactly one survivor as owner, while still labelled with it.
+    loop {
+        audit(&env, &clients)?;
+        let owned = theirs
+            .iter()
+            .filter(|c| {
+                (0..env.operator_count())
+                    .filter_map(|i| env.operator(i))
+                    .any(|o| o.context().ownership.owns_client(c))
+            })
+            .count();
+        if owned == theirs.len() {
+            break;
+        }
+        anyhow::ensure!(
+            crashed_at.elapsed() < WAIT,
+            "{owned} of {} proplets of the crashed shard taken over",
+            theirs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let taken_after = crashed_at.elapsed();
+    let still_labelled = env
+        .proplets()
+        .list(&ListParams::default().labels(&format!("{SHARD_LABEL}={gone}")))
+        .await?
+        .items
+        .len();
+    anyhow::ensure!(
+        still_labelled == theirs.len(),
+        "the relabel was to wait: {still_labelled} of {} still labelled with the crashed shard",
+        theirs.len()
+    );
+    println!("taken over {taken_after:?} after the crash, none relabelled yet");
+    // New work goes on meanwhile, on every proplet the survivors took over too.
+    let more: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    create_all(&env, &more).await?;
+    all_completed(&env, &names, &clients).await?;
+    all_completed(&env, &more, &clients).await?;
+    let tasks = env.tasks().list(&ListParams::default()).await?.items;
+    let resent = ran_once(&sims, &tasks, &may_repeat)?;
+    println!(
+        "every task completed {:?} after the crash; {resent} starts sent again",
+        crashed_at.elapsed()
+    );
+    // Then the labels follow, to the survivors that took them over.
+    settled(&env, &clients).await?;
+    println!("labels settled {:?} after the crash", crashed_at.elapsed());
+    for s in sims {
+        s.shutdown().await;
+    }
+    env.finish().await
+}
+
 #[tokio::test]
 async fn a_fourth_replica_takes_about_a_quarter_with_no_proplet_owned_twice() -> anyhow::Result<()>
 {

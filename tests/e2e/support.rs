@@ -531,6 +531,10 @@ fn first_args(config: &OperatorConfig) -> Vec<String> {
             format!("--renew-deadline={}ms", config.renew_deadline.0.as_millis()),
             format!("--retry-period={}ms", config.retry_period.0.as_millis()),
             format!(
+                "--takeover-relabel-after={}ms",
+                config.takeover_relabel_after.0.as_millis()
+            ),
+            format!(
                 "--shard-by={}",
                 clap::ValueEnum::to_possible_value(&config.shard_by)
                     .map(|v| v.get_name().to_string())

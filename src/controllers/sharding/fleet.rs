@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::api::proplet::Proplet;
 use crate::config::ShardBy;
+use crate::sharding::takeover::{channel_key, ring_position};
 use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL};
 
 /// What placement reads of one Proplet.
@@ -107,8 +108,7 @@ impl Placed {
         let name = meta.name.clone().unwrap_or_default();
         Placed {
             key: client.map(str::to_string).unwrap_or_else(|| name.clone()),
-            channel: (!channel.is_empty())
-                .then(|| format!("{}/{channel}", domain.unwrap_or_default())),
+            channel: channel_key(domain, channel),
             namespace: meta.namespace.clone().unwrap_or_default(),
             resource_version: meta.resource_version.clone(),
             shard: label(SHARD_LABEL),
@@ -138,10 +138,7 @@ impl Placed {
     /// Where its place on the ring is hashed from: its key, or its channel when the ring groups by
     /// channel (and it has one).
     pub fn position(&self, by: ShardBy) -> &str {
-        match (by, &self.channel) {
-            (ShardBy::Channel, Some(channel)) => channel,
-            _ => &self.key,
-        }
+        ring_position(&self.key, self.channel.as_deref(), by)
     }
 
     /// What a label write is built from: name, namespace, resourceVersion, and the sharding labels (the

@@ -7,3 +7,4 @@ pub mod handover;
 pub mod labels;
 pub mod plan;
 pub mod sharder;
+pub mod takeover;

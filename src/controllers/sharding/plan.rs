@@ -13,6 +13,7 @@ use crate::config::ShardBy;
 use crate::sharding::DRAIN_READY_LABEL;
 use crate::sharding::members::State;
 use crate::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
+use crate::sharding::takeover::Takeover;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoveKind {
@@ -60,10 +61,13 @@ pub fn position(p: &Proplet, by: ShardBy) -> String {
     Placed::of(p).position(by).to_string()
 }
 
-/// What to do now. `states` holds every shard with a Lease; a shard without one counts as gone.
+/// What to do now. `states` holds every shard with a Lease; a shard without one counts as gone. A fenced
+/// shard's Proplets go where its takeover record places them (its survivors already handle them there),
+/// unless that shard is no member any more.
 pub fn plan(
     proplets: &[Arc<Placed>],
     states: &HashMap<String, State>,
+    takeovers: &HashMap<String, Takeover>,
     max_moves: usize,
     by: ShardBy,
 ) -> Plan {
@@ -106,10 +110,16 @@ pub fn plan(
             }
             // Dead, released, or no Lease at all.
             _ => {
+                let taken_by = takeovers
+                    .get(&current)
+                    .and_then(|t| t.owner_at(p.position(t.by())))
+                    // A survivor that is leaving still acts on what it took over: relabelled to it,
+                    // then drained from it like the rest of its share. One that is silent acts no more.
+                    .filter(|o| state(o).is_some_and(|s| s.is_member() || s == State::Leaving));
                 out.steps.push(Step::Assign {
                     proplet: Arc::clone(p),
+                    to: taken_by.map_or_else(|| want.clone(), str::to_string),
                     from: Some(current),
-                    to: want.clone(),
                     kind: MoveKind::Dead,
                 });
                 continue;
@@ -185,7 +195,7 @@ mod tests {
             ("c", State::Ready),
         ]);
         let split = |by: ShardBy| {
-            let to = assigned(&plan(&placed(&ps), &st, 10, by));
+            let to = assigned(&plan(&placed(&ps), &st, &HashMap::new(), 10, by));
             assert_eq!(to.len(), 60, "every new Proplet assigned");
             let mut shards: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
             for p in &ps {
@@ -230,12 +240,47 @@ mod tests {
             ("c", State::Expired),
             ("d", State::Released),
         ]);
-        let plan = plan(&placed(&ps), &st, 10, ShardBy::ClientId);
+        let plan = plan(&placed(&ps), &st, &HashMap::new(), 10, ShardBy::ClientId);
         let to = assigned(&plan);
         assert_eq!(to.len(), 300);
         let on_a = to.values().filter(|s| *s == "a").count();
         assert!(to.values().all(|s| s == "a" || s == "b"));
         assert!((100..=200).contains(&on_a), "{on_a} of 300 on a");
+    }
+
+    #[test]
+    fn a_fenced_shards_proplets_go_where_its_takeover_record_places_them() {
+        for by in [ShardBy::ClientId, ShardBy::Channel] {
+            let ps: Vec<Arc<Proplet>> = (0..200)
+                .map(|i| {
+                    let mut p = (*on_channel(i, &format!("ch-{}", i % 20))).clone();
+                    p.metadata.labels = Some([(SHARD_LABEL.to_string(), "x".to_string())].into());
+                    Arc::new(p)
+                })
+                .collect();
+            let st = states(&[
+                ("a", State::Ready),
+                ("b", State::Ready),
+                ("c", State::Ready),
+                ("x", State::Dead),
+            ]);
+            // Fenced when c was not a member yet: the record, not today's ring, decides.
+            let record = Takeover::new(by, ["a".to_string(), "b".to_string()]);
+            let takeovers = HashMap::from([("x".to_string(), record.clone())]);
+            let to = assigned(&plan(&placed(&ps), &st, &takeovers, 10, by));
+            assert_eq!(to.len(), 200);
+            for p in &ps {
+                assert_eq!(
+                    Some(to[&p.name_any()].as_str()),
+                    record.owner(p),
+                    "the survivor that took it over is the one it is relabelled to ({by:?})"
+                );
+            }
+            // A record's shard that is gone too: the ring of today's members decides.
+            let st_b_gone = states(&[("a", State::Ready), ("c", State::Ready), ("x", State::Dead)]);
+            let to = assigned(&plan(&placed(&ps), &st_b_gone, &takeovers, 10, by));
+            assert!(to.values().all(|s| s == "a" || s == "c"));
+        }
     }
 
     #[test]
@@ -250,7 +295,7 @@ mod tests {
             ("dead", State::Dead),
             ("silent", State::Expired),
         ]);
-        let plan = plan(&placed(&ps), &st, 10, ShardBy::ClientId);
+        let plan = plan(&placed(&ps), &st, &HashMap::new(), 10, ShardBy::ClientId);
         assert_eq!(plan.unowned, 1);
         let to = assigned(&plan);
         assert_eq!(to.get("p-1").map(String::as_str), Some("a"));
@@ -269,7 +314,7 @@ mod tests {
             .map(|i| proplet(i, &[(SHARD_LABEL, "a")]))
             .collect();
         let st = states(&[("a", State::Ready), ("b", State::Ready)]);
-        let plan1 = plan(&placed(&ps), &st, 5, ShardBy::ClientId);
+        let plan1 = plan(&placed(&ps), &st, &HashMap::new(), 5, ShardBy::ClientId);
         assert!(
             assigned(&plan1).is_empty(),
             "a live owner is never bypassed"
@@ -298,7 +343,7 @@ mod tests {
                 }
             })
             .collect();
-        let plan2 = plan(&placed(&ps2), &st, 5, ShardBy::ClientId);
+        let plan2 = plan(&placed(&ps2), &st, &HashMap::new(), 5, ShardBy::ClientId);
         assert_eq!(plan2.drains_in_flight, 3);
         let new = plan2
             .steps
@@ -312,7 +357,7 @@ mod tests {
     fn a_leaving_shard_is_drained_never_bypassed() {
         let ps: Vec<_> = (0..20).map(|i| proplet(i, &[(SHARD_LABEL, "a")])).collect();
         let st = states(&[("a", State::Leaving), ("b", State::Ready)]);
-        let plan = plan(&placed(&ps), &st, 8, ShardBy::ClientId);
+        let plan = plan(&placed(&ps), &st, &HashMap::new(), 8, ShardBy::ClientId);
         assert!(assigned(&plan).is_empty(), "a leaving owner still acts");
         let drains = plan
             .steps
@@ -326,7 +371,13 @@ mod tests {
     fn a_drain_whose_reason_went_away_is_cancelled() {
         let p = proplet(7, &[(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")]);
         let only_a = states(&[("a", State::Ready)]);
-        let plan = plan(&placed(&[p]), &only_a, 10, ShardBy::ClientId);
+        let plan = plan(
+            &placed(&[p]),
+            &only_a,
+            &HashMap::new(),
+            10,
+            ShardBy::ClientId,
+        );
         assert!(matches!(plan.steps.as_slice(), [Step::CancelDrain { .. }]));
     }
 }

@@ -21,6 +21,7 @@ use crate::api::task::Task;
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
 use crate::error::Result;
+use crate::sharding::takeover::Takeover;
 use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, own_selector};
 
 /// A round even when nothing the plan reads was seen to change: a safety net, not the way changes arrive.
@@ -69,6 +70,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         );
         let _stop_watch = AbortOnDrop(watch);
         let mut orphaned: BTreeSet<String> = BTreeSet::new();
+        let mut fenced = Fenced::default();
         let mut every = tokio::time::interval(period / 2);
         let mut ring = ctx.ownership.state_changes();
         // Another round is due even with no change seen: the last one planned steps or failed.
@@ -102,7 +104,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
                 Ok(f) => f.snapshot(),
                 Err(_) => return,
             };
-            again = match round(&ctx, &proplets, &mut orphaned).await {
+            again = match round(&ctx, &proplets, &mut orphaned, &mut fenced).await {
                 Ok(planned) => planned,
                 Err(e) => {
                     warn!(error = %e, "sharding round failed; retrying");
@@ -122,21 +124,56 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// When each fenced shard with a takeover record was first seen: its proplets are relabelled
+/// `--takeover-relabel-after` later.
+#[derive(Default)]
+struct Fenced(HashMap<String, tokio::time::Instant>);
+
+impl Fenced {
+    /// Whether the relabel of `shard`'s proplets waits (it is taken over and was fenced too recently).
+    fn waits(&mut self, ctx: &Context, takeovers: &HashMap<String, Takeover>, shard: &str) -> bool {
+        self.0.retain(|s, _| takeovers.contains_key(s));
+        if !takeovers.contains_key(shard) {
+            return false;
+        }
+        let since = *self
+            .0
+            .entry(shard.to_string())
+            .or_insert_with(tokio::time::Instant::now);
+        since.elapsed() < ctx.config.takeover_relabel_after.0
+    }
+}
+
 /// One plan applied; true when it had steps (their outcome is looked at by the next round).
 async fn round(
     ctx: &Context,
     proplets: &[Arc<Placed>],
     orphaned: &mut BTreeSet<String>,
+    fenced: &mut Fenced,
 ) -> Result<bool> {
     let states: HashMap<_, _> = ctx.ownership.states().into_iter().collect();
-    let p = plan(
+    // Read after the states: every dead shard in them has its takeover record here (membership sets them
+    // the other way round).
+    let takeovers = ctx.ownership.takeovers();
+    let mut p = plan(
         proplets,
         &states,
+        &takeovers,
         ctx.config.max_concurrent_moves,
         ctx.config.shard_by,
     );
+    let steps = p.steps.len();
+    p.steps.retain(|s| match s {
+        Step::Assign {
+            from: Some(from),
+            kind: MoveKind::Dead,
+            ..
+        } => !fenced.waits(ctx, &takeovers, from),
+        _ => true,
+    });
     ctx.metrics.shards.unowned.set(p.unowned as i64);
-    let planned = !p.steps.is_empty();
+    // Relabels that wait count as planned: the next round looks again.
+    let planned = steps > 0;
     let mut owner_of: HashMap<String, String> = proplets
         .iter()
         .filter_map(|p| p.shard.clone().map(|s| (p.key.clone(), s)))

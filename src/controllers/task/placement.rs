@@ -98,9 +98,20 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
         return super::broadcast::dispatch(task, ctx, status).await;
     }
 
+    // A takeover's watches also bring proplets other survivors took over.
+    let proplets = ctx
+        .proplets
+        .state()
+        .into_iter()
+        .filter(|p| {
+            let client = p.spec.connection_config.client();
+            !ctx.ownership
+                .is_foreign(crate::sharding::shard_of(p.as_ref()).as_deref(), client)
+        })
+        .collect();
     let choice = choose(
         task,
-        ctx.proplets.state(),
+        proplets,
         &ctx.tasks.state(),
         ctx.config.k8s_task_backend,
         ctx.config.max_tasks_per_proplet,

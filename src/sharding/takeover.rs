@@ -1,0 +1,135 @@
+//! Takeover of a dead shard's proplets without a write per proplet. When the leader fences a silent shard
+//! it records, in the same write that takes the Lease, the ring it fenced it against (the live members and
+//! what the ring hashes). Every survivor reads that record from the Lease and owns, at once, the dead
+//! shard's Proplets that this ring places on it; the leader relabels them to the same shards in the
+//! background. One record, read by all, so every survivor computes the same owner for each proplet: no
+//! proplet is owned twice, and none waits for its relabel. See docs/sharding.md.
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+
+use super::ring::{Ring, VIRTUAL_NODES};
+use crate::api::proplet::Proplet;
+use crate::config::ShardBy;
+
+/// On a fenced shard Lease: the ring its proplets are taken over by (`client-id:a,b` or `channel:a,b`).
+pub const TAKEOVER_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/takeover";
+
+/// Where a proplet's place on the ring is hashed from: its key (clientId, else name), or its channel
+/// (`domain/channel`) when the ring groups by channel and it has one.
+pub fn ring_position<'a>(key: &'a str, channel: Option<&'a str>, by: ShardBy) -> &'a str {
+    match (by, channel) {
+        (ShardBy::Channel, Some(channel)) => channel,
+        _ => key,
+    }
+}
+
+/// A Proplet's channel as the ring hashes it (`domain/channel`), if it has one.
+pub fn channel_key(domain: Option<&str>, channel: &str) -> Option<String> {
+    (!channel.is_empty()).then(|| format!("{}/{channel}", domain.unwrap_or_default()))
+}
+
+/// The ring a dead shard's proplets are taken over by.
+#[derive(Clone, Debug)]
+pub struct Takeover {
+    by: ShardBy,
+    ring: Ring,
+}
+
+impl Takeover {
+    pub fn new(by: ShardBy, members: impl IntoIterator<Item = String>) -> Takeover {
+        Takeover {
+            by,
+            ring: Ring::new(members, VIRTUAL_NODES),
+        }
+    }
+
+    /// The annotation's value.
+    pub fn record(&self) -> String {
+        let by = match self.by {
+            ShardBy::ClientId => "client-id",
+            ShardBy::Channel => "channel",
+        };
+        format!("{by}:{}", self.ring.members().join(","))
+    }
+
+    /// Reads a record; None if it is not one (an older operator's fence carries none: its proplets then
+    /// wait for their relabel).
+    pub fn parse(record: &str) -> Option<Takeover> {
+        let (by, members) = record.split_once(':')?;
+        let by = match by {
+            "client-id" => ShardBy::ClientId,
+            "channel" => ShardBy::Channel,
+            _ => return None,
+        };
+        let members: Vec<String> = members
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+        (!members.is_empty()).then(|| Takeover::new(by, members))
+    }
+
+    /// The shard this ring places a proplet at `position` on.
+    pub fn owner_at(&self, position: &str) -> Option<&str> {
+        self.ring.owner(position)
+    }
+
+    /// The shard this ring places `p` on.
+    pub fn owner(&self, p: &Proplet) -> Option<&str> {
+        let cc = &p.spec.connection_config;
+        let name = p.name_any();
+        let key = cc.client().unwrap_or(&name);
+        let channel = channel_key(cc.domain(), &cc.channel_id);
+        self.owner_at(ring_position(key, channel.as_deref(), self.by))
+    }
+
+    pub fn by(&self) -> ShardBy {
+        self.by
+    }
+}
+
+/// A takeover as a survivor knows it: the record, and when a list of the Leases last showed the shard
+/// fenced with it. A survivor acts on what it took over only while that list is younger than the renew
+/// deadline; a fenced shard that takes its Lease back waits as long before it acts (`membership`), so
+/// the two never act at once.
+#[derive(Clone, Debug)]
+pub struct Known {
+    pub takeover: Takeover,
+    pub confirmed: Option<Instant>,
+}
+
+impl Known {
+    pub fn confirmed_within(&self, window: Duration) -> bool {
+        self.confirmed.is_some_and(|at| at.elapsed() < window)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_as_the_same_ring() {
+        let t = Takeover::new(ShardBy::Channel, ["b".to_string(), "a".to_string()]);
+        assert_eq!(t.record(), "channel:a,b");
+        let back = Takeover::parse(&t.record()).expect("parses");
+        assert_eq!(back.by(), ShardBy::Channel);
+        for i in 0..200 {
+            let key = format!("d/ch-{i}");
+            assert_eq!(back.owner_at(&key), t.owner_at(&key));
+        }
+        assert!(Takeover::parse("client-id:").is_none(), "no member");
+        assert!(Takeover::parse("nonsense").is_none());
+        assert!(Takeover::parse("by-zone:a").is_none());
+    }
+
+    #[test]
+    fn the_position_follows_what_the_ring_hashes() {
+        assert_eq!(ring_position("c1", Some("d/ch"), ShardBy::ClientId), "c1");
+        assert_eq!(ring_position("c1", Some("d/ch"), ShardBy::Channel), "d/ch");
+        assert_eq!(ring_position("c1", None, ShardBy::Channel), "c1");
+        assert_eq!(channel_key(None, "ch").as_deref(), Some("/ch"));
+        assert_eq!(channel_key(Some("d"), ""), None);
+    }
+}
