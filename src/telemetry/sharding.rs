@@ -9,6 +9,8 @@ pub struct ShardMetrics {
     pub shard_states: IntGaugeVec,
     /// Proplets this shard owns.
     pub proplets: IntGauge,
+    /// Of those, the ones taken over from a fenced shard and not relabelled yet.
+    pub taken_over: IntGauge,
     /// Tasks this shard holds (its label-selected watch).
     pub tasks: IntGauge,
     /// Proplets moved between shards, by kind (live: drained and acknowledged; dead: from a fenced or
@@ -42,6 +44,10 @@ impl ShardMetrics {
                 &["state"],
             )?,
             proplets: IntGauge::new("propeller_shard_proplets", "Proplets this shard owns")?,
+            taken_over: IntGauge::new(
+                "propeller_shard_taken_over_proplets",
+                "Proplets this shard owns by a fenced shard's takeover record, not relabelled yet",
+            )?,
             tasks: IntGauge::new("propeller_shard_tasks", "Tasks this shard holds")?,
             moves_total: IntCounterVec::new(
                 Opts::new(
@@ -78,6 +84,7 @@ impl ShardMetrics {
         registry.register(Box::new(m.shard_states.clone()))?;
         registry.register(Box::new(m.proplets.clone()))?;
         registry.register(Box::new(m.tasks.clone()))?;
+        registry.register(Box::new(m.taken_over.clone()))?;
         registry.register(Box::new(m.moves_total.clone()))?;
         registry.register(Box::new(m.drains_in_flight.clone()))?;
         registry.register(Box::new(m.unowned.clone()))?;

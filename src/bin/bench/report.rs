@@ -276,7 +276,7 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             ),
         ),
         (
-            "failover: follower SIGKILLed → its proplets on live shards".into(),
+            "failover: follower SIGKILLed → every proplet owned by a survivor (takeover)".into(),
             format!("{:.1} s", num("shard_failover_s")),
             format!(
                 "≤ Lease {lease:.0} s + 2 s: {}",
@@ -287,9 +287,9 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             "… of which: kill → its Lease taken (the first proplet relabelled)".into(),
             format!("{:.1} s", num("shard_failover_first_s")),
             format!(
-                "{} proplets relabelled in {:.1} s",
+                "{} proplets relabelled in {:.1} s more, in the background",
                 num("shard_failover_moves"),
-                num("shard_failover_s") - num("shard_failover_first_s")
+                num("shard_failover_relabelled_s") - num("shard_failover_first_s")
             ),
         ),
         (

@@ -85,6 +85,10 @@ pub fn spawn(
                 .shards
                 .proplets
                 .set(ctx.ownership.owned_count() as i64);
+            ctx.metrics
+                .shards
+                .taken_over
+                .set(ctx.ownership.taken_count() as i64);
             ctx.metrics.shards.tasks.set(ctx.tasks.state().len() as i64);
         }
     })
