@@ -43,15 +43,7 @@ impl std::str::FromStr for BindAddress {
     }
 }
 
-/// What the shard ring hashes.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ShardBy {
-    /// The Proplet's clientId.
-    #[default]
-    ClientId,
-    /// The Proplet's (domain, channel); its clientId orders it within the channel.
-    Channel,
-}
+pub use crate::sharding::ring::ShardBy;
 
 /// Where tasks on k8s proplets run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -253,7 +253,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                     if ctx
                         .tasks
                         .get(&t)
-                        .is_some_and(|task| crate::controllers::task::is_foreign(ctx, &task)) =>
+                        .is_some_and(|task| ctx.ownership.is_foreign_task(&task)) =>
                 {
                     ctx.metrics.mqtt_message(kind.as_str(), "parked");
                     ctx.results.push(&r.task_id.clone(), r, None);

@@ -5,10 +5,9 @@
 //! the primary watch, and deletes an object only when no source holds it any more.
 use std::collections::{HashMap, HashSet};
 
+use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::Event;
-
-use super::runtime::Kind;
 
 /// Where an event came from: the primary watch (`None`) or the named extra source.
 pub type Source = Option<String>;
@@ -27,7 +26,12 @@ pub enum Change {
 }
 
 /// What each source holds, to turn every source's events into events for the one cache.
-pub struct Merge<K: Kind> {
+/// What a cache of several sources holds.
+pub trait Cached: Resource<DynamicType = ()> + Clone + Send + Sync + 'static {}
+
+impl<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static> Cached for K {}
+
+pub struct Merge<K: Cached> {
     /// What the primary watch selects (checked on an object, not asked of the API server): an object an
     /// extra source lets go of that the primary one selects has moved to it, and is no deletion.
     in_primary: Box<dyn Fn(&K) -> bool + Send + Sync>,
@@ -38,7 +42,7 @@ pub struct Merge<K: Kind> {
     extra_relist: HashMap<String, HashSet<ObjectRef<K>>>,
 }
 
-impl<K: Kind> Merge<K> {
+impl<K: Cached> Merge<K> {
     pub fn new(cache: Store<K>, in_primary: impl Fn(&K) -> bool + Send + Sync + 'static) -> Self {
         Merge {
             in_primary: Box::new(in_primary),

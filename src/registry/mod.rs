@@ -111,7 +111,7 @@ pub fn spawn(ctx: Arc<Context>, wake: Waker<Task>) -> (RegistryQueue, tokio::tas
 fn started_here(ctx: &Context, channel: &Channel, app_name: &str) -> bool {
     ctx.tasks.state().iter().any(|t| {
         t.phase().is_active()
-            && !crate::controllers::task::is_foreign(ctx, t)
+            && !ctx.ownership.is_foreign_task(t)
             && t.spec.image_url.as_deref().map(str::trim) == Some(app_name)
             && t.status
                 .as_ref()

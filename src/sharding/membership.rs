@@ -19,9 +19,9 @@ use tracing::{error, info, warn};
 
 use super::lease::{Hold, Leases, Observed, Timings, holder};
 use super::members::{State, judge_all, next_expiry};
+use super::ring::ShardBy;
 use super::takeover::{TAKEOVER_ANNOTATION, Takeover};
 use super::{Ownership, RING, RING_LABEL, ring_selector, shard_lease_name};
-use crate::config::ShardBy;
 use crate::telemetry::Metrics;
 
 #[derive(Clone, Debug)]

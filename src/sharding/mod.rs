@@ -259,6 +259,15 @@ impl Ownership {
         }
     }
 
+    /// [`Ownership::is_foreign`] for a Task: by its shard label and the proplet it is assigned to.
+    pub fn is_foreign_task(&self, t: &crate::api::task::Task) -> bool {
+        let client = t
+            .status
+            .as_ref()
+            .and_then(|s| s.assigned_client_id.as_deref());
+        self.is_foreign(shard_of(t).as_deref(), client)
+    }
+
     /// Whether this replica handles `key` among work shared out by the ring in memory, with no labels or
     /// handover (a hub's member clusters: probing one twice during a change of members is harmless):
     /// always for a single replica; for a shard, when the ring of live shards places `key` on it and

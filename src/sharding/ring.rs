@@ -11,6 +11,16 @@ pub const VIRTUAL_NODES: usize = 100;
 /// No shard holds more than this times the average.
 pub const LOAD_FACTOR: f64 = 1.25;
 
+/// What the shard ring hashes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ShardBy {
+    /// The Proplet's clientId.
+    #[default]
+    ClientId,
+    /// The Proplet's (domain, channel); its clientId orders it within the channel.
+    Channel,
+}
+
 fn hash(s: &str) -> u64 {
     xxh64(s.as_bytes(), 0)
 }

@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 
-use super::ring::{Ring, VIRTUAL_NODES};
+use super::ring::{Ring, ShardBy, VIRTUAL_NODES};
 use crate::api::proplet::Proplet;
-use crate::config::ShardBy;
 
 /// On a fenced shard Lease: the ring its proplets are taken over by (`client-id:a,b` or `channel:a,b`).
 pub const TAKEOVER_ANNOTATION: &str = "propeller.propeller.abstractmachines.fr/takeover";

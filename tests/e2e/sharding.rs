@@ -37,6 +37,14 @@ async fn leader(env: &Env) -> anyhow::Result<Option<usize>> {
     }))
 }
 
+/// A running operator that does not lead.
+async fn a_follower(env: &Env) -> anyhow::Result<usize> {
+    let lead = leader(env).await?;
+    (0..env.operator_count())
+        .find(|&i| env.operator(i).is_some() && Some(i) != lead)
+        .ok_or_else(|| anyhow::anyhow!("no follower"))
+}
+
 /// Creates tasks named `names`, 20 at a time.
 async fn create_all(env: &Env, names: &[String]) -> anyhow::Result<()> {
     use futures::StreamExt;
@@ -365,10 +373,7 @@ async fn a_crashed_shards_proplets_move_once_its_lease_is_taken_and_no_task_runs
     create_all(&env, &names).await?;
     // Tasks are running everywhere when a shard that does not lead dies.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let lead = leader(&env).await?;
-    let victim = (0..3)
-        .find(|&i| env.operator(i).is_some() && Some(i) != lead)
-        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let victim = a_follower(&env).await?;
     let mut may_repeat = running_on(&env, &identity(&env, victim)).await?;
     let crashed_at = Instant::now();
     env.crash_operator_n(victim).await;
@@ -420,10 +425,7 @@ async fn a_crashed_shards_proplets_are_taken_over_before_any_relabel_and_no_task
     let names: Vec<String> = (0..24).map(|i| format!("t{i}")).collect();
     create_all(&env, &names).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let lead = leader(&env).await?;
-    let victim = (0..3)
-        .find(|&i| env.operator(i).is_some() && Some(i) != lead)
-        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let victim = a_follower(&env).await?;
     let gone = identity(&env, victim);
     let theirs: Vec<String> = env
         .proplets()

@@ -32,24 +32,19 @@ pub fn spawn(
                 .into_keys()
                 .filter(|s| s != me)
                 .collect();
-            for shard in now.difference(&watched) {
-                info!(%shard, "a fenced shard is taken over: its Proplets and Tasks are watched");
-                send(
-                    &caches,
-                    Change::Start {
-                        name: shard.clone(),
-                        selector: own_selector(shard),
-                    },
-                );
-            }
-            for shard in watched.difference(&now) {
-                info!(%shard, "a takeover ended: its watches stop");
-                send(
-                    &caches,
-                    Change::Stop {
-                        name: shard.clone(),
-                    },
-                );
+            let starts = now.difference(&watched).map(|shard| Change::Start {
+                name: shard.clone(),
+                selector: own_selector(shard),
+            });
+            let stops = watched.difference(&now).map(|shard| Change::Stop {
+                name: shard.clone(),
+            });
+            for change in starts.chain(stops) {
+                info!(?change, "a fenced shard's takeover watches change");
+                for c in &caches {
+                    // A closed cache has stopped with the operator: nothing is left to fill.
+                    let _ = c.send(change.clone());
+                }
             }
             watched = now;
             tokio::select! {
@@ -58,11 +53,4 @@ pub fn spawn(
             }
         }
     })
-}
-
-fn send(caches: &[UnboundedSender<Change>], change: Change) {
-    for c in caches {
-        // A closed cache has stopped with the operator: nothing is left to fill.
-        let _ = c.send(change.clone());
-    }
 }

@@ -137,17 +137,6 @@ fn dependents(ctx: &Context, t: &Task) -> Vec<ObjectRef<Task>> {
         .collect()
 }
 
-/// A fenced shard's Task in our cache that is not on a proplet we took over: another survivor's, or
-/// waiting for the leader to hand it back to be claimed.
-pub fn is_foreign(ctx: &Context, t: &Task) -> bool {
-    let client = t
-        .status
-        .as_ref()
-        .and_then(|s| s.assigned_client_id.as_deref());
-    ctx.ownership
-        .is_foreign(crate::sharding::shard_of(t).as_deref(), client)
-}
-
 /// Keeps the tasks-by-phase gauge current, from the cache (no API call), for dashboards.
 pub async fn report_phases(ctx: Arc<Context>, shutdown: Shutdown) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -173,7 +162,9 @@ pub async fn report_phases(ctx: Arc<Context>, shutdown: Shutdown) {
 
 pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
     let task = ctx.own_writes.latest(task);
-    if is_foreign(&ctx, &task) {
+    // A fenced shard's Task in our cache that is not on a proplet we took over: another survivor's, or
+    // waiting for the leader to hand it back to be claimed.
+    if ctx.ownership.is_foreign_task(&task) {
         return Ok(Action::await_change());
     }
     if task.metadata.deletion_timestamp.is_some() {
