@@ -136,8 +136,9 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     if !ctx.ownership.holds_client(&client_id) {
         return Ok(Action::await_change());
     }
-    if !ctx.ownership.may_act() {
-        // Our Lease is being renewed late: nothing is written until it is fresh again.
+    if !ctx.ownership.may_act_for(Some(&client_id)) {
+        // Our Lease (or our takeover of it) is being confirmed late: nothing is written until it is fresh
+        // again.
         return Ok(Action::requeue(ctx.config.retry_period.0));
     }
     let generation = p.metadata.generation;

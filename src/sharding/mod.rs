@@ -247,6 +247,15 @@ impl Ownership {
         }
     }
 
+    /// Whether this replica may write and publish for the proplet with this clientId (None: for work on no
+    /// proplet): [`Ownership::may_act`], and for one taken over, while the takeover is confirmed.
+    pub fn may_act_for(&self, client_id: Option<&str>) -> bool {
+        match client_id {
+            Some(c) if self.holds_client(c) => self.owns_client(c),
+            _ => self.may_act(),
+        }
+    }
+
     /// Whether an object in this replica's caches is another shard's: labelled with another shard and not
     /// about a proplet we hold. Only objects of a fenced shard are such (a takeover's watches bring all of
     /// them, of which the record places some on us): they are left alone.
@@ -547,7 +556,11 @@ mod tests {
         // The confirmation lapses a renew deadline after the list that made it.
         std::thread::sleep(Duration::from_millis(320));
         o.renewed(Instant::now());
-        assert!(ours.iter().all(|c| !o.owns_client(c)));
+        assert!(
+            ours.iter()
+                .all(|c| !o.owns_client(c) && !o.may_act_for(Some(c)))
+        );
+        assert!(o.may_act_for(None), "its own work goes on");
         o.set_takeovers(vec![("x".into(), record.clone())], Some(Instant::now()));
         let first = ours[0];
         let name = format!("p{}", clients.iter().position(|c| c == first).unwrap_or(0));

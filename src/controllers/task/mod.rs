@@ -202,8 +202,12 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
     {
         return Ok(Action::await_change());
     }
-    if !ctx.ownership.may_act() {
-        // Our Lease is being renewed late: nothing is decided until it is fresh again.
+    if !ctx
+        .ownership
+        .may_act_for(status.assigned_client_id.as_deref())
+    {
+        // Our Lease (or the takeover of its proplet) is being confirmed late: nothing is decided until it
+        // is fresh again.
         return Ok(Action::requeue(ctx.config.retry_period.0));
     }
 

@@ -107,6 +107,7 @@ pub(super) async fn dispatch(task: &Task, ctx: &Context) -> Result<Action> {
             let client = p.spec.connection_config.client();
             !ctx.ownership
                 .is_foreign(crate::sharding::shard_of(p.as_ref()).as_deref(), client)
+                && ctx.ownership.may_act_for(client)
         })
         .collect();
     let choice = choose(
