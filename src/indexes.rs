@@ -23,6 +23,9 @@ struct PropletMaps {
     channel_of: HashMap<ObjectRef<Proplet>, (String, Channel)>,
     /// How many Proplets use each channel: the subscription set without a scan of every Proplet.
     channels: BTreeMap<Channel, usize>,
+    /// Counts changes of the set of channels (not of how many use each): the subscriptions need a look
+    /// only when it moved, not on each of the status updates that make most events.
+    channel_changes: u64,
     /// What a relist saw of each object (not the object: a copy of the whole shard), swapped in when it
     /// is done.
     relist: Option<Vec<Indexed>>,
@@ -54,7 +57,11 @@ impl PropletMaps {
                 .entry(client.clone())
                 .or_default()
                 .push(r.clone());
-            *self.channels.entry(channel.clone()).or_default() += 1;
+            let users = self.channels.entry(channel.clone()).or_default();
+            if *users == 0 {
+                self.channel_changes += 1;
+            }
+            *users += 1;
             self.channel_of.insert(r, (client, channel));
         }
     }
@@ -73,6 +80,7 @@ impl PropletMaps {
             *n -= 1;
             if *n == 0 {
                 self.channels.remove(&channel);
+                self.channel_changes += 1;
             }
         }
     }
@@ -100,6 +108,7 @@ impl PropletIndex {
                 for p in fresh {
                     m.insert(p);
                 }
+                m.channel_changes += 1;
             }
         }
     }
@@ -122,6 +131,11 @@ impl PropletIndex {
             .ok()
             .and_then(|m| m.by_client.get(client_id).cloned())
             .unwrap_or_default()
+    }
+
+    /// Changes whenever [`PropletIndex::channels`] may have.
+    pub fn channel_changes(&self) -> u64 {
+        self.inner.read().map(|m| m.channel_changes).unwrap_or(0)
     }
 
     /// Every (domain, channel) a Proplet uses.

@@ -2,6 +2,7 @@
 //! costs no API write; the Proplet controller turns them into status on transitions and periodic refreshes.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jiff::Timestamp;
 
@@ -19,6 +20,10 @@ pub struct Observed {
     pub offline: bool,
     pub metadata: Option<PropletMetadata>,
     pub metrics: Option<ResourceMetrics>,
+    /// The `lastSeen` the Proplet's status holds, as its controller last wrote or read it.
+    pub recorded: Option<Timestamp>,
+    /// A heartbeat found that `lastSeen` due for a refresh, and woke the controller for it.
+    refresh_asked: bool,
 }
 
 /// What changed with a message, so the caller wakes the controller only when status must change.
@@ -26,7 +31,7 @@ pub struct Observed {
 pub enum Change {
     /// Nothing status-relevant (a routine heartbeat of a live proplet).
     None,
-    /// Liveness or discovery data changed: reconcile now.
+    /// Liveness or discovery data changed, or the recorded `lastSeen` is due for a refresh: reconcile now.
     Transition,
 }
 
@@ -41,12 +46,13 @@ impl Liveness {
     }
 
     /// Records a heartbeat. A transition when the proplet was unknown, offline, or silent for longer
-    /// than `threshold`.
+    /// than `threshold`; and once when the `lastSeen` its status records is `refresh` old.
     pub fn heartbeat(
         &self,
         client_id: &str,
         offline: bool,
-        threshold: std::time::Duration,
+        threshold: Duration,
+        refresh: Duration,
     ) -> Change {
         let now = Timestamp::now();
         let Ok(mut map) = self.inner.lock() else {
@@ -62,10 +68,28 @@ impl Liveness {
             return Change::Transition;
         }
         entry.last_seen = Some(now);
-        if was_live {
-            Change::None
-        } else {
+        if !was_live {
+            return Change::Transition;
+        }
+        let due = entry
+            .recorded
+            .is_some_and(|r| now.duration_since(r).unsigned_abs() >= refresh);
+        if due && !entry.refresh_asked {
+            entry.refresh_asked = true;
             Change::Transition
+        } else {
+            Change::None
+        }
+    }
+
+    /// What the Proplet's status now says of `lastSeen` (its controller wrote or read it): the next refresh
+    /// is asked for when a heartbeat finds it `refresh` old.
+    pub fn recorded(&self, client_id: &str, last_seen: Timestamp) {
+        if let Ok(mut map) = self.inner.lock()
+            && let Some(entry) = map.get_mut(client_id)
+        {
+            entry.recorded = Some(last_seen);
+            entry.refresh_asked = false;
         }
     }
 
@@ -103,6 +127,23 @@ impl Liveness {
         }
     }
 
+    /// Proplets whose last heartbeat turned older than `threshold` in (`from`, `to`]: those that went
+    /// silent then (not those that said they are offline: that was a transition already).
+    pub fn went_silent(&self, threshold: Duration, from: Timestamp, to: Timestamp) -> Vec<String> {
+        let Ok(map) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let Ok(threshold) = jiff::SignedDuration::try_from(threshold) else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter(|(_, o)| !o.offline)
+            .filter_map(|(id, o)| Some((id, o.last_seen?.checked_add(threshold).ok()?)))
+            .filter(|(_, silent_at)| from < *silent_at && *silent_at <= to)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn forget(&self, client_id: &str) {
         if let Ok(mut map) = self.inner.lock() {
             map.remove(client_id);
@@ -113,16 +154,56 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn only_transitions_wake_the_controller() {
         let l = Liveness::default();
+        let (t, r) = (Duration::from_secs(30), Duration::from_secs(120));
+        assert_eq!(l.heartbeat("p", false, t, r), Change::Transition);
+        assert_eq!(l.heartbeat("p", false, t, r), Change::None);
+        assert_eq!(l.heartbeat("p", true, t, r), Change::Transition);
+        assert_eq!(l.heartbeat("p", false, t, r), Change::Transition);
+        assert_eq!(
+            l.heartbeat("p", false, Duration::ZERO, r),
+            Change::Transition
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_asks_once_for_the_refresh_of_a_recorded_last_seen_that_is_due() {
+        let l = Liveness::default();
+        let (t, r) = (Duration::from_secs(30), Duration::from_secs(120));
+        l.heartbeat("p", false, t, r);
+        let now = Timestamp::now();
+        l.recorded("p", now - jiff::SignedDuration::from_secs(60));
+        assert_eq!(l.heartbeat("p", false, t, r), Change::None, "not due yet");
+        l.recorded("p", now - jiff::SignedDuration::from_secs(121));
+        assert_eq!(l.heartbeat("p", false, t, r), Change::Transition, "due");
+        assert_eq!(l.heartbeat("p", false, t, r), Change::None, "asked already");
+        // Written: the next refresh is a refresh away.
+        l.recorded("p", Timestamp::now());
+        assert_eq!(l.heartbeat("p", false, t, r), Change::None);
+    }
+
+    #[test]
+    fn a_proplet_goes_silent_once_when_its_last_heartbeat_turns_older_than_the_threshold() {
+        let l = Liveness::default();
         let t = Duration::from_secs(30);
-        assert_eq!(l.heartbeat("p", false, t), Change::Transition);
-        assert_eq!(l.heartbeat("p", false, t), Change::None);
-        assert_eq!(l.heartbeat("p", true, t), Change::Transition);
-        assert_eq!(l.heartbeat("p", false, t), Change::Transition);
-        assert_eq!(l.heartbeat("p", false, Duration::ZERO), Change::Transition);
+        l.heartbeat("quiet", false, t, t);
+        l.heartbeat("leaving", true, t, t);
+        let beat = l
+            .get("quiet")
+            .and_then(|o| o.last_seen)
+            .expect("a heartbeat was recorded");
+        let at = |secs: i64| beat + jiff::SignedDuration::from_secs(secs);
+        assert!(l.went_silent(t, at(0), at(29)).is_empty());
+        assert_eq!(l.went_silent(t, at(29), at(31)), vec!["quiet".to_string()]);
+        // The next span does not report it again; one that said it is offline never goes silent.
+        assert!(l.went_silent(t, at(31), at(60)).is_empty());
+        assert!(
+            l.went_silent(t, at(-60), at(600))
+                .iter()
+                .all(|id| id != "leaving")
+        );
     }
 }

@@ -161,7 +161,10 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
         debug!(topic = %msg.topic, "message on a topic the operator does not handle");
         return;
     };
-    let threshold = ctx.config.last_seen_threshold.0;
+    let (threshold, refresh) = (
+        ctx.config.last_seen_threshold.0,
+        ctx.config.status_refresh.0,
+    );
     let payload = &msg.payload[..];
     match kind {
         Inbound::Alive => match wire::decode_alive(payload) {
@@ -170,7 +173,7 @@ pub fn handle(msg: &Message, ctx: &Context, triggers: &Triggers) {
                 ctx.backlog.heard(&m.proplet_id);
                 if ctx
                     .liveness
-                    .heartbeat(&m.proplet_id, m.is_offline(), threshold)
+                    .heartbeat(&m.proplet_id, m.is_offline(), threshold, refresh)
                     == Change::Transition
                 {
                     triggers.proplets.wake(r);

@@ -216,6 +216,11 @@ impl Operator {
         });
         keep_indexes(&ctx, &mut watches);
         proplet::wake_ups(&ctx, &mut watches, &proplets.waker());
+        background.push(proplet::spawn_silence_watch(
+            Arc::clone(&ctx),
+            proplets.waker(),
+            shutdown.clone(),
+        ));
         task::wake_ups(&ctx, &mut watches, &tasks.waker());
         propeller_job::wake_ups(&ctx, &mut watches, &propeller_jobs.waker());
         federated_job::wake_ups(&mut watches, &federated_jobs.waker());
@@ -223,12 +228,16 @@ impl Operator {
         if let Some(unclaimed) = &mut watches.unclaimed {
             unclaimed.wake_self(&claims.waker());
         }
-        // Proplets arriving, leaving or moving: the handover looks again.
+        // Proplets moving here or away: the handover looks again. Not on every event: most are status
+        // updates, and each look scans the shard's Proplets.
         let moves = Arc::new(Notify::new());
-        for w in [Some(&mut watches.proplets), watches.incoming.as_mut()]
-            .into_iter()
-            .flatten()
-        {
+        let m = Arc::clone(&moves);
+        watches.proplets.on_event(move |ev| {
+            if may_move(ev) {
+                m.notify_one();
+            }
+        });
+        if let Some(w) = watches.incoming.as_mut() {
             let m = Arc::clone(&moves);
             w.on_event(move |_| m.notify_one());
         }
@@ -236,10 +245,17 @@ impl Operator {
         // Subscriptions follow the owned Proplets' channels and those of running broadcasts.
         let changed = Arc::clone(&ctx.resubscribe);
         if let (Some(mqtt), Some(inbox)) = (mqtt, inbox) {
-            for w in [Some(&mut watches.proplets), watches.incoming.as_mut()]
-                .into_iter()
-                .flatten()
-            {
+            // The index has seen the event already (indexes listen first).
+            let index = ctx.proplet_index.clone();
+            let seen = std::sync::atomic::AtomicU64::new(u64::MAX);
+            let notify = Arc::clone(&changed);
+            watches.proplets.on_event(move |_| {
+                let now = index.channel_changes();
+                if seen.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                    notify.notify_one();
+                }
+            });
+            if let Some(w) = watches.incoming.as_mut() {
                 let notify = Arc::clone(&changed);
                 w.on_event(move |_| notify.notify_one());
             }
@@ -554,6 +570,17 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
             c.caches_ready.tasks_listed();
         }
     });
+}
+
+/// Whether a Proplet event may give the handover work: a Proplet with a drain label (moving away, or its
+/// new owner ready), or a relist.
+fn may_move(ev: &kube::runtime::watcher::Event<crate::api::Proplet>) -> bool {
+    use kube::runtime::watcher::Event;
+    match ev {
+        Event::Apply(p) | Event::Delete(p) => crate::sharding::drain_of(p).is_some(),
+        Event::InitDone => true,
+        Event::Init | Event::InitApply(_) => false,
+    }
 }
 
 /// The channels whose messages this replica must hear: those of its Proplets and of those moving to it.

@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
 use super::deployment;
-use super::runtime::{Seen, Waker, Watches};
+use super::runtime::{Seen, Shutdown, Waker, Watches};
 use crate::api::common::{ConditionStatus, set_condition};
 use crate::api::proplet::{
     AvailableResources, K8sStatus, Proplet, PropletPhase, PropletStatus, PropletType,
@@ -20,6 +20,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::mqtt::address;
 use kube::runtime::reflector::ObjectRef;
+use tokio::task::JoinHandle;
 use tracing::info;
 
 const HISTORY: usize = 10;
@@ -106,6 +107,42 @@ pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Proplet>) {
     });
     w.tasks
         .wake(me, |t, _| assigned_proplet(t).into_iter().collect());
+}
+
+/// How often the silence watch looks for proplets whose heartbeats stopped.
+const SILENCE_SWEEP: Duration = Duration::from_secs(1);
+
+/// Wakes each Proplet whose heartbeats stopped, as its last one turns older than `--last-seen-threshold`
+/// (half a second after, so that its reconcile finds it past): one look over the heartbeat records each
+/// second, instead of a timer per proplet that fires while its heartbeats keep arriving.
+pub fn spawn_silence_watch(
+    ctx: Arc<Context>,
+    me: Waker<Proplet>,
+    shutdown: Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let threshold = ctx.config.last_seen_threshold.0;
+        let margin = jiff::SignedDuration::from_millis(500);
+        let behind = || {
+            let now = Timestamp::now();
+            now.checked_sub(margin).unwrap_or(now)
+        };
+        let mut swept = behind();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SILENCE_SWEEP) => {}
+                _ = &mut shutdown => return,
+            }
+            let to = behind();
+            for client in ctx.liveness.went_silent(threshold, swept, to) {
+                if let Some(r) = ctx.proplet_index.by_client(&client) {
+                    me.wake(r);
+                }
+            }
+            swept = to;
+        }
+    })
 }
 
 /// Discovered Proplets with the clientId of `p`, when `p` was declared by someone.
@@ -362,6 +399,10 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
             announce(&ctx, &p, old.phase, phase).await;
         }
     }
+    // Heartbeats ask for the next refresh of lastSeen when it is due: no timer per proplet for it.
+    if let Some(recorded) = &status.last_seen {
+        ctx.liveness.recorded(&client_id, recorded.0);
+    }
 
     if deaf {
         // Cut from the broker: looked at again later, not in a loop.
@@ -372,17 +413,12 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
             threshold.saturating_sub(listening.elapsed()) + Duration::from_millis(100),
         ));
     }
-    // Wake up when the proplet would go Offline, to refresh lastSeen, and to write a held-back taskCount.
-    let next = match (phase, age) {
-        (PropletPhase::Running, Some(a)) => {
-            (threshold.saturating_sub(a) + Duration::from_millis(500)).min(refresh)
-        }
-        _ => refresh,
-    };
+    // Going Offline is seen by the silence watch, a due refresh of lastSeen by the next heartbeat (both
+    // wake this): `refresh` is a backstop. A held-back taskCount waits for its own time.
     let written = transition || refresh_due || count_due;
     Ok(Action::requeue(match count_wait {
-        Some(w) if !written => next.min(w + Duration::from_millis(50)),
-        _ => next,
+        Some(w) if !written => refresh.min(w + Duration::from_millis(50)),
+        _ => refresh,
     }))
 }
 

@@ -259,7 +259,11 @@ impl<K: Kind> Watch<K> {
                         if running.contains_key(&name) {
                             continue;
                         }
-                        let config = watcher::Config::default().labels(&selector);
+                        // Listed from the API server's watch cache: a fenced shard's share, listed from
+                        // etcd, is a read of every object of the kind filtered by label there (5 s for 3,000
+                        // of 10,000 Proplets on the test bed), which would hold the takeover back. An older
+                        // list is safe: the watch from its resourceVersion brings what changed since.
+                        let config = watcher::Config::default().labels(&selector).any_semantic();
                         let (events, stop) = futures::stream::abortable(
                             lean(api.clone(), config)
                                 .backoff(watch_backoff())

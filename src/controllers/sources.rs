@@ -126,6 +126,11 @@ impl<K: Cached> Merge<K> {
             }
             Event::InitDone => {
                 let listed = self.extra_relist.remove(name).unwrap_or_default();
+                tracing::info!(
+                    source = name,
+                    objects = listed.len(),
+                    "an extra watch listed"
+                );
                 let gone: Vec<(ObjectRef<K>, K)> = self
                     .extra
                     .get_mut(name)

@@ -193,6 +193,33 @@ async fn proplet_goes_offline_and_comes_back() -> anyhow::Result<()> {
     env.finish().await
 }
 
+/// Heartbeats are coalesced, but `lastSeen` still moves on every `--status-refresh` (5 s here) while a
+/// proplet stays Running: the heartbeat that finds it due asks for the write.
+#[tokio::test]
+async fn a_running_proplets_last_seen_is_refreshed_without_a_transition() -> anyhow::Result<()> {
+    let mut env = Env::start("refresh", &[]).await?;
+    env.external_proplet("p1", "client-1", json!({})).await?;
+    let sim = env.proplet("client-1", |_| {}).await?;
+    running_proplet(&env, "p1").await?;
+    let last_seen = |p: &Proplet| p.status.as_ref().and_then(|s| s.last_seen.clone());
+    let mut seen = last_seen(&env.proplets().get("p1").await?);
+    for refresh in 1..=2 {
+        let before = seen.clone();
+        let p = env
+            .wait_for(
+                &env.proplets(),
+                "p1",
+                &format!("lastSeen refreshed ({refresh})"),
+                |p: &Proplet| last_seen(p).is_some() && last_seen(p) != before,
+            )
+            .await?;
+        assert_eq!(p.phase(), PropletPhase::Running);
+        seen = last_seen(&p);
+    }
+    sim.shutdown().await;
+    env.finish().await
+}
+
 #[tokio::test]
 async fn task_of_a_dead_proplet_is_interrupted_and_rescheduled() -> anyhow::Result<()> {
     let mut env = Env::start("resched", &["--task-timeout", "5m"]).await?;

@@ -284,13 +284,21 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             ),
         ),
         (
-            "… of which: kill → its Lease taken (the first proplet relabelled)".into(),
-            format!("{:.1} s", num("shard_failover_first_s")),
+            "… of which: kill → its Lease fenced (taken, with the takeover record)".into(),
+            format!("{:.1} s", num("shard_failover_fenced_s")),
             format!(
-                "{} proplets relabelled in {:.1} s more, in the background",
-                num("shard_failover_moves"),
-                num("shard_failover_relabelled_s") - num("shard_failover_first_s")
+                "takeover after the fence: {:.1} s",
+                num("shard_failover_s") - num("shard_failover_fenced_s")
             ),
+        ),
+        (
+            "… and in the background: kill → first / last proplet relabelled".into(),
+            format!(
+                "{:.1} / {:.1} s",
+                num("shard_failover_first_s"),
+                num("shard_failover_relabelled_s")
+            ),
+            format!("{} proplets", num("shard_failover_moves")),
         ),
         (
             "the killed shard back as itself → balanced again".into(),

@@ -89,7 +89,7 @@ pub fn spawn(
                 .shards
                 .taken_over
                 .set(ctx.ownership.taken_count() as i64);
-            ctx.metrics.shards.tasks.set(ctx.tasks.state().len() as i64);
+            ctx.metrics.shards.tasks.set(ctx.tasks.len() as i64);
         }
     })
 }
