@@ -548,6 +548,8 @@ fn keep_indexes(ctx: &Arc<Context>, watches: &mut Watches) {
     watches.proplets.on_event(move |ev| {
         c.ownership.apply(ev);
         c.proplet_index.apply(ev);
+        // On every event, not only on the handover's tick: how soon a takeover completes is read from them.
+        crate::controllers::sharding::handover::count_owned(&c);
         if let kube::runtime::watcher::Event::InitDone = ev {
             c.caches_ready.proplets_listed();
         }

@@ -81,17 +81,17 @@ pub fn spawn(
                     .with_label_values(&["results", "not_owned"])
                     .inc_by(dropped as u64);
             }
-            ctx.metrics
-                .shards
-                .proplets
-                .set(ctx.ownership.owned_count() as i64);
-            ctx.metrics
-                .shards
-                .taken_over
-                .set(ctx.ownership.taken_count() as i64);
+            count_owned(&ctx);
             ctx.metrics.shards.tasks.set(ctx.tasks.len() as i64);
         }
     })
+}
+
+/// The owned-proplets gauges (taken-over ones among them) from [`crate::sharding::Ownership`].
+pub fn count_owned(ctx: &Context) {
+    let shards = &ctx.metrics.shards;
+    shards.proplets.set(ctx.ownership.owned_count() as i64);
+    shards.taken_over.set(ctx.ownership.taken_count() as i64);
 }
 
 /// Proplets moving here: labelled `drain-ready` once their channel's subscription is confirmed. Returns
