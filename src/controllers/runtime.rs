@@ -273,6 +273,9 @@ impl<K: Kind> Watch<K> {
                         streams.push(events.map(move |e| (Some(name.clone()), e)).boxed());
                         continue;
                     }
+                    Some(Change::Replay { name }) => {
+                        merge.as_ref().map(|m| m.replay(&name)).unwrap_or_default()
+                    }
                     Some(Change::Stop { name }) => {
                         if let Some(stop) = running.remove(&name) {
                             stop.abort();

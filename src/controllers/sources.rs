@@ -23,6 +23,11 @@ pub enum Change {
     Stop {
         name: String,
     },
+    /// Tell every listener again of what this source holds (what it may mean has changed: a fenced
+    /// shard's objects, listed as no one's, are taken over).
+    Replay {
+        name: String,
+    },
 }
 
 /// What each source holds, to turn every source's events into events for the one cache.
@@ -72,6 +77,18 @@ impl<K: Cached> Merge<K> {
         let held = self.extra.remove(name).unwrap_or_default();
         held.into_iter()
             .filter_map(|(r, obj)| self.released(r, obj))
+            .collect()
+    }
+
+    /// What an extra source holds, as the cache has it, again (not what the primary watch holds).
+    pub fn replay(&self, name: &str) -> Vec<Event<K>> {
+        self.extra
+            .get(name)
+            .into_iter()
+            .flat_map(HashMap::keys)
+            .filter(|r| !self.in_primary_cache(r))
+            .filter_map(|r| self.cache.get(r))
+            .map(|obj| Event::Apply((*obj).clone()))
             .collect()
     }
 
@@ -290,6 +307,27 @@ mod tests {
         c.stop("a");
         assert_eq!(c.names(), ["p1:b", "p2:b"]);
         assert!(c.merge.is_empty());
+    }
+
+    #[test]
+    fn a_replay_tells_again_of_what_only_the_extra_source_holds() {
+        let mut c = Cache::new();
+        list(&mut c, None, &[cm("p1", "b")]);
+        list(&mut c, Some("a"), &[cm("x1", "a"), cm("x2", "a")]);
+        // x2 relabelled to us: the primary watch has it, a replay does not tell of it again.
+        c.feed(None, Event::Apply(cm("x2", "b")));
+        let mut told: Vec<String> = c
+            .merge
+            .replay("a")
+            .iter()
+            .filter_map(|e| match e {
+                Event::Apply(o) => o.metadata.name.clone(),
+                _ => None,
+            })
+            .collect();
+        told.sort();
+        assert_eq!(told, ["x1"]);
+        assert!(c.merge.replay("unknown").is_empty());
     }
 
     #[test]

@@ -79,6 +79,26 @@ pub fn judge_all(
     shards
 }
 
+/// The shards whose Lease, still held by themselves, has been unchanged for `silent_for` or longer, as
+/// this replica observed them.
+pub fn silent_since<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+    observed: &Observed,
+    now: Instant,
+    silent_for: Duration,
+) -> Vec<String> {
+    leases
+        .into_iter()
+        .filter_map(|l| {
+            let name = l.name_any();
+            let shard = shard_of_lease(&name)?;
+            let held = holder(l) == Some(shard);
+            let at = observed.changed_at(&name)?;
+            (held && now.saturating_duration_since(at) >= silent_for).then(|| shard.to_string())
+        })
+        .collect()
+}
+
 /// When the first Lease still held by its own shard will have been unchanged for `lease_duration`, as
 /// this replica observed them (a fenced or released Lease expires no more).
 pub fn next_expiry<'a>(

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::lease::{Hold, Leases, Observed, Timings, holder};
-use super::members::{State, judge_all, next_expiry};
+use super::members::{State, judge_all, next_expiry, silent_since};
 use super::ring::ShardBy;
 use super::takeover::{TAKEOVER_ANNOTATION, Takeover};
 use super::{Ownership, RING, RING_LABEL, ring_selector, shard_lease_name};
@@ -395,13 +395,14 @@ impl Loop {
     /// period's round comes first).
     fn next_expiry(&self) -> tokio::time::Instant {
         let now = Instant::now();
-        let soonest = next_expiry(
-            self.known.values(),
-            &self.observed,
-            self.settings.timings.duration,
-        )
-        .map(|at| at + EXPIRY_MARGIN)
-        .filter(|at| *at > now);
+        // A shard's silence (a renew deadline: listed ahead of its fence) and its expiry (its fence).
+        let timings = &self.settings.timings;
+        let soonest = [timings.renew_deadline, timings.duration]
+            .into_iter()
+            .filter_map(|after| next_expiry(self.known.values(), &self.observed, after))
+            .map(|at| at + EXPIRY_MARGIN)
+            .filter(|at| *at > now)
+            .min();
         soonest.map_or_else(
             || tokio::time::Instant::now() + self.settings.timings.retry_period * 4,
             tokio::time::Instant::from_std,
@@ -439,6 +440,19 @@ impl Loop {
                 Some((n.clone(), Takeover::parse(takeover_record(lease)?)?))
             })
             .collect();
+        // A shard silent for a renew deadline has stopped acting; it is fenced at its expiry. Its objects
+        // are listed in between, so that a takeover finds them cached (the list, not the fence, took most
+        // of a takeover's time at 10,000 proplets).
+        let silent = silent_since(
+            self.known.values(),
+            &self.observed,
+            now,
+            self.settings.timings.renew_deadline,
+        )
+        .into_iter()
+        .filter(|s| *s != self.settings.identity)
+        .collect();
+        self.ownership.set_silent(silent);
         // Takeovers before states: whoever reads the states, then the takeovers, finds the record of
         // every dead shard it saw (the sharder must never relabel a taken-over proplet elsewhere).
         self.ownership.set_takeovers(takeovers, listed);

@@ -8,7 +8,7 @@ pub mod membership;
 pub mod ring;
 pub mod takeover;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -86,6 +86,9 @@ pub struct Shard {
     states: RwLock<Vec<(String, members::State)>>,
     /// Fenced shards whose Lease records how their proplets are taken over.
     takeovers: RwLock<HashMap<String, takeover::Known>>,
+    /// Shards silent for a renew deadline (they stopped acting) but not fenced yet: their objects are
+    /// watched ahead of a takeover, as no one's.
+    silent: RwLock<BTreeSet<String>>,
     /// Bumped whenever `states` changes: the leader's sharder acts on a change at once (a fenced shard's
     /// proplets move without waiting for the sharder's next period).
     changes: tokio::sync::watch::Sender<u64>,
@@ -181,6 +184,7 @@ impl Ownership {
                 owned: RwLock::new(Owned::default()),
                 states: RwLock::new(Vec::new()),
                 takeovers: RwLock::new(HashMap::new()),
+                silent: RwLock::new(BTreeSet::new()),
                 changes: tokio::sync::watch::Sender::new(0),
             })),
         }
@@ -391,6 +395,28 @@ impl Ownership {
         if changed {
             s.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The other shards silent for a renew deadline and not fenced yet (their Leases, as of a list or the
+    /// watch): their Proplets and Tasks are listed ahead of the fence, so that a takeover finds them cached.
+    pub(crate) fn set_silent(&self, silent: BTreeSet<String>) {
+        let Some(s) = &self.shard else { return };
+        let Ok(mut known) = s.silent.write() else {
+            return;
+        };
+        if *known != silent {
+            *known = silent;
+            drop(known);
+            s.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// See [`Ownership::set_silent`].
+    pub fn silent(&self) -> BTreeSet<String> {
+        self.shard
+            .as_ref()
+            .and_then(|s| s.silent.read().ok().map(|k| k.clone()))
+            .unwrap_or_default()
     }
 
     /// The fenced shards whose proplets are taken over, and how (empty for a single replica).

@@ -1,8 +1,11 @@
 //! A survivor's side of a takeover (`crate::sharding::takeover`): while a fenced shard's Lease carries a
 //! takeover record, this shard's Proplet and Task caches also watch what is labelled with the fenced
 //! shard, so the proplets the record places on us are handled from the fence on, before the leader has
-//! relabelled them. The watches stop when the record goes (the shard took its Lease back, or the Lease is
-//! gone); once every object is relabelled they hold nothing and cost an idle watch.
+//! relabelled them. The watches start earlier, when the shard has been silent for a renew deadline (it has
+//! stopped acting; the leader fences it at its expiry): what they bring is no one's until the record
+//! comes, then it is told again to every listener. They stop when the shard renews again or the record goes
+//! (the shard took its Lease back, or the Lease is gone); once every object is relabelled they hold
+//! nothing and cost an idle watch.
 use std::collections::BTreeSet;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -25,21 +28,38 @@ pub fn spawn(
         };
         let mut shutdown = std::pin::pin!(shutdown);
         let mut watched: BTreeSet<String> = BTreeSet::new();
+        let mut taken: BTreeSet<String> = BTreeSet::new();
         loop {
             let me = ownership.identity().unwrap_or_default();
-            let now: BTreeSet<String> = ownership
+            let taken_now: BTreeSet<String> = ownership
                 .takeovers()
                 .into_keys()
                 .filter(|s| s != me)
+                .collect();
+            // A silent shard's objects are watched ahead of its fence, as no one's; once fenced, its
+            // record says whose each is, and what is cached is told again (ownership reads it then).
+            let now: BTreeSet<String> = ownership
+                .silent()
+                .into_iter()
+                .filter(|s| s != me)
+                .chain(taken_now.iter().cloned())
                 .collect();
             let starts = now.difference(&watched).map(|shard| Change::Start {
                 name: shard.clone(),
                 selector: own_selector(shard),
             });
+            let replays = taken_now
+                .difference(&taken)
+                .filter(|shard| watched.contains(*shard))
+                .map(|shard| Change::Replay {
+                    name: shard.clone(),
+                });
             let stops = watched.difference(&now).map(|shard| Change::Stop {
                 name: shard.clone(),
             });
-            for change in starts.chain(stops) {
+            let to_send: Vec<Change> = starts.chain(replays).chain(stops).collect();
+            taken = taken_now;
+            for change in to_send {
                 info!(?change, "a fenced shard's takeover watches change");
                 for c in &caches {
                     // A closed cache has stopped with the operator: nothing is left to fill.
