@@ -30,12 +30,12 @@ pub enum Change {
     },
 }
 
-/// What each source holds, to turn every source's events into events for the one cache.
-/// What a cache of several sources holds.
+/// What a cache of several sources can hold: any cluster-scoped or namespaced kind.
 pub trait Cached: Resource<DynamicType = ()> + Clone + Send + Sync + 'static {}
 
 impl<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static> Cached for K {}
 
+/// What each source holds, to turn every source's events into events for the one cache.
 pub struct Merge<K: Cached> {
     /// What the primary watch selects (checked on an object, not asked of the API server): an object an
     /// extra source lets go of that the primary one selects has moved to it, and is no deletion.

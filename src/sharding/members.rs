@@ -79,23 +79,36 @@ pub fn judge_all(
     shards
 }
 
-/// The shards whose Lease, still held by themselves, has been unchanged for `silent_for` or longer, as
-/// this replica observed them.
+/// Each shard whose Lease it still holds itself, with when this replica last saw that Lease change (a
+/// fenced or released Lease is no one's own any more).
+fn own_leases<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+    observed: &Observed,
+) -> Vec<(String, Instant)> {
+    leases
+        .into_iter()
+        .filter_map(|l| {
+            let name = l.name_any();
+            let shard = shard_of_lease(&name)?;
+            if holder(l) != Some(shard) {
+                return None;
+            }
+            Some((shard.to_string(), observed.changed_at(&name)?))
+        })
+        .collect()
+}
+
+/// The shards whose own Lease has been unchanged for `silent_for` or longer, as this replica observed it.
 pub fn silent_since<'a>(
     leases: impl IntoIterator<Item = &'a Lease>,
     observed: &Observed,
     now: Instant,
     silent_for: Duration,
 ) -> Vec<String> {
-    leases
+    own_leases(leases, observed)
         .into_iter()
-        .filter_map(|l| {
-            let name = l.name_any();
-            let shard = shard_of_lease(&name)?;
-            let held = holder(l) == Some(shard);
-            let at = observed.changed_at(&name)?;
-            (held && now.saturating_duration_since(at) >= silent_for).then(|| shard.to_string())
-        })
+        .filter(|(_, at)| now.saturating_duration_since(*at) >= silent_for)
+        .map(|(shard, _)| shard)
         .collect()
 }
 
@@ -106,14 +119,9 @@ pub fn next_expiry<'a>(
     observed: &Observed,
     lease_duration: Duration,
 ) -> Option<Instant> {
-    leases
+    own_leases(leases, observed)
         .into_iter()
-        .filter(|l| {
-            let name = l.name_any();
-            holder(l).is_some_and(|h| shard_of_lease(&name) == Some(h))
-        })
-        .filter_map(|l| observed.changed_at(&l.name_any()))
-        .map(|at| at + lease_duration)
+        .map(|(_, at)| at + lease_duration)
         .min()
 }
 

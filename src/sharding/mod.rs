@@ -261,8 +261,8 @@ impl Ownership {
     }
 
     /// Whether an object in this replica's caches is another shard's: labelled with another shard and not
-    /// about a proplet we hold. Only objects of a fenced shard are such (a takeover's watches bring all of
-    /// them, of which the record places some on us): they are left alone.
+    /// about a proplet we hold. Only objects of a silent or fenced shard are such (its takeover watches
+    /// bring all of them; a fence's record places some on us): they are left alone.
     pub fn is_foreign(&self, shard: Option<&str>, client: Option<&str>) -> bool {
         match &self.shard {
             None => false,

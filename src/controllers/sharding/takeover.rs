@@ -60,7 +60,10 @@ pub fn spawn(
             let to_send: Vec<Change> = starts.chain(replays).chain(stops).collect();
             taken = taken_now;
             for change in to_send {
-                info!(?change, "a fenced shard's takeover watches change");
+                info!(
+                    ?change,
+                    "the takeover watches of a silent or fenced shard change"
+                );
                 for c in &caches {
                     // A closed cache has stopped with the operator: nothing is left to fill.
                     let _ = c.send(change.clone());
