@@ -112,16 +112,19 @@ pub fn silent_since<'a>(
         .collect()
 }
 
-/// When the first Lease still held by its own shard will have been unchanged for `lease_duration`, as
-/// this replica observed them (a fenced or released Lease expires no more).
+/// The first moment after `now` at which a Lease still held by its own shard will have been unchanged for
+/// `lease_duration`, as this replica observed them (a fenced or released Lease expires no more; one past
+/// it already does not hide the next).
 pub fn next_expiry<'a>(
     leases: impl IntoIterator<Item = &'a Lease>,
     observed: &Observed,
     lease_duration: Duration,
+    now: Instant,
 ) -> Option<Instant> {
     own_leases(leases, observed)
         .into_iter()
         .map(|(_, at)| at + lease_duration)
+        .filter(|at| *at > now)
         .min()
 }
 
@@ -171,11 +174,22 @@ mod tests {
             o.observe(l, t0 + Duration::from_secs(at));
         }
         let all = [a.clone(), b, fenced, released];
-        assert_eq!(next_expiry(&all, &o, d), Some(t0 + Duration::from_secs(16)));
+        assert_eq!(
+            next_expiry(&all, &o, d, t0),
+            Some(t0 + Duration::from_secs(16))
+        );
         // b renewed: a is next.
         o.observe(&lease("b", "2", Some("b")), t0 + Duration::from_secs(5));
-        assert_eq!(next_expiry(&all, &o, d), Some(t0 + Duration::from_secs(18)));
-        assert_eq!(next_expiry(&all[2..], &o, d), None);
+        assert_eq!(
+            next_expiry(&all, &o, d, t0),
+            Some(t0 + Duration::from_secs(18))
+        );
+        assert_eq!(next_expiry(&all[2..], &o, d, t0), None);
+        // a's moment passed (it expired, unfenced): b's still comes.
+        assert_eq!(
+            next_expiry(&all, &o, d, t0 + Duration::from_secs(19)),
+            Some(t0 + Duration::from_secs(20))
+        );
     }
 
     #[test]

@@ -394,14 +394,15 @@ impl Loop {
     /// When the next live shard Lease expires unless renewed (far ahead when there is none: the retry
     /// period's round comes first).
     fn next_expiry(&self) -> tokio::time::Instant {
+        // One that came within the margin is still ahead: the wake-up lands just past it.
         let now = Instant::now();
+        let from = now.checked_sub(EXPIRY_MARGIN).unwrap_or(now);
         // A shard's silence (a renew deadline: listed ahead of its fence) and its expiry (its fence).
         let timings = &self.settings.timings;
         let soonest = [timings.renew_deadline, timings.duration]
             .into_iter()
-            .filter_map(|after| next_expiry(self.known.values(), &self.observed, after))
+            .filter_map(|after| next_expiry(self.known.values(), &self.observed, after, from))
             .map(|at| at + EXPIRY_MARGIN)
-            .filter(|at| *at > now)
             .min();
         soonest.map_or_else(
             || tokio::time::Instant::now() + self.settings.timings.retry_period * 4,
