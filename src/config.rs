@@ -120,9 +120,11 @@ pub struct OperatorConfig {
     #[arg(long, default_value = "30s")]
     pub last_seen_threshold: GoDuration,
     /// How often `status.lastSeen` (and a running task's metrics) is refreshed while nothing else changes:
-    /// heartbeats are coalesced, and phase changes (Offline, back) are written at once regardless. The
-    /// default keeps a quiet fleet at 0.5 status writes per proplet-minute.
-    #[arg(long, default_value = "2m")]
+    /// heartbeats are coalesced, and phase changes (Offline, back) are written at once regardless, so
+    /// this only bounds how old the recorded `lastSeen` may be. The default keeps a quiet fleet at one
+    /// status write per proplet every 3 minutes (0.33 per proplet-minute): under the 0.5 a large sharded
+    /// fleet may cost, with room for the Leases and the transitions.
+    #[arg(long, default_value = "3m")]
     pub status_refresh: GoDuration,
     /// Accepted for compatibility; heartbeat handling does not poll.
     #[arg(long, default_value = "10s")]

@@ -259,7 +259,10 @@ impl WriteTimes {
 /// Our own recent status writes. A reconcile that starts from the watch cache right after a write would
 /// otherwise see the object before it and fail its resourceVersion test (a conflict, a wasted write and a
 /// retry); it takes the written object instead. Records stay for [`OwnWrites::FRESH_FOR`] even once the
-/// watch has caught up: a reconcile may hold a copy taken from the cache just before.
+/// watch has caught up: a reconcile may hold a copy taken from the cache just before. Each is held as its
+/// compact JSON (a third of a `serde_json::Value` tree) and forgotten by [`OwnWrites::forget_stale`] soon
+/// after, even when no write follows: a wave of `lastSeen` refreshes every few minutes would otherwise
+/// leave thousands of objects in memory until the next one.
 pub struct OwnWrites {
     inner: Mutex<Records>,
     fresh_for: Duration,
@@ -279,16 +282,37 @@ struct Records {
     order: std::collections::VecDeque<(Instant, String)>,
 }
 
+impl Records {
+    /// Drops the records made `fresh_for` ago or more, and the oldest beyond `keep`.
+    fn forget(&mut self, fresh_for: Duration, keep: usize) {
+        while let Some((at, _)) = self.order.front()
+            && (at.elapsed() >= fresh_for || self.order.len() > keep)
+        {
+            if let Some((at, uid)) = self.order.pop_front()
+                && self.by_uid.get(&uid).is_some_and(|w| w.at == at)
+            {
+                self.by_uid.remove(&uid);
+            }
+        }
+        if self.by_uid.is_empty() {
+            // A wave of writes grew them: give that memory back.
+            self.by_uid.shrink_to_fit();
+            self.order.shrink_to_fit();
+        }
+    }
+}
+
 struct Written {
     resource_version: String,
     at: Instant,
-    object: serde_json::Value,
+    /// The object as written, in compact JSON.
+    object: Vec<u8>,
 }
 
 impl OwnWrites {
     /// The watch delivers our writes within milliseconds; an entry older than this is forgotten (e.g. a
     /// relist that skipped the event).
-    const FRESH_FOR: Duration = Duration::from_secs(5);
+    pub const FRESH_FOR: Duration = Duration::from_secs(5);
     /// Past this many entries, the oldest are dropped however fresh (each holds a whole object).
     const MAX: usize = 10_000;
 
@@ -304,20 +328,12 @@ impl OwnWrites {
         let (Some(uid), Some(rv)) = (written.uid(), written.resource_version()) else {
             return;
         };
-        let Ok(object) = serde_json::to_value(written) else {
+        let Ok(object) = serde_json::to_vec(written) else {
             return;
         };
         if let Ok(mut m) = self.inner.lock() {
+            m.forget(self.fresh_for, Self::MAX - 1);
             let Records { by_uid, order } = &mut *m;
-            while let Some((at, _)) = order.front()
-                && (at.elapsed() >= self.fresh_for || order.len() >= Self::MAX)
-            {
-                if let Some((at, uid)) = order.pop_front()
-                    && by_uid.get(&uid).is_some_and(|w| w.at == at)
-                {
-                    by_uid.remove(&uid);
-                }
-            }
             let at = Instant::now();
             order.push_back((at, uid.clone()));
             by_uid.insert(
@@ -328,6 +344,13 @@ impl OwnWrites {
                     object,
                 },
             );
+        }
+    }
+
+    /// Forgets the records that are no longer fresh: called every [`OwnWrites::FRESH_FOR`] by the operator.
+    pub fn forget_stale(&self) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.forget(self.fresh_for, Self::MAX);
         }
     }
 
@@ -352,7 +375,7 @@ impl OwnWrites {
         if ours <= theirs || cached.meta().deletion_timestamp.is_some() {
             return None;
         }
-        serde_json::from_value(w.object.clone()).ok()
+        serde_json::from_slice(&w.object).ok()
     }
 
     /// The cached object, or our newer write of it.
@@ -431,6 +454,25 @@ mod tests {
         t.metadata.uid = Some("uid-new".into());
         t.metadata.resource_version = Some("9".into());
         assert!(own.newer(&t).is_some(), "its latest record is fresh");
+    }
+
+    #[test]
+    fn stale_records_are_forgotten_without_another_write() {
+        let own = OwnWrites::fresh_for(Duration::from_millis(50));
+        let mut t = task("10", false);
+        for i in 0..100 {
+            t.metadata.uid = Some(format!("uid-{i}"));
+            own.record(&t);
+        }
+        own.forget_stale();
+        assert_eq!(own.held(), 100, "fresh records stay");
+        std::thread::sleep(Duration::from_millis(60));
+        own.forget_stale();
+        assert_eq!(
+            own.held(),
+            0,
+            "the wave's records are gone with no write after it"
+        );
     }
 
     #[test]

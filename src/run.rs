@@ -216,6 +216,7 @@ impl Operator {
         });
         keep_indexes(&ctx, &mut watches);
         proplet::wake_ups(&ctx, &mut watches, &proplets.waker());
+        background.push(spawn_forget_stale(Arc::clone(&ctx), shutdown.clone()));
         background.push(proplet::spawn_silence_watch(
             Arc::clone(&ctx),
             proplets.waker(),
@@ -540,6 +541,25 @@ fn connect(
     let (client, inbox) = MqttClient::start(&settings, metrics.mqtt_connected.clone())?;
     info!(address = %config.mqtt_address, %client_id, "MQTT client started");
     Ok((Some(client), Some(inbox)))
+}
+
+/// Forgets our own writes' records once stale, whether or not more writes come (see [`OwnWrites`]).
+///
+/// [`OwnWrites`]: crate::memory::OwnWrites
+fn spawn_forget_stale(
+    ctx: Arc<Context>,
+    shutdown: crate::controllers::runtime::Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::memory::OwnWrites::FRESH_FOR) => {}
+                _ = &mut shutdown => return,
+            }
+            ctx.own_writes.forget_stale();
+        }
+    })
 }
 
 /// The indexes and records that follow the watches, before any controller is woken.

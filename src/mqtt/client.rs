@@ -216,18 +216,26 @@ impl MqttClient {
                         loop_handle.connects.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let mut receipt = rumqttc::Publish::new(&p.topic, p.qos, Vec::<u8>::new());
-                        receipt.pkid = p.pkid;
-                        let ack = Ack {
-                            client: ack_client.clone(),
-                            publish: receipt,
+                        let ack = || {
+                            let mut receipt =
+                                rumqttc::Publish::new(&p.topic, p.qos, Vec::<u8>::new());
+                            receipt.pkid = p.pkid;
+                            Ack {
+                                client: ack_client.clone(),
+                                publish: receipt,
+                            }
                         };
                         if let Some(keep) = loop_handle.intake.get()
                             && !keep(&p.topic, &p.payload)
                         {
-                            // Refused: acknowledged here and now, as `ack` is dropped.
+                            // Refused: acknowledged here and now (at most once, as heartbeats are, needs
+                            // no acknowledgement: nothing is built for it).
+                            if p.qos != QoS::AtMostOnce {
+                                drop(ack());
+                            }
                             continue;
                         }
+                        let ack = ack();
                         let msg = Message {
                             topic: p.topic,
                             payload: p.payload,

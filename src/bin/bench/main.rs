@@ -63,6 +63,10 @@ pub struct Args {
     /// Only the sharding scenarios; their results replace those in `--out` and the page's results block.
     #[arg(long)]
     pub sharded_only: bool,
+    /// Only the sharding scale scenario (one replica, then the shards, over the same fleet); results are
+    /// printed, not written (for investigating a shard's CPU and memory, e.g. with perf beside it).
+    #[arg(long)]
+    pub shard_scale_only: bool,
     /// Replicas in the sharding scenarios.
     #[arg(long, default_value_t = 3)]
     pub shards: usize,
@@ -70,11 +74,11 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000)]
     pub shard_proplets: usize,
     /// Seconds over which CPU, memory, messages and writes are measured in the sharding scale scenario:
-    /// two of the operator's `--status-refresh` periods (2 min), so that each window holds two lastSeen
+    /// two of the operator's `--status-refresh` periods (3 min), so that each window holds two lastSeen
     /// refreshes of every proplet, for the single replica and the shards alike. The proplets move to the
-    /// shards together, so their refreshes stay in step: a window of 150 s held one or two of these waves
-    /// (0.40 or 0.58 writes per proplet-minute from the same code).
-    #[arg(long, default_value_t = 240)]
+    /// shards together, so their refreshes stay in step: a window of 150 s with 2-minute refreshes held
+    /// one or two of these waves (0.40 or 0.58 writes per proplet-minute from the same code).
+    #[arg(long, default_value_t = 360)]
     pub shard_window_seconds: u64,
     /// What the shards' ring hashes (the operator's `--shard-by`): client-id or channel.
     #[arg(long, value_enum, default_value_t = propeller_operator::config::ShardBy::ClientId)]
@@ -145,6 +149,11 @@ async fn main() -> anyhow::Result<()> {
     };
     if b.args.chaos {
         return chaos::run(&mut b).await;
+    }
+    if b.args.shard_scale_only {
+        sharded::run(&mut b).await?;
+        println!("{}", serde_json::to_string_pretty(&b.results)?);
+        return Ok(());
     }
     scenarios::raw_limit(&mut b).await?;
     if !b.args.sharded_only {

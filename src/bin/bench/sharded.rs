@@ -309,63 +309,11 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let lease_ns = b.cluster.namespace(&b.client, "bench-leases").await?;
     let shards_n = b.args.shards;
 
-    // 1. Burst: one replica, then the shards, on the same proplets.
-    let ns = b.cluster.namespace(&b.client, "bench-sburst").await?;
-    let ids: Vec<String> = (0..b.args.burst_proplets)
-        .map(|i| format!("sb-{i}"))
-        .collect();
-    make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
-    let swarm = sims(&mut b.broker, &ids).await?;
-    let mut single = Operator::start(&b.args.operator, b.cluster, &b.broker, &b.log)?;
-    single.ready().await?;
-    all_running(&b.client, &ns, ids.len(), Duration::from_secs(120)).await?;
-    let (rate1, writes1) = burst_once(b, &ns, "sb1").await?;
-    single.kill();
-    let mut ops = start_shards(b, &lease_ns).await?;
     let live: Vec<String> = (0..shards_n).map(identity).collect();
-    settle(b, &ns, ids.len(), &live, false, Duration::from_secs(120)).await?;
-    let (rate_n, writes_n) = burst_once(b, &ns, "sbn").await?;
-    eprintln!(
-        "sharded burst: 1 replica {rate1:.0} tasks/s ({writes1:.2} writes/task), {shards_n} shards {rate_n:.0} tasks/s ({writes_n:.2})"
-    );
-    b.results
-        .insert("shard_burst_single_tasks_per_s", json!(rate1));
-    b.results.insert("shard_burst_tasks_per_s", json!(rate_n));
-    b.results
-        .insert("shard_burst_single_writes_per_task", json!(writes1));
-    b.results
-        .insert("shard_burst_writes_per_task", json!(writes_n));
-    b.results.insert("shard_count", json!(shards_n));
-    for s in swarm {
-        s.kill();
+    if !b.args.shard_scale_only {
+        burst_and_fanout(b, &lease_ns, &live).await?;
     }
-    b.cluster.delete_namespace(&b.client, &ns).await;
-
-    // 2. Messages per shard with every proplet on one channel.
-    let ns = b.cluster.namespace(&b.client, "bench-fan").await?;
-    let ids: Vec<String> = (0..b.args.fanout_proplets)
-        .map(|i| format!("fan-{i}"))
-        .collect();
-    make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
-    let hb = beat(b, &ids, 0);
-    settle(b, &ns, ids.len(), &live, false, Duration::from_secs(300)).await?;
-    let refs: Vec<&Operator> = ops.iter().collect();
-    let rows = usage_over(&refs, Duration::from_secs(60)).await?;
-    hb.abort();
-    let published = ids.len() as f64 / 10.0;
-    let fan1 = max_of(&rows, "messages_per_s") / published;
-    eprintln!("one channel: each shard receives {fan1:.2} of the heartbeats");
-    b.results
-        .insert("shard_messages_ratio_one_channel", json!(fan1));
-    b.results.insert("shard_fanout_one_channel", json!(rows));
-    b.cluster.delete_namespace(&b.client, &ns).await;
-
     // 3. Scale: one replica, then the shards, over the same heartbeating fleet (a channel per 100).
-    // Killed, not stopped: a graceful stop would hand every proplet from one to the next. Each comes back
-    // as itself and takes its own Lease again.
-    for op in &mut ops {
-        op.kill();
-    }
     let ns = b.cluster.namespace(&b.client, "bench-scale").await?;
     let mut ids: Vec<String> = (0..b.args.shard_proplets)
         .map(|i| format!("sc-{i}"))
@@ -377,6 +325,10 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     single.ready().await?;
     all_running(&b.client, &ns, ids.len(), Duration::from_secs(600)).await?;
     tokio::time::sleep(Duration::from_secs(20)).await;
+    eprintln!(
+        "scale: measuring the single replica for {} s",
+        window.as_secs()
+    );
     let single_row = usage_over(&[&single], window).await?;
     single.kill();
     let mut ops = start_shards(b, &lease_ns).await?;
@@ -385,6 +337,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let before = apiserver_writes(&b.client).await?;
     let t0 = Instant::now();
     let refs: Vec<&Operator> = ops.iter().collect();
+    eprintln!("scale: measuring the shards for {} s", window.as_secs());
     let rows = usage_over(&refs, window).await?;
     let after = apiserver_writes(&b.client).await?;
     let per_min = operator_writes(&before, &after, 0.0)
@@ -413,6 +366,15 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .insert("shard_messages_ratio_per_100", json!(fan100));
     b.results
         .insert("shard_writes_per_proplet_minute", json!(per_min));
+    if b.args.shard_scale_only {
+        hb.abort();
+        for op in &mut ops {
+            op.terminate(Duration::from_secs(60)).await;
+        }
+        b.cluster.delete_namespace(&b.client, &ns).await;
+        b.cluster.delete_namespace(&b.client, &lease_ns).await;
+        return Ok(());
+    }
 
     // 4. Failover: a follower killed (SIGKILL) with default Lease timings; each of its proplets' move
     // (kill → labelled with a live shard) timed by a watch, the first one being when its Lease was taken.
@@ -557,6 +519,68 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     }
     b.cluster.delete_namespace(&b.client, &ns).await;
     b.cluster.delete_namespace(&b.client, &lease_ns).await;
+    Ok(())
+}
+
+/// The burst (one replica, then the shards, on the same proplets) and the messages per shard with every
+/// proplet on one channel.
+async fn burst_and_fanout(b: &mut Bench, lease_ns: &str, live: &[String]) -> anyhow::Result<()> {
+    let shards_n = b.args.shards;
+    // 1. Burst: one replica, then the shards, on the same proplets.
+    let ns = b.cluster.namespace(&b.client, "bench-sburst").await?;
+    let ids: Vec<String> = (0..b.args.burst_proplets)
+        .map(|i| format!("sb-{i}"))
+        .collect();
+    make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
+    let swarm = sims(&mut b.broker, &ids).await?;
+    let mut single = Operator::start(&b.args.operator, b.cluster, &b.broker, &b.log)?;
+    single.ready().await?;
+    all_running(&b.client, &ns, ids.len(), Duration::from_secs(120)).await?;
+    let (rate1, writes1) = burst_once(b, &ns, "sb1").await?;
+    single.kill();
+    let mut ops = start_shards(b, lease_ns).await?;
+    settle(b, &ns, ids.len(), live, false, Duration::from_secs(120)).await?;
+    let (rate_n, writes_n) = burst_once(b, &ns, "sbn").await?;
+    eprintln!(
+        "sharded burst: 1 replica {rate1:.0} tasks/s ({writes1:.2} writes/task), {shards_n} shards {rate_n:.0} tasks/s ({writes_n:.2})"
+    );
+    b.results
+        .insert("shard_burst_single_tasks_per_s", json!(rate1));
+    b.results.insert("shard_burst_tasks_per_s", json!(rate_n));
+    b.results
+        .insert("shard_burst_single_writes_per_task", json!(writes1));
+    b.results
+        .insert("shard_burst_writes_per_task", json!(writes_n));
+    b.results.insert("shard_count", json!(shards_n));
+    for s in swarm {
+        s.kill();
+    }
+    b.cluster.delete_namespace(&b.client, &ns).await;
+
+    // 2. Messages per shard with every proplet on one channel.
+    let ns = b.cluster.namespace(&b.client, "bench-fan").await?;
+    let ids: Vec<String> = (0..b.args.fanout_proplets)
+        .map(|i| format!("fan-{i}"))
+        .collect();
+    make_proplets(&b.client, &ns, &ids, &b.broker, 0).await?;
+    let hb = beat(b, &ids, 0);
+    settle(b, &ns, ids.len(), live, false, Duration::from_secs(300)).await?;
+    let refs: Vec<&Operator> = ops.iter().collect();
+    let rows = usage_over(&refs, Duration::from_secs(60)).await?;
+    hb.abort();
+    let published = ids.len() as f64 / 10.0;
+    let fan1 = max_of(&rows, "messages_per_s") / published;
+    eprintln!("one channel: each shard receives {fan1:.2} of the heartbeats");
+    b.results
+        .insert("shard_messages_ratio_one_channel", json!(fan1));
+    b.results.insert("shard_fanout_one_channel", json!(rows));
+    b.cluster.delete_namespace(&b.client, &ns).await;
+
+    // Killed, not stopped: a graceful stop would hand every proplet from one to the next. The scale scenario
+    // starts each again as itself, and it takes its own Lease again.
+    for op in &mut ops {
+        op.kill();
+    }
     Ok(())
 }
 

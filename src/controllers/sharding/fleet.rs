@@ -62,11 +62,38 @@ struct Spec {
     connection_config: Connection,
 }
 
+/// The metadata placement reads. Everything else, `managedFields` above all (a tree of objects per
+/// writer, which the watch sends with every event), is skipped unread instead of being built and
+/// dropped: the leader gets every Proplet's every status refresh.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct LeanMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = LeanMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+}
+
 /// A Proplet as the leader's fleet watch parses it: every other field is skipped unread. Also what its
 /// label writes are addressed with (its kind is a Proplet's).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct FleetProplet {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lean_meta")]
     metadata: ObjectMeta,
     #[serde(default)]
     spec: Spec,
@@ -277,6 +304,26 @@ mod tests {
         let mut nameless = proplet("b", "s");
         nameless.spec.connection_config.client_id = None;
         assert_eq!(Placed::of(&nameless).key, "b", "no clientId yet: its name");
+    }
+
+    #[test]
+    fn the_watch_keeps_no_managed_fields_and_still_sees_a_deletion() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
+        let mut p = proplet("a", "shard-0");
+        p.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("propeller-operator".into()),
+            ..Default::default()
+        }]);
+        p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        p.metadata.uid = Some("uid-a".into());
+        p.metadata.resource_version = Some("7".into());
+        let parsed = wire(&p);
+        assert_eq!(parsed.metadata.managed_fields, None);
+        assert_eq!(parsed.metadata.uid.as_deref(), Some("uid-a"));
+        assert_eq!(parsed.metadata.resource_version.as_deref(), Some("7"));
+        let placed = Placed::from_wire(&parsed);
+        assert!(placed.deleting);
+        assert_eq!(placed, Placed::of(&p));
     }
 
     #[test]

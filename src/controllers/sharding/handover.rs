@@ -166,8 +166,9 @@ async fn outgoing(ctx: &Context) -> Result<()> {
         .proplets
         .state()
         .into_iter()
+        // The label test that copies nothing first: this runs over every Proplet each retry period.
+        .filter(|p| drain_ready(p) && p.labels().contains_key(DRAIN_LABEL))
         .filter(|p| shard_of(p.as_ref()).as_deref() == Some(me))
-        .filter(|p| drain_of(p.as_ref()).is_some() && drain_ready(p))
         .collect();
     // Several Proplets at once (each one's Tasks before the Proplet itself): a leaving shard hands its
     // whole share over together.
