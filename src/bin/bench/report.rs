@@ -258,6 +258,17 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             "measured".into(),
         ),
         (
+            "… the followers alone, CPU / RSS / anonymous (the leader also watches every Proplet for placement)"
+                .into(),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                num("shard_follower_cpu_ratio"),
+                num("shard_follower_rss_ratio"),
+                num("shard_follower_anon_rss_ratio")
+            ),
+            "measured".into(),
+        ),
+        (
             "heartbeats a shard receives ÷ heartbeats published: 1 channel / 1 channel per 100"
                 .into(),
             format!(

@@ -343,6 +343,14 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let per_min = operator_writes(&before, &after, 0.0)
         / (ids.len() as f64 * t0.elapsed().as_secs_f64() / 60.0);
     let ratio = |key: &str| max_of(&rows, key) / max_of(&single_row, key);
+    // The leader's extra work (its fleet watch, the ring over every Proplet) apart from a shard's own.
+    let leading = leader(&ops).await.map(identity);
+    let followers: Vec<Value> = rows
+        .iter()
+        .filter(|r| r["identity"].as_str() != leading.as_deref())
+        .cloned()
+        .collect();
+    let follower_ratio = |key: &str| max_of(&followers, key) / max_of(&single_row, key);
     let published = ids.len() as f64 / 10.0;
     let fan100 = max_of(&rows, "messages_per_s") / published;
     eprintln!(
@@ -362,6 +370,17 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .insert("shard_current_rss_ratio", json!(ratio("rss_mib")));
     b.results
         .insert("shard_anon_rss_ratio", json!(ratio("anon_rss_mib")));
+    b.results.insert("shard_scale_leader", json!(leading));
+    b.results.insert(
+        "shard_follower_cpu_ratio",
+        json!(follower_ratio("cpu_cores")),
+    );
+    b.results
+        .insert("shard_follower_rss_ratio", json!(follower_ratio("rss_mib")));
+    b.results.insert(
+        "shard_follower_anon_rss_ratio",
+        json!(follower_ratio("anon_rss_mib")),
+    );
     b.results
         .insert("shard_messages_ratio_per_100", json!(fan100));
     b.results
