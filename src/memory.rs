@@ -431,14 +431,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_the_last_moments_writes_are_held() {
+    /// Records of 100 Tasks written within a moment, kept for 50 ms, and the Task last written.
+    fn a_wave_of_writes() -> (OwnWrites, Task) {
         let own = OwnWrites::fresh_for(Duration::from_millis(50));
         let mut t = task("10", false);
         for i in 0..100 {
             t.metadata.uid = Some(format!("uid-{i}"));
             own.record(&t);
         }
+        (own, t)
+    }
+
+    #[test]
+    fn only_the_last_moments_writes_are_held() {
+        let (own, mut t) = a_wave_of_writes();
         assert_eq!(own.held(), 100);
         std::thread::sleep(Duration::from_millis(60));
         t.metadata.uid = Some("uid-new".into());
@@ -458,12 +464,7 @@ mod tests {
 
     #[test]
     fn stale_records_are_forgotten_without_another_write() {
-        let own = OwnWrites::fresh_for(Duration::from_millis(50));
-        let mut t = task("10", false);
-        for i in 0..100 {
-            t.metadata.uid = Some(format!("uid-{i}"));
-            own.record(&t);
-        }
+        let (own, _) = a_wave_of_writes();
         own.forget_stale();
         assert_eq!(own.held(), 100, "fresh records stay");
         std::thread::sleep(Duration::from_millis(60));
