@@ -260,9 +260,9 @@ impl WriteTimes {
 /// otherwise see the object before it and fail its resourceVersion test (a conflict, a wasted write and a
 /// retry); it takes the written object instead. Records stay for [`OwnWrites::FRESH_FOR`] even once the
 /// watch has caught up: a reconcile may hold a copy taken from the cache just before. Each is held as its
-/// compact JSON (smaller than a `serde_json::Value` tree of it) and forgotten by [`OwnWrites::forget_stale`] soon
-/// after, even when no write follows: a wave of `lastSeen` refreshes every few minutes would otherwise
-/// leave thousands of objects in memory until the next one.
+/// compact JSON (smaller than a `serde_json::Value` tree of it) and forgotten by
+/// [`OwnWrites::forget_stale`] soon after, even when no write follows: a wave of `lastSeen` refreshes
+/// every few minutes would otherwise leave thousands of objects in memory until the next one.
 pub struct OwnWrites {
     inner: Mutex<Records>,
     fresh_for: Duration,
