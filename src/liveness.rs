@@ -12,6 +12,23 @@ use crate::api::proplet::PropletMetadata;
 /// Bound on entries for proplets nobody has registered.
 pub const MAX_UNKNOWN: usize = 100_000;
 
+/// Whether a recorded `lastSeen` is due for its refresh at `now`: once it is between 3/4 of `refresh` and
+/// `refresh` old, the fraction drawn from the proplet and the recorded second. Proplets written together
+/// (an operator start, a shard's share moved at once) would otherwise refresh together for ever: a burst
+/// of one write per proplet every `refresh` (10,000 at 10,000 proplets), in which every other write waits.
+/// Drawn anew at each refresh, the bursts spread over a quarter of the period each time.
+pub fn refresh_due(
+    client_id: &str,
+    recorded: Timestamp,
+    now: Timestamp,
+    refresh: Duration,
+) -> bool {
+    let draw = xxhash_rust::xxh64::xxh64(client_id.as_bytes(), recorded.as_second() as u64);
+    // The top 16 bits as a fraction of a quarter of the period.
+    let early = refresh.mul_f64((draw >> 48) as f64 / 65_536.0 / 4.0);
+    now.duration_since(recorded).unsigned_abs() >= refresh.saturating_sub(early)
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
     /// Last heartbeat (operator receive time).
@@ -46,7 +63,8 @@ impl Liveness {
     }
 
     /// Records a heartbeat. A transition when the proplet was unknown, offline, or silent for longer
-    /// than `threshold`; and once when the `lastSeen` its status records is `refresh` old.
+    /// than `threshold`; and once when the `lastSeen` its status records is due for its refresh
+    /// ([`refresh_due`]).
     pub fn heartbeat(
         &self,
         client_id: &str,
@@ -73,7 +91,7 @@ impl Liveness {
         }
         let due = entry
             .recorded
-            .is_some_and(|r| now.duration_since(r).unsigned_abs() >= refresh);
+            .is_some_and(|r| refresh_due(client_id, r, now, refresh));
         if due && !entry.refresh_asked {
             entry.refresh_asked = true;
             Change::Transition
@@ -83,7 +101,7 @@ impl Liveness {
     }
 
     /// What the Proplet's status now says of `lastSeen` (its controller wrote or read it): the next refresh
-    /// is asked for when a heartbeat finds it `refresh` old.
+    /// is asked for when a heartbeat finds it due ([`refresh_due`]).
     pub fn recorded(&self, client_id: &str, last_seen: Timestamp) {
         if let Ok(mut map) = self.inner.lock()
             && let Some(entry) = map.get_mut(client_id)
@@ -177,12 +195,60 @@ mod tests {
         let now = Timestamp::now();
         l.recorded("p", now - jiff::SignedDuration::from_secs(60));
         assert_eq!(l.heartbeat("p", false, t, r), Change::None, "not due yet");
+        l.recorded("p", now - jiff::SignedDuration::from_secs(89));
+        assert_eq!(
+            l.heartbeat("p", false, t, r),
+            Change::None,
+            "never before 3/4"
+        );
         l.recorded("p", now - jiff::SignedDuration::from_secs(121));
         assert_eq!(l.heartbeat("p", false, t, r), Change::Transition, "due");
         assert_eq!(l.heartbeat("p", false, t, r), Change::None, "asked already");
         // Written: the next refresh is a refresh away.
         l.recorded("p", Timestamp::now());
         assert_eq!(l.heartbeat("p", false, t, r), Change::None);
+    }
+
+    #[test]
+    fn refreshes_written_together_spread_over_a_quarter_of_the_period() {
+        let refresh = Duration::from_secs(180);
+        let written = Timestamp::from_second(1_800_000_000).expect("a time");
+        let at = |secs: i64| written + jiff::SignedDuration::from_secs(secs);
+        let due_after = |id: &str| {
+            (0..=180)
+                .find(|s| refresh_due(id, written, at(*s), refresh))
+                .expect("due within the period")
+        };
+        let first: Vec<i64> = (0..1000).map(|i| due_after(&format!("p-{i}"))).collect();
+        assert!(first.iter().all(|s| (135..=180).contains(s)));
+        // Spread, not bunched: every tenth of the quarter holds some.
+        for tenth in 0..9 {
+            let from = 135 + tenth * 45 / 10;
+            assert!(
+                first.iter().any(|s| (from..from + 5).contains(s)),
+                "none due in {from}..{}",
+                from + 5
+            );
+        }
+        // Once due, it stays due; and the same proplet and record always give the same answer (the
+        // heartbeat that asks and the reconcile that writes must agree).
+        assert!(refresh_due("p-0", written, at(180), refresh));
+        assert_eq!(due_after("p-0"), first[0]);
+        // Drawn anew for the next record: not the same offset every period.
+        let next = |i: usize| {
+            let rec = at(first[i]);
+            (0..=180)
+                .find(|s| {
+                    refresh_due(
+                        &format!("p-{i}"),
+                        rec,
+                        rec + jiff::SignedDuration::from_secs(*s),
+                        refresh,
+                    )
+                })
+                .expect("due")
+        };
+        assert!((0..50).any(|i| next(i) != first[i]));
     }
 
     #[test]

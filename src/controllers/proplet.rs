@@ -363,7 +363,7 @@ pub async fn reconcile(p: Arc<Proplet>, ctx: Arc<Context>) -> Result<Action> {
     let refresh = ctx.config.status_refresh.0;
     let recorded = old.last_seen.as_ref().map(|t| t.0);
     let refresh_due = match (last_seen, recorded) {
-        (Some(seen), Some(rec)) => seen.duration_since(rec).unsigned_abs() >= refresh,
+        (Some(seen), Some(rec)) => crate::liveness::refresh_due(&client_id, rec, seen, refresh),
         (Some(_), None) => true,
         _ => false,
     };
