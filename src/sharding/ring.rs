@@ -8,8 +8,12 @@ use xxhash_rust::xxh64::xxh64;
 
 /// Virtual nodes per shard: enough for an even spread with a handful of shards.
 pub const VIRTUAL_NODES: usize = 100;
-/// No shard holds more than this times the average.
-pub const LOAD_FACTOR: f64 = 1.25;
+/// No shard holds more than this times the average. 1.25 never bound by clientId at 3 shards: with 100
+/// virtual nodes one shard held 0.39 of 10,000 proplets and another 0.30 (and used CPU to match), whole
+/// channels up to 0.42 by channel. At 1.05 each holds at most 0.35, and a shard joining or leaving still
+/// moves about 1/N (0.28 and 0.34 of 10,000 for 0.25 and 0.33; property test below). What it costs: an
+/// assignment that binds shifts a few proplets when the fleet grows (about 5 for 100 new ones).
+pub const LOAD_FACTOR: f64 = 1.05;
 
 /// What the shard ring hashes.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -159,7 +163,7 @@ mod tests {
     #[test]
     fn grouped_keys_stay_together_unless_their_member_is_full() {
         let ring = Ring::new(shards(3), VIRTUAL_NODES);
-        // 30 groups of 10: a member holds at most ⌈1.25 × 100⌉ = 125, so at most one group per member
+        // 30 groups of 10: a member holds at most ⌈1.05 × 100⌉ = 105, so at most one group per member
         // is split where that member filled up.
         let pairs: Vec<(String, String)> = (0..300)
             .map(|i| (format!("channel-{}", i % 30), format!("proplet-{i}")))
@@ -179,7 +183,7 @@ mod tests {
             "{split} groups split: {members_of:?}"
         );
         for s in ring.members() {
-            assert!(a.values().filter(|m| *m == s).count() <= 125);
+            assert!(a.values().filter(|m| *m == s).count() <= 105);
         }
         let reversed = ring.assign_grouped(
             pairs.iter().rev().map(|(g, k)| (g.as_str(), k.as_str())),
