@@ -12,21 +12,24 @@ use crate::api::proplet::PropletMetadata;
 /// Bound on entries for proplets nobody has registered.
 pub const MAX_UNKNOWN: usize = 100_000;
 
-/// Whether a recorded `lastSeen` is due for its refresh at `now`: once it is between 3/4 of `refresh` and
-/// `refresh` old, the fraction drawn from the proplet and the recorded second. Proplets written together
-/// (an operator start, a shard's share moved at once) would otherwise refresh together for ever: a burst
-/// of one write per proplet every `refresh` (10,000 at 10,000 proplets), in which every other write waits.
-/// Drawn anew at each refresh, the bursts spread over a quarter of the period each time.
+/// Whether a recorded `lastSeen` is due for its refresh at `now`: once a moment of the proplet's own
+/// refresh slot has passed since it was recorded. The slots are `refresh` apart and placed by a hash of the
+/// clientId, so a proplet is refreshed once per `refresh` (the recorded value is never older) and the fleet's
+/// refreshes are spread evenly over the period whenever the proplets were written. Refreshed `refresh` after
+/// their last write instead, proplets written together (an operator start, a shard's share moved at once)
+/// refreshed together for ever: one write per proplet in one burst (10,000 at 10,000 proplets), in which
+/// every other write waited. Whole seconds, as `lastSeen` is stored, so the heartbeat that asks and the
+/// reconcile that writes agree.
 pub fn refresh_due(
     client_id: &str,
     recorded: Timestamp,
     now: Timestamp,
     refresh: Duration,
 ) -> bool {
-    let draw = xxhash_rust::xxh64::xxh64(client_id.as_bytes(), recorded.as_second() as u64);
-    // The top 16 bits as a fraction of a quarter of the period.
-    let early = refresh.mul_f64((draw >> 48) as f64 / 65_536.0 / 4.0);
-    now.duration_since(recorded).unsigned_abs() >= refresh.saturating_sub(early)
+    let period = refresh.as_secs().max(1) as i64;
+    let offset = (xxhash_rust::xxh64::xxh64(client_id.as_bytes(), 0) % period as u64) as i64;
+    let slot = |t: Timestamp| (t.as_second() + offset).div_euclid(period);
+    slot(now) > slot(recorded)
 }
 
 #[derive(Clone, Debug, Default)]
@@ -193,14 +196,15 @@ mod tests {
         let (t, r) = (Duration::from_secs(30), Duration::from_secs(120));
         l.heartbeat("p", false, t, r);
         let now = Timestamp::now();
-        l.recorded("p", now - jiff::SignedDuration::from_secs(60));
+        let ago = |s: i64| now - jiff::SignedDuration::from_secs(s);
+        // The oldest record not due even 5 s from now (the heartbeat reads its own clock).
+        let fresh = (0..120)
+            .rev()
+            .map(ago)
+            .find(|rec| !refresh_due("p", *rec, now + jiff::SignedDuration::from_secs(5), r))
+            .expect("a record younger than its slot");
+        l.recorded("p", fresh);
         assert_eq!(l.heartbeat("p", false, t, r), Change::None, "not due yet");
-        l.recorded("p", now - jiff::SignedDuration::from_secs(89));
-        assert_eq!(
-            l.heartbeat("p", false, t, r),
-            Change::None,
-            "never before 3/4"
-        );
         l.recorded("p", now - jiff::SignedDuration::from_secs(121));
         assert_eq!(l.heartbeat("p", false, t, r), Change::Transition, "due");
         assert_eq!(l.heartbeat("p", false, t, r), Change::None, "asked already");
@@ -210,45 +214,47 @@ mod tests {
     }
 
     #[test]
-    fn refreshes_written_together_spread_over_a_quarter_of_the_period() {
+    fn refreshes_written_together_spread_over_the_period_once_per_period() {
         let refresh = Duration::from_secs(180);
         let written = Timestamp::from_second(1_800_000_000).expect("a time");
-        let at = |secs: i64| written + jiff::SignedDuration::from_secs(secs);
-        let due_after = |id: &str| {
+        let after = |from: Timestamp, secs: i64| from + jiff::SignedDuration::from_secs(secs);
+        let due_after = |id: &str, from: Timestamp| {
             (0..=180)
-                .find(|s| refresh_due(id, written, at(*s), refresh))
-                .expect("due within the period")
+                .find(|s| refresh_due(id, from, after(from, *s), refresh))
+                .expect("due within the period: the recorded value is never older")
         };
-        let first: Vec<i64> = (0..1000).map(|i| due_after(&format!("p-{i}"))).collect();
-        assert!(first.iter().all(|s| (135..=180).contains(s)));
-        // Spread, not bunched: every tenth of the quarter holds some.
-        for tenth in 0..9 {
-            let from = 135 + tenth * 45 / 10;
+        let first: Vec<i64> = (0..1000)
+            .map(|i| due_after(&format!("p-{i}"), written))
+            .collect();
+        // Spread over the whole period at once, not bunched: every tenth of it holds some.
+        for tenth in 0..10 {
+            let from = 1 + tenth * 18;
             assert!(
-                first.iter().any(|s| (from..from + 5).contains(s)),
+                first.iter().any(|s| (from..from + 18).contains(s)),
                 "none due in {from}..{}",
-                from + 5
+                from + 18
             );
         }
-        // Once due, it stays due; and the same proplet and record always give the same answer (the
-        // heartbeat that asks and the reconcile that writes must agree).
-        assert!(refresh_due("p-0", written, at(180), refresh));
-        assert_eq!(due_after("p-0"), first[0]);
-        // Drawn anew for the next record: not the same offset every period.
-        let next = |i: usize| {
-            let rec = at(first[i]);
-            (0..=180)
-                .find(|s| {
-                    refresh_due(
-                        &format!("p-{i}"),
-                        rec,
-                        rec + jiff::SignedDuration::from_secs(*s),
-                        refresh,
-                    )
-                })
-                .expect("due")
-        };
-        assert!((0..50).any(|i| next(i) != first[i]));
+        for (i, due) in first.iter().enumerate().take(50) {
+            let id = format!("p-{i}");
+            let refreshed = after(written, *due);
+            // Written then: due again exactly a period later (one write per proplet per period), and the
+            // same answer whenever asked.
+            assert_eq!(due_after(&id, refreshed), 180, "{id}");
+            assert!(refresh_due(&id, refreshed, after(refreshed, 200), refresh));
+            assert!(!refresh_due(&id, refreshed, after(refreshed, 179), refresh));
+        }
+        // lastSeen is stored in whole seconds: a sub-second recorded value gives the same answer.
+        let precise = written + jiff::SignedDuration::from_millis(900);
+        for i in 0..50 {
+            let id = format!("p-{i}");
+            for s in [first[i] - 1, first[i]] {
+                assert_eq!(
+                    refresh_due(&id, precise, after(written, s), refresh),
+                    refresh_due(&id, written, after(written, s), refresh)
+                );
+            }
+        }
     }
 
     #[test]
