@@ -246,9 +246,9 @@ mod tests {
         }
         // lastSeen is stored in whole seconds: a sub-second recorded value gives the same answer.
         let precise = written + jiff::SignedDuration::from_millis(900);
-        for i in 0..50 {
+        for (i, due) in first.iter().enumerate().take(50) {
             let id = format!("p-{i}");
-            for s in [first[i] - 1, first[i]] {
+            for s in [due - 1, *due] {
                 assert_eq!(
                     refresh_due(&id, precise, after(written, s), refresh),
                     refresh_due(&id, written, after(written, s), refresh)
