@@ -121,11 +121,11 @@ pub struct OperatorConfig {
     pub last_seen_threshold: GoDuration,
     /// How often `status.lastSeen` (and a running task's metrics) is refreshed while nothing else changes:
     /// heartbeats are coalesced, and phase changes (Offline, back) are written at once regardless, so
-    /// this only bounds how old the recorded `lastSeen` may be. Each refresh comes between 3/4 of this and
-    /// all of it (drawn per proplet and per refresh, so that proplets written together do not stay in
-    /// step). The default keeps a quiet fleet at about one status write per proplet every 2.6 minutes (0.38
-    /// per proplet-minute): under the 0.5 a large sharded fleet may cost, with room for the Leases and the
-    /// transitions.
+    /// this only bounds how old the recorded `lastSeen` may be. Each proplet is refreshed in its own slot of
+    /// the period (a hash of its clientId places it), so the fleet's refreshes are spread evenly rather than
+    /// written in one burst. The default keeps a quiet fleet at one status write per proplet every 3 minutes
+    /// (0.33 per proplet-minute): under the 0.5 a large sharded fleet may cost, with room for the Leases and
+    /// the transitions.
     #[arg(long, default_value = "3m")]
     pub status_refresh: GoDuration,
     /// Accepted for compatibility; heartbeat handling does not poll.

@@ -75,9 +75,9 @@ pub struct Args {
     pub shard_proplets: usize,
     /// Seconds over which CPU, memory, messages and writes are measured in the sharding scale scenario:
     /// two of the operator's `--status-refresh` periods (3 min), so that each window holds two lastSeen
-    /// refreshes of every proplet, for the single replica and the shards alike. The proplets move to the
-    /// shards together, so their refreshes stay in step: a window of 150 s with 2-minute refreshes held
-    /// one or two of these waves (0.40 or 0.58 writes per proplet-minute from the same code).
+    /// refreshes of every proplet, for the single replica and the shards alike. (When refreshes still came
+    /// in waves, a window shorter than two periods held one or two of them: 0.40 or 0.58 writes per
+    /// proplet-minute from the same code.)
     #[arg(long, default_value_t = 360)]
     pub shard_window_seconds: u64,
     /// What the shards' ring hashes (the operator's `--shard-by`): client-id or channel.
