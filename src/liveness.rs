@@ -14,7 +14,8 @@ pub const MAX_UNKNOWN: usize = 100_000;
 
 /// Whether a recorded `lastSeen` is due for its refresh at `now`: once a moment of the proplet's own
 /// refresh slot has passed since it was recorded. The slots are `refresh` apart and placed by a hash of the
-/// clientId, so a proplet is refreshed once per `refresh` (the recorded value is never older) and the fleet's
+/// clientId, so a proplet is refreshed once per `refresh` (the recorded value is never older; a transition
+/// written just before the slot is refreshed at it all the same) and the fleet's
 /// refreshes are spread evenly over the period whenever the proplets were written. Refreshed `refresh` after
 /// their last write instead, proplets written together (an operator start, a shard's share moved at once)
 /// refreshed together for ever: one write per proplet in one burst (10,000 at 10,000 proplets), in which
