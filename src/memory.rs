@@ -261,8 +261,9 @@ impl WriteTimes {
 /// retry); it takes the written object instead. Records stay for [`OwnWrites::FRESH_FOR`] even once the
 /// watch has caught up: a reconcile may hold a copy taken from the cache just before. Each is held as its
 /// compact JSON (smaller than a `serde_json::Value` tree of it) and forgotten by
-/// [`OwnWrites::forget_stale`] soon after, even when no write follows: a wave of `lastSeen` refreshes
-/// every few minutes would otherwise leave thousands of objects in memory until the next one.
+/// [`OwnWrites::forget_stale`] soon after, even when no write follows: a wave of writes (a fleet's
+/// phases written at start-up, a shard's share arriving at once) would otherwise leave thousands of
+/// objects in memory until the next write.
 pub struct OwnWrites {
     inner: Mutex<Records>,
     fresh_for: Duration,
