@@ -547,6 +547,13 @@ async fn a_recurring_task_runs_at_every_tick() -> anyhow::Result<()> {
 async fn a_tick_during_a_run_is_skipped() -> anyhow::Result<()> {
     let mut env = Env::start("overlap", &[]).await?;
     let sim = worker(&mut env, |c| c.faults.task_delay = Duration::from_secs(60)).await?;
+    // Created in a minute's last seconds, the task would meet a real tick before the test sees it wait.
+    // Moving the clock instead would not do: the first tick is the one after the Task's creation, which
+    // the API server stamps in real time.
+    let into_minute = env.clock.now().as_second().rem_euclid(60).unsigned_abs();
+    if into_minute >= 45 {
+        tokio::time::sleep(Duration::from_secs(62 - into_minute)).await;
+    }
     env.create::<Task>(
         json!({"metadata": {"name": "slow"}, "spec": add("slow", json!({
         "inputs": [1, 2], "schedule": "* * * * *", "isRecurring": true}))}),
