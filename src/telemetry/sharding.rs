@@ -23,6 +23,9 @@ pub struct ShardMetrics {
     pub claims_total: IntCounterVec,
     /// Lease acquisitions, renewals, losses and fencings.
     pub lease_total: IntCounterVec,
+    /// What the leader reads to keep its view of the fleet beside its two selected watches: full-list
+    /// pages, and Proplets read again because the view could not tell their state.
+    pub fleet_reads_total: IntCounterVec,
 }
 
 impl ShardMetrics {
@@ -78,6 +81,13 @@ impl ShardMetrics {
                 ),
                 &["lease", "event"],
             )?,
+            fleet_reads_total: IntCounterVec::new(
+                Opts::new(
+                    "propeller_shard_fleet_reads_total",
+                    "The leader's reads for its view of the fleet, by kind (list_page, reread)",
+                ),
+                &["kind"],
+            )?,
         };
         registry.register(Box::new(m.leader.clone()))?;
         registry.register(Box::new(m.ring_members.clone()))?;
@@ -90,6 +100,7 @@ impl ShardMetrics {
         registry.register(Box::new(m.unowned.clone()))?;
         registry.register(Box::new(m.claims_total.clone()))?;
         registry.register(Box::new(m.lease_total.clone()))?;
+        registry.register(Box::new(m.fleet_reads_total.clone()))?;
         Ok(m)
     }
 

@@ -1,20 +1,14 @@
-//! The leader's view of the whole fleet, for placement: of each Proplet only what the plan reads
-//! ([`Placed`]). Its watch reads objects straight into that form ([`FleetProplet`] skips status, managed
-//! fields and the rest of the spec while parsing), so the leader never holds a full Proplet it does not
-//! own: a kept copy of each (even without status) cost it about 3 KiB per proplet, a third of its memory
-//! at 10,000 proplets.
-//!
-//! [`Fleet`] also tells whether what the plan reads changed: most events are lastSeen refreshes, which
-//! change nothing placement reads, and planning the whole fleet on each of them cost the leader a third
-//! of its CPU at 5,000 proplets.
+//! What the leader reads of each Proplet, for placement ([`Placed`]). Its lists and watches read objects
+//! straight into that form ([`FleetProplet`] skips status, managed fields and the rest of the spec while
+//! parsing), so the leader never holds a full Proplet it does not own: a kept copy of each (even without
+//! status) cost it about 3 KiB per proplet, a third of its memory at 10,000 proplets. The view made of them
+//! is [`super::view::Fleet`].
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::core::NamespaceResourceScope;
-use kube::runtime::watcher::Event;
 use serde::Deserialize;
 
 use crate::api::proplet::Proplet;
@@ -152,7 +146,7 @@ impl Placed {
         Placed::new(&p.metadata, cc.client(), cc.domain(), &cc.channel_id)
     }
 
-    fn from_wire(p: &FleetProplet) -> Placed {
+    pub fn from_wire(p: &FleetProplet) -> Placed {
         let cc = &p.spec.connection_config;
         Placed::new(
             &p.metadata,
@@ -193,7 +187,7 @@ impl Placed {
     }
 
     /// Whether the plan reads anything different in `other` (the resourceVersion aside).
-    fn plans_like(&self, other: &Placed) -> bool {
+    pub fn plans_like(&self, other: &Placed) -> bool {
         fn inputs(p: &Placed) -> impl PartialEq + '_ {
             (
                 (&p.name, &p.namespace, &p.key, &p.channel),
@@ -202,62 +196,6 @@ impl Placed {
             )
         }
         inputs(self) == inputs(other)
-    }
-}
-
-type Key = (String, String);
-
-/// Every Proplet the leader's watch holds, as [`Placed`].
-#[derive(Default)]
-pub struct Fleet {
-    proplets: HashMap<Key, Arc<Placed>>,
-    /// Filled during a relist, swapped in when it is done: the Proplets it does not hold were deleted
-    /// while the watch was away.
-    relisted: Option<HashMap<Key, Arc<Placed>>>,
-}
-
-fn key_of(p: &Placed) -> Key {
-    (p.namespace.clone(), p.name.clone())
-}
-
-impl Fleet {
-    /// Takes one watch event; true when something the plan reads changed.
-    pub fn apply(&mut self, ev: Event<FleetProplet>) -> bool {
-        match ev {
-            Event::Apply(p) => {
-                let now = Arc::new(Placed::from_wire(&p));
-                match self.proplets.insert(key_of(&now), Arc::clone(&now)) {
-                    Some(was) => !was.plans_like(&now),
-                    None => true,
-                }
-            }
-            Event::Delete(p) => {
-                self.proplets.remove(&key_of(&Placed::from_wire(&p)));
-                true
-            }
-            Event::Init => {
-                self.relisted = Some(HashMap::new());
-                false
-            }
-            Event::InitApply(p) => {
-                let now = Placed::from_wire(&p);
-                if let Some(r) = self.relisted.as_mut() {
-                    r.insert(key_of(&now), Arc::new(now));
-                }
-                false
-            }
-            Event::InitDone => {
-                if let Some(r) = self.relisted.take() {
-                    self.proplets = r;
-                }
-                // A relist may hide any change: plan once on the new list.
-                true
-            }
-        }
-    }
-
-    pub fn snapshot(&self) -> Vec<Arc<Placed>> {
-        self.proplets.values().cloned().collect()
     }
 }
 
@@ -353,62 +291,6 @@ mod tests {
         assert_eq!(
             Placed::of(&p).object().metadata.labels,
             Some(BTreeMap::new())
-        );
-    }
-
-    #[test]
-    fn only_what_the_plan_reads_counts_as_a_change() {
-        let mut fleet = Fleet::default();
-        let p = proplet("a", "shard-0");
-        assert!(fleet.apply(Event::Apply(wire(&p))), "first sight");
-        let mut refreshed = p.clone();
-        refreshed.metadata.resource_version = Some("2".into());
-        refreshed.metadata.annotations = Some([("x".to_string(), "y".to_string())].into());
-        refreshed.status = Some(Default::default());
-        assert!(
-            !fleet.apply(Event::Apply(wire(&refreshed))),
-            "a status refresh"
-        );
-        assert_eq!(
-            fleet.snapshot()[0].resource_version.as_deref(),
-            Some("2"),
-            "the newest version is kept for guarded writes"
-        );
-        let moved = proplet("a", "shard-1");
-        assert!(fleet.apply(Event::Apply(wire(&moved))), "relabelled");
-        let mut draining = moved.clone();
-        draining
-            .labels_mut()
-            .insert(DRAIN_LABEL.into(), "shard-2".into());
-        assert!(fleet.apply(Event::Apply(wire(&draining))), "a drain");
-        let mut rechanneled = moved.clone();
-        rechanneled.spec.connection_config.channel_id = "d".into();
-        assert!(
-            fleet.apply(Event::Apply(wire(&rechanneled))),
-            "another channel"
-        );
-        assert!(fleet.apply(Event::Delete(wire(&moved))), "deleted");
-        assert!(fleet.snapshot().is_empty());
-    }
-
-    #[test]
-    fn a_relist_plans_once_and_forgets_what_it_no_longer_holds() {
-        let mut fleet = Fleet::default();
-        fleet.apply(Event::Apply(wire(&proplet("a", "s"))));
-        fleet.apply(Event::Apply(wire(&proplet("b", "s"))));
-        assert!(!fleet.apply(Event::Init));
-        assert!(!fleet.apply(Event::InitApply(wire(&proplet("a", "s")))));
-        assert_eq!(fleet.snapshot().len(), 2, "the old view holds until done");
-        assert!(fleet.apply(Event::InitDone));
-        assert_eq!(
-            fleet.snapshot().len(),
-            1,
-            "b was deleted while the watch was away"
-        );
-        assert!(!fleet.apply(Event::Apply(wire(&proplet("a", "s")))));
-        assert!(
-            fleet.apply(Event::Apply(wire(&proplet("b", "s")))),
-            "b is new again"
         );
     }
 }

@@ -47,6 +47,26 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
+    patch_meta_answer(client, metrics, obj, labels, annotations, guard)
+        .await
+        .map(|written| written.is_some())
+}
+
+/// [`patch_meta`], returning the object as the API server wrote it (`None`: the guard did not hold).
+pub async fn patch_meta_answer<K>(
+    client: &Client,
+    metrics: &Metrics,
+    obj: &K,
+    labels: &[(&str, Option<&str>)],
+    annotations: &[(&str, Option<&str>)],
+    guard: Guard<'_>,
+) -> Result<Option<K>>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let ns = obj
         .namespace()
         .ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
@@ -96,13 +116,13 @@ where
         )
         .await
     {
-        Ok(_) => {
+        Ok(written) => {
             metrics.api_write(&K::plural(&()), "patch");
-            Ok(true)
+            Ok(Some(written))
         }
         Err(e) => match conflict(e) {
-            Error::Conflict(_) => Ok(false),
-            Error::Kube(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Error::Conflict(_) => Ok(None),
+            Error::Kube(kube::Error::Api(s)) if s.code == 404 => Ok(None),
             other => Err(other),
         },
     }

@@ -8,3 +8,4 @@ pub mod labels;
 pub mod plan;
 pub mod sharder;
 pub mod takeover;
+pub mod view;

@@ -47,6 +47,17 @@ pub enum Step {
     CancelDrain { proplet: Arc<Placed> },
 }
 
+impl Step {
+    /// The Proplet the step writes.
+    pub fn proplet(&self) -> &Placed {
+        match self {
+            Step::Assign { proplet, .. }
+            | Step::Drain { proplet, .. }
+            | Step::CancelDrain { proplet } => proplet,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Plan {
     pub steps: Vec<Step>,

@@ -1,7 +1,8 @@
-//! The leader's sharder: it keeps a [`Fleet`] of every Proplet (only while leading), and applies
-//! [`super::plan`] when the ring or what the plan reads of a Proplet changed (at most twice a retry period,
-//! and every [`RESYNC`] regardless): labels new Proplets, reassigns those of dead or released shards together
-//! with their Tasks, and starts or cancels drains of live shards' Proplets.
+//! The leader's sharder: it keeps a [`Fleet`] view of every Proplet (only while leading; see
+//! [`super::view`] for how it is kept without hearing every status refresh), and applies [`super::plan`]
+//! when the ring or what the plan reads of a Proplet changed (at most twice a retry period, and every
+//! [`RESYNC`] regardless): labels new Proplets, reassigns those of dead or released shards together with
+//! their Tasks, and starts or cancels drains of live shards' Proplets.
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,11 +13,12 @@ use kube::Api;
 use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::fleet::{Fleet, FleetProplet, Placed};
-use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
+use super::fleet::{FleetProplet, Placed};
+use super::labels::{Guard, WRITES_AT_ONCE, patch_meta, patch_meta_answer};
 use super::plan::{MoveKind, Step, plan};
+use super::view::{Fleet, Key, Narrow, key_of};
 use crate::api::task::Task;
 use crate::context::Context;
 use crate::controllers::runtime::Shutdown;
@@ -26,6 +28,17 @@ use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL, own_selector}
 
 /// A round even when nothing the plan reads was seen to change: a safety net, not the way changes arrive.
 const RESYNC: Duration = Duration::from_secs(30);
+
+/// How often the whole fleet is listed again. Between lists the view hears only Proplets with no shard or
+/// moving; a list catches what it cannot hear (a settled Proplet deleted or given another clientId),
+/// which only weighs on the ring's balance, never on who owns what.
+const FULL_LIST: Duration = Duration::from_secs(600);
+
+/// Objects per page of a full list.
+const PAGE: u32 = 500;
+
+/// Proplets read again at once when the view is unsure of them.
+const READS_AT_ONCE: usize = 16;
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -45,30 +58,16 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             Api::namespaced(ctx.client.clone(), &ctx.config.watch_namespace)
         };
         let fleet = Arc::new(Mutex::new(Fleet::default()));
-        let listed = Arc::new(AtomicBool::new(false));
-        // Consumed on its own task: a round writing thousands of labels must not leave the watch unread
-        // (the API server would drop it as too slow, and the next round would plan on a stale cache).
-        let seen = Arc::clone(&listed);
         let dirty = Arc::new(AtomicBool::new(true));
-        let changed = Arc::clone(&dirty);
-        let held = Arc::clone(&fleet);
-        let watch = tokio::spawn(
-            watcher(api, watcher::Config::default())
-                .backoff(crate::controllers::runtime::watch_backoff())
-                .for_each(move |ev| {
-                    if let Ok(ev) = ev {
-                        let done = matches!(ev, watcher::Event::InitDone);
-                        if held.lock().is_ok_and(|mut f| f.apply(ev)) {
-                            changed.store(true, Ordering::SeqCst);
-                        }
-                        if done {
-                            seen.store(true, Ordering::SeqCst);
-                        }
-                    }
-                    futures::future::ready(())
-                }),
-        );
-        let _stop_watch = AbortOnDrop(watch);
+        // Consumed on their own tasks: a round writing thousands of labels must not leave a watch unread
+        // (the API server would drop it as too slow).
+        let mut watches = Vec::new();
+        let mut listening = Vec::new();
+        for narrow in Narrow::ALL {
+            let (watch, ready) = hear(&api, narrow, &fleet, &dirty);
+            watches.push(AbortOnDrop(watch));
+            listening.push(ready);
+        }
         let mut orphaned: BTreeSet<String> = BTreeSet::new();
         let mut fenced = Fenced::default();
         let mut every = tokio::time::interval(period / 2);
@@ -76,6 +75,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
         // Another round is due even with no change seen: the last one planned steps or failed.
         let mut again = true;
         let mut last_round = tokio::time::Instant::now();
+        let mut last_list: Option<tokio::time::Instant> = None;
         loop {
             let ring_changed = tokio::select! {
                 _ = every.tick() => false,
@@ -88,7 +88,32 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
                 } => true,
                 _ = &mut shutdown => return,
             };
-            if !ctx.ownership.is_leader() || !listed.load(Ordering::SeqCst) {
+            if !ctx.ownership.is_leader() {
+                // Leading again later, it lists afresh: nothing was kept of what happened meanwhile.
+                last_list = None;
+                continue;
+            }
+            // The full list is read after both watches listed: no change between is missed.
+            if !listening.iter().all(|r| r.load(Ordering::SeqCst)) {
+                continue;
+            }
+            if last_list.is_none_or(|l| l.elapsed() >= FULL_LIST) {
+                match list_all(&ctx, &api).await {
+                    Ok((items, at)) => {
+                        if let Ok(mut f) = fleet.lock() {
+                            f.listed(items, at.as_deref());
+                        }
+                        last_list = Some(tokio::time::Instant::now());
+                        dirty.store(true, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "listing the fleet failed; retrying");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = reread(&ctx, &fleet).await {
+                warn!(error = %e, "reading proplets again failed; retrying");
                 continue;
             }
             let due = dirty.swap(false, Ordering::SeqCst)
@@ -104,7 +129,7 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
                 Ok(f) => f.snapshot(),
                 Err(_) => return,
             };
-            again = match round(&ctx, &proplets, &mut orphaned, &mut fenced).await {
+            again = match round(&ctx, &proplets, &fleet, &mut orphaned, &mut fenced).await {
                 Ok(planned) => planned,
                 Err(e) => {
                     warn!(error = %e, "sharding round failed; retrying");
@@ -113,6 +138,96 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
             };
         }
     })
+}
+
+/// Starts one label-selected watch feeding the view; the flag is set once it has listed.
+fn hear(
+    api: &Api<FleetProplet>,
+    narrow: Narrow,
+    fleet: &Arc<Mutex<Fleet>>,
+    dirty: &Arc<AtomicBool>,
+) -> (JoinHandle<()>, Arc<AtomicBool>) {
+    let ready = Arc::new(AtomicBool::new(false));
+    let (seen, held, changed) = (Arc::clone(&ready), Arc::clone(fleet), Arc::clone(dirty));
+    let config = watcher::Config::default().labels(&narrow.selector());
+    let watch = tokio::spawn(
+        watcher(api.clone(), config)
+            .backoff(crate::controllers::runtime::watch_backoff())
+            .for_each(move |ev| {
+                if let Ok(ev) = ev {
+                    let done = matches!(ev, watcher::Event::InitDone);
+                    if held.lock().is_ok_and(|mut f| f.heard(narrow, ev)) {
+                        changed.store(true, Ordering::SeqCst);
+                    }
+                    if done {
+                        seen.store(true, Ordering::SeqCst);
+                    }
+                }
+                futures::future::ready(())
+            }),
+    );
+    (watch, ready)
+}
+
+/// Every Proplet, page by page (one consistent snapshot), with the resourceVersion it was read at.
+async fn list_all(
+    ctx: &Context,
+    api: &Api<FleetProplet>,
+) -> Result<(Vec<FleetProplet>, Option<String>)> {
+    let mut items = Vec::new();
+    let mut at = None;
+    let mut next: Option<String> = None;
+    loop {
+        let mut params = ListParams::default().limit(PAGE);
+        if let Some(token) = &next {
+            params = params.continue_token(token);
+        }
+        let page = api.list(&params).await?;
+        ctx.metrics
+            .shards
+            .fleet_reads_total
+            .with_label_values(&["list_page"])
+            .inc();
+        at = at.or(page.metadata.resource_version);
+        items.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => next = Some(token),
+            _ => return Ok((items, at)),
+        }
+    }
+}
+
+/// Reads again the Proplets the view is unsure of.
+async fn reread(ctx: &Context, fleet: &Mutex<Fleet>) -> Result<()> {
+    let unsure = match fleet.lock() {
+        Ok(f) => f.unsure(),
+        Err(_) => return Ok(()),
+    };
+    if unsure.is_empty() {
+        return Ok(());
+    }
+    debug!(proplets = unsure.len(), "reading proplets again");
+    ctx.metrics
+        .shards
+        .fleet_reads_total
+        .with_label_values(&["reread"])
+        .inc_by(unsure.len() as u64);
+    let read: Vec<(Key, Result<Option<FleetProplet>>)> = futures::stream::iter(unsure)
+        .map(|key| async move {
+            let api: Api<FleetProplet> = Api::namespaced(ctx.client.clone(), &key.0);
+            let now = api.get_opt(&key.1).await.map_err(Into::into);
+            (key, now)
+        })
+        .buffer_unordered(READS_AT_ONCE)
+        .collect()
+        .await;
+    for (key, now) in read {
+        let now = now?;
+        if let Ok(mut f) = fleet.lock() {
+            f.checked(&key, now.as_ref());
+        }
+    }
+    Ok(())
 }
 
 /// Aborts the task when dropped (the sharder's own watch ends with it).
@@ -148,6 +263,7 @@ impl Fenced {
 async fn round(
     ctx: &Context,
     proplets: &[Arc<Placed>],
+    fleet: &Mutex<Fleet>,
     orphaned: &mut BTreeSet<String>,
     fenced: &mut Fenced,
 ) -> Result<bool> {
@@ -181,16 +297,27 @@ async fn round(
     let mut draining = p.drains_in_flight;
     // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
     // Proplets move at the API server's pace, not at that of the slowest write of each batch).
-    let applied: Vec<(Step, Result<bool>)> = futures::stream::iter(p.steps.iter().cloned())
-        .map(|step| async move {
-            let done = apply(ctx, &step).await;
-            (step, done)
-        })
-        .buffer_unordered(WRITES_AT_ONCE)
-        .collect()
-        .await;
-    for (step, done) in applied {
-        let done = done?;
+    let applied: Vec<(Step, Result<Option<FleetProplet>>)> =
+        futures::stream::iter(p.steps.iter().cloned())
+            .map(|step| async move {
+                let done = apply(ctx, &step).await;
+                (step, done)
+            })
+            .buffer_unordered(WRITES_AT_ONCE)
+            .collect()
+            .await;
+    for (step, written) in applied {
+        let written = written?;
+        if let Ok(mut f) = fleet.lock() {
+            match &written {
+                Some(now) => {
+                    f.wrote(now);
+                }
+                // Its guard found it changed: the view's copy is stale.
+                None => f.doubt(key_of(step.proplet())),
+            }
+        }
+        let done = written.is_some();
         match step {
             Step::Assign {
                 proplet,
@@ -228,8 +355,9 @@ async fn round(
     Ok(planned)
 }
 
-/// Writes one step; false when its guard no longer held (the next round looks again).
-async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
+/// Writes one step: the Proplet as written, or `None` when its guard no longer held (the next round looks
+/// again).
+async fn apply(ctx: &Context, step: &Step) -> Result<Option<FleetProplet>> {
     match step {
         Step::Assign {
             proplet, from, to, ..
@@ -242,7 +370,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
             } else {
                 Guard::Version
             };
-            patch_meta(
+            patch_meta_answer(
                 &ctx.client,
                 &ctx.metrics,
                 &proplet.object(),
@@ -258,7 +386,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
         }
         Step::Drain { proplet, to } => {
             let owner = proplet.shard.clone().unwrap_or_default();
-            patch_meta(
+            patch_meta_answer(
                 &ctx.client,
                 &ctx.metrics,
                 &proplet.object(),
@@ -270,7 +398,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<bool> {
         }
         Step::CancelDrain { proplet } => {
             let target = proplet.drain.clone().unwrap_or_default();
-            patch_meta(
+            patch_meta_answer(
                 &ctx.client,
                 &ctx.metrics,
                 &proplet.object(),

@@ -1,0 +1,377 @@
+//! The leader's view of the fleet for placement: a [`Placed`] per Proplet, kept without hearing every
+//! Proplet's every status refresh.
+//!
+//! A watch of the whole fleet brought the leader every `lastSeen` refresh of every Proplet (a third more
+//! watch events than a single replica, which made it the heaviest shard at 10,000 proplets). Placement
+//! acts only on Proplets with no shard and on those moving; the rest only weigh on the ring's bounded load
+//! and move when the ring changes. So the view is kept from:
+//! - a paged list of the whole fleet, when the replica starts leading and every [`super::sharder`]
+//!   full-list period (what no watch below sees: deletions and clientId edits of settled Proplets);
+//! - two label-selected watches ([`Narrow`]): Proplets with no shard label, and Proplets with a drain label;
+//! - the leader's own label writes (the API server's answer to each).
+//!
+//! A Proplet leaving a selected watch (assigned, handed over, deleted) arrives as a deletion carrying its
+//! previous content: the view cannot tell which, so it reads that Proplet again before the next plan
+//! ([`Fleet::unsure`]), unless the deletion is the leader's own write, whose answer it already holds.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use kube::runtime::watcher::Event;
+
+use super::fleet::{FleetProplet, Placed};
+use crate::sharding::{DRAIN_LABEL, SHARD_LABEL};
+
+/// namespace, name.
+pub type Key = (String, String);
+
+pub fn key_of(p: &Placed) -> Key {
+    (p.namespace.clone(), p.name.clone())
+}
+
+/// The label-selected watches the view hears between full lists: the Proplets placement acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Narrow {
+    /// No shard label: never assigned, or unlabelled by hand.
+    Unassigned,
+    /// A drain label: moving between live shards.
+    Draining,
+}
+
+impl Narrow {
+    pub const ALL: [Narrow; 2] = [Narrow::Unassigned, Narrow::Draining];
+
+    pub fn selector(self) -> String {
+        match self {
+            Narrow::Unassigned => format!("!{SHARD_LABEL}"),
+            Narrow::Draining => DRAIN_LABEL.to_string(),
+        }
+    }
+
+    fn holds(self, p: &Placed) -> bool {
+        match self {
+            Narrow::Unassigned => p.shard.is_none(),
+            Narrow::Draining => p.drain.is_some(),
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Narrow::Unassigned => 0,
+            Narrow::Draining => 1,
+        }
+    }
+}
+
+/// A resourceVersion as a number, to tell which of two copies is newer. Kubernetes calls them opaque;
+/// every API server stores etcd revisions in them. One that does not parse is taken as newest.
+fn version(rv: Option<&str>) -> Option<u64> {
+    rv.and_then(|v| v.parse().ok())
+}
+
+/// Whether `a` is known to be older than `b`.
+fn older(a: Option<&str>, b: Option<&str>) -> bool {
+    matches!((version(a), version(b)), (Some(a), Some(b)) if a < b)
+}
+
+#[derive(Default)]
+pub struct Fleet {
+    proplets: HashMap<Key, Arc<Placed>>,
+    /// Proplets whose state the view cannot tell (they left a selected watch), with the resourceVersion
+    /// at which they did: read again before the next plan.
+    unsure: HashMap<Key, Option<String>>,
+    /// During a selected watch's relist: the Proplets it holds so far.
+    relisting: [Option<HashSet<Key>>; 2],
+}
+
+impl Fleet {
+    /// Takes a newer copy of a Proplet; true when something the plan reads changed.
+    fn take(&mut self, now: Placed) -> bool {
+        let key = key_of(&now);
+        if self
+            .unsure
+            .get(&key)
+            .is_some_and(|at| !older(now.resource_version.as_deref(), at.as_deref()))
+        {
+            self.unsure.remove(&key);
+        }
+        match self.proplets.get(&key) {
+            Some(was)
+                if older(
+                    now.resource_version.as_deref(),
+                    was.resource_version.as_deref(),
+                ) =>
+            {
+                false
+            }
+            was => {
+                let changed = was.is_none_or(|was| !was.plans_like(&now));
+                self.proplets.insert(key, Arc::new(now));
+                changed
+            }
+        }
+    }
+
+    /// One event of a selected watch; true when something the plan reads changed (or may have).
+    pub fn heard(&mut self, from: Narrow, ev: Event<FleetProplet>) -> bool {
+        match ev {
+            Event::Apply(p) => self.take(Placed::from_wire(&p)),
+            Event::InitApply(p) => {
+                let now = Placed::from_wire(&p);
+                if let Some(seen) = self.relisting[from.index()].as_mut() {
+                    seen.insert(key_of(&now));
+                }
+                self.take(now)
+            }
+            Event::Delete(p) => {
+                let gone = Placed::from_wire(&p);
+                let key = key_of(&gone);
+                let known = self.proplets.get(&key);
+                // The leader's own write, whose answer is already here.
+                if known.is_some_and(|k| {
+                    k.resource_version.is_some() && k.resource_version == gone.resource_version
+                }) {
+                    return false;
+                }
+                self.unsure.insert(key, gone.resource_version);
+                true
+            }
+            Event::Init => {
+                self.relisting[from.index()] = Some(HashSet::new());
+                false
+            }
+            Event::InitDone => {
+                // What left the selection while the watch was away is in no event of the relist.
+                if let Some(seen) = self.relisting[from.index()].take() {
+                    for (key, p) in &self.proplets {
+                        if from.holds(p) && !seen.contains(key) {
+                            self.unsure.entry(key.clone()).or_insert(None);
+                        }
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// A full list, read at resourceVersion `at`: it replaces the view, except for what the view heard
+    /// of after it.
+    pub fn listed(&mut self, items: Vec<FleetProplet>, at: Option<&str>) {
+        let mut old = std::mem::take(&mut self.proplets);
+        for p in &items {
+            let now = Placed::from_wire(p);
+            let key = key_of(&now);
+            match old.remove(&key) {
+                Some(was)
+                    if older(
+                        now.resource_version.as_deref(),
+                        was.resource_version.as_deref(),
+                    ) =>
+                {
+                    self.proplets.insert(key, was)
+                }
+                _ => self.proplets.insert(key, Arc::new(now)),
+            };
+        }
+        // Not in the list: deleted before it, or created after it.
+        for (key, was) in old {
+            if older(at, was.resource_version.as_deref()) {
+                self.proplets.insert(key, was);
+            }
+        }
+        // A doubt from before the list is settled by it.
+        self.unsure
+            .retain(|_, since| since.is_none() || older(at, since.as_deref()));
+    }
+
+    /// The API server's answer to one of the leader's writes.
+    pub fn wrote(&mut self, p: &FleetProplet) -> bool {
+        self.take(Placed::from_wire(p))
+    }
+
+    /// A Proplet whose copy here may be stale (a guarded write found it changed).
+    pub fn doubt(&mut self, key: Key) {
+        self.unsure.entry(key).or_insert(None);
+    }
+
+    /// The Proplets to read again before the next plan.
+    pub fn unsure(&self) -> Vec<Key> {
+        self.unsure.keys().cloned().collect()
+    }
+
+    /// What reading one again found (`None`: it is gone).
+    pub fn checked(&mut self, key: &Key, now: Option<&FleetProplet>) {
+        self.unsure.remove(key);
+        match now {
+            Some(p) => {
+                self.take(Placed::from_wire(p));
+            }
+            None => {
+                self.proplets.remove(key);
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<Placed>> {
+        self.proplets.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::ResourceExt;
+
+    use super::*;
+    use crate::api::proplet::{Proplet, PropletSpec};
+
+    fn proplet(name: &str, rv: u64, labels: &[(&str, &str)]) -> FleetProplet {
+        let spec: PropletSpec = serde_json::from_value(serde_json::json!({
+            "type": "external",
+            "connectionConfig": {"clientId": format!("client-{name}"), "domainId": "d", "channelId": "c", "mqttAddress": "tcp://m:1883"}
+        }))
+        .expect("spec");
+        let mut p = Proplet::new(name, spec);
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.resource_version = Some(rv.to_string());
+        for (k, v) in labels {
+            p.labels_mut().insert(k.to_string(), v.to_string());
+        }
+        serde_json::from_value(serde_json::to_value(&p).expect("json")).expect("parses")
+    }
+
+    fn key(name: &str) -> Key {
+        ("ns".into(), name.into())
+    }
+
+    fn shard_of(fleet: &Fleet, name: &str) -> Option<String> {
+        fleet
+            .snapshot()
+            .into_iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.shard.clone())
+    }
+
+    #[test]
+    fn a_new_proplet_assigned_by_the_leader_needs_no_second_read() {
+        let mut fleet = Fleet::default();
+        fleet.listed(
+            vec![proplet("settled", 3, &[(SHARD_LABEL, "a")])],
+            Some("5"),
+        );
+        assert!(fleet.heard(Narrow::Unassigned, Event::Apply(proplet("new", 6, &[]))));
+        // The answer to the leader's label write, then the watch's deletion (the old content, the write's
+        // version): the view already knows.
+        assert!(fleet.wrote(&proplet("new", 7, &[(SHARD_LABEL, "b")])));
+        assert!(!fleet.heard(Narrow::Unassigned, Event::Delete(proplet("new", 7, &[]))));
+        assert!(fleet.unsure().is_empty());
+        assert_eq!(shard_of(&fleet, "new").as_deref(), Some("b"));
+        // The same two the other way round: the doubt the deletion raises is settled by the answer.
+        fleet.heard(Narrow::Unassigned, Event::Apply(proplet("other", 8, &[])));
+        assert!(fleet.heard(Narrow::Unassigned, Event::Delete(proplet("other", 9, &[]))));
+        assert_eq!(fleet.unsure(), vec![key("other")]);
+        fleet.wrote(&proplet("other", 9, &[(SHARD_LABEL, "a")]));
+        assert!(fleet.unsure().is_empty());
+        assert_eq!(fleet.snapshot().len(), 3);
+    }
+
+    #[test]
+    fn leaving_a_watch_for_another_reason_is_read_again() {
+        let mut fleet = Fleet::default();
+        let draining = [(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")];
+        fleet.listed(vec![proplet("p", 3, &draining)], Some("3"));
+        // Handed over by its old owner (or deleted): the deletion says neither.
+        assert!(fleet.heard(Narrow::Draining, Event::Delete(proplet("p", 9, &draining))));
+        assert_eq!(fleet.unsure(), vec![key("p")]);
+        fleet.checked(&key("p"), Some(&proplet("p", 9, &[(SHARD_LABEL, "b")])));
+        assert!(fleet.unsure().is_empty());
+        assert_eq!(shard_of(&fleet, "p").as_deref(), Some("b"));
+        fleet.heard(Narrow::Draining, Event::Delete(proplet("p", 12, &draining)));
+        fleet.checked(&key("p"), None);
+        assert!(fleet.snapshot().is_empty(), "gone");
+    }
+
+    #[test]
+    fn an_older_copy_never_replaces_a_newer_one() {
+        let mut fleet = Fleet::default();
+        fleet.wrote(&proplet("p", 10, &[(SHARD_LABEL, "b")]));
+        assert!(!fleet.heard(Narrow::Unassigned, Event::Apply(proplet("p", 9, &[]))));
+        assert_eq!(shard_of(&fleet, "p").as_deref(), Some("b"));
+        // A list read before the write does not undo it either.
+        fleet.listed(vec![proplet("p", 8, &[])], Some("8"));
+        assert_eq!(shard_of(&fleet, "p").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_list_forgets_what_was_deleted_before_it_and_keeps_what_came_after() {
+        let mut fleet = Fleet::default();
+        fleet.listed(
+            vec![
+                proplet("deleted", 2, &[(SHARD_LABEL, "a")]),
+                proplet("stays", 3, &[(SHARD_LABEL, "a")]),
+            ],
+            Some("3"),
+        );
+        fleet.heard(Narrow::Unassigned, Event::Apply(proplet("newer", 20, &[])));
+        fleet.heard(Narrow::Unassigned, Event::Delete(proplet("early", 5, &[])));
+        fleet.heard(Narrow::Unassigned, Event::Delete(proplet("late", 25, &[])));
+        fleet.listed(vec![proplet("stays", 4, &[(SHARD_LABEL, "a")])], Some("10"));
+        let mut names: Vec<_> = fleet.snapshot().iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["newer", "stays"]);
+        assert_eq!(
+            fleet.unsure(),
+            vec![key("late")],
+            "a doubt raised after the list stays"
+        );
+    }
+
+    #[test]
+    fn a_relisted_watch_doubts_what_left_it_while_away() {
+        let mut fleet = Fleet::default();
+        fleet.heard(Narrow::Unassigned, Event::Apply(proplet("a", 2, &[])));
+        fleet.heard(Narrow::Unassigned, Event::Apply(proplet("b", 3, &[])));
+        fleet.wrote(&proplet("c", 4, &[(SHARD_LABEL, "x")]));
+        assert!(!fleet.heard(Narrow::Unassigned, Event::Init));
+        fleet.heard(Narrow::Unassigned, Event::InitApply(proplet("a", 2, &[])));
+        // The other watch's relist does not count.
+        fleet.heard(Narrow::Draining, Event::Init);
+        fleet.heard(Narrow::Draining, Event::InitDone);
+        assert!(fleet.unsure().is_empty());
+        assert!(fleet.heard(Narrow::Unassigned, Event::InitDone));
+        assert_eq!(
+            fleet.unsure(),
+            vec![key("b")],
+            "c is assigned: not this watch's"
+        );
+    }
+
+    #[test]
+    fn only_what_the_plan_reads_counts_as_a_change() {
+        let mut fleet = Fleet::default();
+        let draining = [(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")];
+        assert!(fleet.heard(Narrow::Draining, Event::Apply(proplet("p", 2, &draining))));
+        // A status refresh: only its resourceVersion differs in what the view parses.
+        assert!(!fleet.heard(Narrow::Draining, Event::Apply(proplet("p", 3, &draining))));
+        assert_eq!(
+            fleet.snapshot()[0].resource_version.as_deref(),
+            Some("3"),
+            "the newest version is kept for guarded writes"
+        );
+        let ready = [
+            (SHARD_LABEL, "a"),
+            (DRAIN_LABEL, "b"),
+            (crate::sharding::DRAIN_READY_LABEL, "true"),
+        ];
+        assert!(fleet.heard(Narrow::Draining, Event::Apply(proplet("p", 4, &ready))));
+    }
+
+    #[test]
+    fn a_refused_write_is_read_again() {
+        let mut fleet = Fleet::default();
+        fleet.listed(vec![proplet("p", 3, &[(SHARD_LABEL, "a")])], Some("3"));
+        fleet.doubt(key("p"));
+        assert_eq!(fleet.unsure(), vec![key("p")]);
+        fleet.checked(&key("p"), Some(&proplet("p", 3, &[(SHARD_LABEL, "a")])));
+        assert!(fleet.unsure().is_empty());
+        assert_eq!(fleet.snapshot().len(), 1);
+    }
+}
