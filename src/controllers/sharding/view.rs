@@ -155,10 +155,9 @@ impl Fleet {
 
     /// A full list, read at resourceVersion `at`: it replaces the view, except for what the view heard
     /// of after it.
-    pub fn listed(&mut self, items: Vec<FleetProplet>, at: Option<&str>) {
+    pub fn listed(&mut self, items: Vec<Placed>, at: Option<&str>) {
         let mut old = std::mem::take(&mut self.proplets);
-        for p in &items {
-            let now = Placed::from_wire(p);
+        for now in items {
             let key = key_of(&now);
             match old.remove(&key) {
                 Some(was)
@@ -238,6 +237,10 @@ mod tests {
         serde_json::from_value(serde_json::to_value(&p).expect("json")).expect("parses")
     }
 
+    fn placed(items: Vec<FleetProplet>) -> Vec<Placed> {
+        items.iter().map(Placed::from_wire).collect()
+    }
+
     fn key(name: &str) -> Key {
         ("ns".into(), name.into())
     }
@@ -254,7 +257,7 @@ mod tests {
     fn a_new_proplet_assigned_by_the_leader_needs_no_second_read() {
         let mut fleet = Fleet::default();
         fleet.listed(
-            vec![proplet("settled", 3, &[(SHARD_LABEL, "a")])],
+            placed(vec![proplet("settled", 3, &[(SHARD_LABEL, "a")])]),
             Some("5"),
         );
         assert!(fleet.heard(Narrow::Unassigned, Event::Apply(proplet("new", 6, &[]))));
@@ -277,7 +280,7 @@ mod tests {
     fn leaving_a_watch_for_another_reason_is_read_again() {
         let mut fleet = Fleet::default();
         let draining = [(SHARD_LABEL, "a"), (DRAIN_LABEL, "b")];
-        fleet.listed(vec![proplet("p", 3, &draining)], Some("3"));
+        fleet.listed(placed(vec![proplet("p", 3, &draining)]), Some("3"));
         // Handed over by its old owner (or deleted): the deletion says neither.
         assert!(fleet.heard(Narrow::Draining, Event::Delete(proplet("p", 9, &draining))));
         assert_eq!(fleet.unsure(), vec![key("p")]);
@@ -296,7 +299,7 @@ mod tests {
         assert!(!fleet.heard(Narrow::Unassigned, Event::Apply(proplet("p", 9, &[]))));
         assert_eq!(shard_of(&fleet, "p").as_deref(), Some("b"));
         // A list read before the write does not undo it either.
-        fleet.listed(vec![proplet("p", 8, &[])], Some("8"));
+        fleet.listed(placed(vec![proplet("p", 8, &[])]), Some("8"));
         assert_eq!(shard_of(&fleet, "p").as_deref(), Some("b"));
     }
 
@@ -304,16 +307,19 @@ mod tests {
     fn a_list_forgets_what_was_deleted_before_it_and_keeps_what_came_after() {
         let mut fleet = Fleet::default();
         fleet.listed(
-            vec![
+            placed(vec![
                 proplet("deleted", 2, &[(SHARD_LABEL, "a")]),
                 proplet("stays", 3, &[(SHARD_LABEL, "a")]),
-            ],
+            ]),
             Some("3"),
         );
         fleet.heard(Narrow::Unassigned, Event::Apply(proplet("newer", 20, &[])));
         fleet.heard(Narrow::Unassigned, Event::Delete(proplet("early", 5, &[])));
         fleet.heard(Narrow::Unassigned, Event::Delete(proplet("late", 25, &[])));
-        fleet.listed(vec![proplet("stays", 4, &[(SHARD_LABEL, "a")])], Some("10"));
+        fleet.listed(
+            placed(vec![proplet("stays", 4, &[(SHARD_LABEL, "a")])]),
+            Some("10"),
+        );
         let mut names: Vec<_> = fleet.snapshot().iter().map(|p| p.name.clone()).collect();
         names.sort();
         assert_eq!(names, ["newer", "stays"]);
@@ -367,7 +373,10 @@ mod tests {
     #[test]
     fn a_refused_write_is_read_again() {
         let mut fleet = Fleet::default();
-        fleet.listed(vec![proplet("p", 3, &[(SHARD_LABEL, "a")])], Some("3"));
+        fleet.listed(
+            placed(vec![proplet("p", 3, &[(SHARD_LABEL, "a")])]),
+            Some("3"),
+        );
         fleet.doubt(key("p"));
         assert_eq!(fleet.unsure(), vec![key("p")]);
         fleet.checked(&key("p"), Some(&proplet("p", 3, &[(SHARD_LABEL, "a")])));
