@@ -313,10 +313,55 @@ async fn three_shards_split_the_proplets_and_start_every_task_once() -> anyhow::
         }
     }
     not_owned_heartbeats_are_dropped_on_intake(&env, &clients).await?;
+    the_leader_places_what_it_hears_of_between_lists(&env, &clients).await?;
     for s in sims {
         s.shutdown().await;
     }
     env.finish().await
+}
+
+/// The leader lists the fleet only now and then; in between it hears of Proplets with no shard label
+/// (docs/sharding.md, What each replica watches). One unlabelled by hand, and one deleted while settled and
+/// created again under its name, are placed again at once.
+async fn the_leader_places_what_it_hears_of_between_lists(
+    env: &Env,
+    clients: &[String],
+) -> anyhow::Result<()> {
+    let unlabel = json!({"metadata": {"labels": {SHARD_LABEL: null}}});
+    env.proplets()
+        .patch(
+            "p0",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&unlabel),
+        )
+        .await?;
+    let p1 = env.proplets().get("p1").await?;
+    let client = p1
+        .spec
+        .connection_config
+        .client()
+        .unwrap_or_default()
+        .to_string();
+    env.proplets()
+        .delete("p1", &kube::api::DeleteParams::default())
+        .await?;
+    propeller_operator::testbed::wait_for(env.cluster, "p1 deleted", WAIT, || async {
+        matches!(env.proplets().get_opt("p1").await, Ok(None)).then_some(())
+    })
+    .await?;
+    env.external_proplet("p1", &client, json!({})).await?;
+    settled(env, clients).await?;
+    let lead = leader(env).await?.and_then(|i| env.operator(i));
+    let lists = lead.map_or(0, |o| {
+        o.context()
+            .metrics
+            .shards
+            .fleet_reads_total
+            .with_label_values(&["list_page"])
+            .get()
+    });
+    anyhow::ensure!(lists >= 1, "the leader listed the fleet ({lists} pages)");
+    Ok(())
 }
 
 /// All the proplets share one channel, so every shard hears every heartbeat: another shard's are dropped and

@@ -298,19 +298,26 @@ async fn round(
     let mut draining = p.drains_in_flight;
     // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
     // Proplets move at the API server's pace, not at that of the slowest write of each batch).
-    let applied: Vec<(Step, Result<Option<FleetProplet>>)> =
-        futures::stream::iter(p.steps.iter().cloned())
-            .map(|step| async move {
-                let done = apply(ctx, &step).await;
-                (step, done)
-            })
-            .buffer_unordered(WRITES_AT_ONCE)
-            .collect()
-            .await;
-    for (step, written) in applied {
-        let written = written?;
+    // Each answer is taken as it comes: held until the last write of a 10,000-proplet round, they were the
+    // leader's peak of memory (which its allocator keeps).
+    let mut answers = futures::stream::iter(p.steps.iter().cloned())
+        .map(|step| async move {
+            let done = apply(ctx, &step).await;
+            (step, done)
+        })
+        .buffer_unordered(WRITES_AT_ONCE);
+    let mut failed = None;
+    while let Some((step, written)) = answers.next().await {
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                failed.get_or_insert(e);
+                continue;
+            }
+        };
+        let done = written.is_some();
         if let Ok(mut f) = fleet.lock() {
-            match &written {
+            match written {
                 Some(now) => {
                     f.wrote(now);
                 }
@@ -318,7 +325,6 @@ async fn round(
                 None => f.doubt(key_of(step.proplet())),
             }
         }
-        let done = written.is_some();
         match step {
             Step::Assign {
                 proplet,
@@ -343,6 +349,9 @@ async fn round(
             _ => {}
         }
     }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     ctx.metrics.shards.drains_in_flight.set(draining as i64);
     let live: BTreeSet<String> = ctx.ownership.members().into_iter().collect();
     for shard in orphaned.clone() {
@@ -356,10 +365,10 @@ async fn round(
     Ok(planned)
 }
 
-/// Writes one step: the Proplet as written, or `None` when its guard no longer held (the next round looks
-/// again).
-async fn apply(ctx: &Context, step: &Step) -> Result<Option<FleetProplet>> {
-    match step {
+/// Writes one step: what placement reads of the Proplet as written, or `None` when its guard no longer held
+/// (the next round looks again).
+async fn apply(ctx: &Context, step: &Step) -> Result<Option<Placed>> {
+    let written = match step {
         Step::Assign {
             proplet, from, to, ..
         } => {
@@ -409,7 +418,8 @@ async fn apply(ctx: &Context, step: &Step) -> Result<Option<FleetProplet>> {
             )
             .await
         }
-    }
+    }?;
+    Ok(written.map(|p| Placed::from_wire(&p)))
 }
 
 /// Relabels the Tasks of a gone shard: those on a proplet follow it; the others go back to be claimed.

@@ -183,8 +183,8 @@ impl Fleet {
     }
 
     /// The API server's answer to one of the leader's writes.
-    pub fn wrote(&mut self, p: &FleetProplet) -> bool {
-        self.take(Placed::from_wire(p))
+    pub fn wrote(&mut self, p: Placed) -> bool {
+        self.take(p)
     }
 
     /// A Proplet whose copy here may be stale (a guarded write found it changed).
@@ -263,7 +263,7 @@ mod tests {
         assert!(fleet.heard(Narrow::Unassigned, Event::Apply(proplet("new", 6, &[]))));
         // The answer to the leader's label write, then the watch's deletion (the old content, the write's
         // version): the view already knows.
-        assert!(fleet.wrote(&proplet("new", 7, &[(SHARD_LABEL, "b")])));
+        assert!(fleet.wrote(Placed::from_wire(&proplet("new", 7, &[(SHARD_LABEL, "b")]))));
         assert!(!fleet.heard(Narrow::Unassigned, Event::Delete(proplet("new", 7, &[]))));
         assert!(fleet.unsure().is_empty());
         assert_eq!(shard_of(&fleet, "new").as_deref(), Some("b"));
@@ -271,7 +271,11 @@ mod tests {
         fleet.heard(Narrow::Unassigned, Event::Apply(proplet("other", 8, &[])));
         assert!(fleet.heard(Narrow::Unassigned, Event::Delete(proplet("other", 9, &[]))));
         assert_eq!(fleet.unsure(), vec![key("other")]);
-        fleet.wrote(&proplet("other", 9, &[(SHARD_LABEL, "a")]));
+        fleet.wrote(Placed::from_wire(&proplet(
+            "other",
+            9,
+            &[(SHARD_LABEL, "a")],
+        )));
         assert!(fleet.unsure().is_empty());
         assert_eq!(fleet.snapshot().len(), 3);
     }
@@ -295,7 +299,7 @@ mod tests {
     #[test]
     fn an_older_copy_never_replaces_a_newer_one() {
         let mut fleet = Fleet::default();
-        fleet.wrote(&proplet("p", 10, &[(SHARD_LABEL, "b")]));
+        fleet.wrote(Placed::from_wire(&proplet("p", 10, &[(SHARD_LABEL, "b")])));
         assert!(!fleet.heard(Narrow::Unassigned, Event::Apply(proplet("p", 9, &[]))));
         assert_eq!(shard_of(&fleet, "p").as_deref(), Some("b"));
         // A list read before the write does not undo it either.
@@ -335,7 +339,7 @@ mod tests {
         let mut fleet = Fleet::default();
         fleet.heard(Narrow::Unassigned, Event::Apply(proplet("a", 2, &[])));
         fleet.heard(Narrow::Unassigned, Event::Apply(proplet("b", 3, &[])));
-        fleet.wrote(&proplet("c", 4, &[(SHARD_LABEL, "x")]));
+        fleet.wrote(Placed::from_wire(&proplet("c", 4, &[(SHARD_LABEL, "x")])));
         assert!(!fleet.heard(Narrow::Unassigned, Event::Init));
         fleet.heard(Narrow::Unassigned, Event::InitApply(proplet("a", 2, &[])));
         // The other watch's relist does not count.
