@@ -258,7 +258,7 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
             "measured".into(),
         ),
         (
-            "… the followers alone, CPU / RSS / anonymous (the leader also watches every Proplet for placement)"
+            "… the followers alone, CPU / RSS / anonymous (the leader also keeps a view of every Proplet for placement)"
                 .into(),
             format!(
                 "{:.2} / {:.2} / {:.2}",
