@@ -343,7 +343,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let per_min = operator_writes(&before, &after, 0.0)
         / (ids.len() as f64 * t0.elapsed().as_secs_f64() / 60.0);
     let ratio = |key: &str| max_of(&rows, key) / max_of(&single_row, key);
-    // The leader's extra work (its fleet watch, the ring over every Proplet) apart from a shard's own.
+    // The leader's extra work (its view of every Proplet, the ring over them) apart from a shard's own.
     let leading = leader(&ops).await.map(identity);
     let followers: Vec<Value> = rows
         .iter()

@@ -57,8 +57,8 @@ struct Spec {
 }
 
 /// The metadata placement reads. Everything else, `managedFields` above all (a tree of objects per
-/// writer, which the watch sends with every event), is skipped unread instead of being built and
-/// dropped: the leader gets every Proplet's every status refresh.
+/// writer, which the API server sends with every object), is skipped unread instead of being built and
+/// dropped: the leader reads every Proplet in its lists.
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 struct LeanMeta {
@@ -83,8 +83,8 @@ fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Er
     })
 }
 
-/// A Proplet as the leader's fleet watch parses it: every other field is skipped unread. Also what its
-/// label writes are addressed with (its kind is a Proplet's).
+/// A Proplet as the leader's lists, watches and write answers parse it: every other field is skipped
+/// unread. Also what its label writes are addressed with (its kind is a Proplet's).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct FleetProplet {
     #[serde(default, deserialize_with = "lean_meta")]
@@ -200,13 +200,14 @@ impl Placed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use kube::ResourceExt;
 
     use super::*;
     use crate::api::proplet::PropletSpec;
 
-    fn proplet(name: &str, shard: &str) -> Proplet {
+    /// An external Proplet in namespace `ns`, with no labels.
+    pub(crate) fn unlabelled(name: &str) -> Proplet {
         let spec: PropletSpec = serde_json::from_value(serde_json::json!({
             "type": "external",
             "connectionConfig": {"clientId": format!("client-{name}"), "domainId": "d", "channelId": "c", "mqttAddress": "tcp://m:1883"}
@@ -214,12 +215,17 @@ mod tests {
         .expect("spec");
         let mut p = Proplet::new(name, spec);
         p.metadata.namespace = Some("ns".into());
+        p
+    }
+
+    fn proplet(name: &str, shard: &str) -> Proplet {
+        let mut p = unlabelled(name);
         p.metadata.labels = Some([(SHARD_LABEL.to_string(), shard.to_string())].into());
         p
     }
 
-    /// The Proplet as the fleet watch parses it, from its JSON (status and all).
-    fn wire(p: &Proplet) -> FleetProplet {
+    /// The Proplet as the leader parses it, from its JSON (status and all).
+    pub(crate) fn wire(p: &Proplet) -> FleetProplet {
         serde_json::from_value(serde_json::to_value(p).expect("json")).expect("parses")
     }
 

@@ -26,6 +26,23 @@ pub enum Guard<'a> {
     Labels(&'a [(&'a str, &'a str)]),
 }
 
+/// What a label write can address: a namespaced object the API server's answer parses into.
+pub trait Labelled:
+    Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Labelled for K where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// A JSON pointer segment (RFC 6901).
 fn pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
@@ -42,10 +59,7 @@ pub async fn patch_meta<K>(
     guard: Guard<'_>,
 ) -> Result<bool>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Labelled,
 {
     patch_meta_answer(client, metrics, obj, labels, annotations, guard)
         .await
@@ -62,10 +76,7 @@ pub async fn patch_meta_answer<K>(
     guard: Guard<'_>,
 ) -> Result<Option<K>>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Labelled,
 {
     let ns = obj
         .namespace()

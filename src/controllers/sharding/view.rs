@@ -220,21 +220,15 @@ mod tests {
     use kube::ResourceExt;
 
     use super::*;
-    use crate::api::proplet::{Proplet, PropletSpec};
+    use crate::controllers::sharding::fleet::tests::{unlabelled, wire};
 
     fn proplet(name: &str, rv: u64, labels: &[(&str, &str)]) -> FleetProplet {
-        let spec: PropletSpec = serde_json::from_value(serde_json::json!({
-            "type": "external",
-            "connectionConfig": {"clientId": format!("client-{name}"), "domainId": "d", "channelId": "c", "mqttAddress": "tcp://m:1883"}
-        }))
-        .expect("spec");
-        let mut p = Proplet::new(name, spec);
-        p.metadata.namespace = Some("ns".into());
+        let mut p = unlabelled(name);
         p.metadata.resource_version = Some(rv.to_string());
         for (k, v) in labels {
             p.labels_mut().insert(k.to_string(), v.to_string());
         }
-        serde_json::from_value(serde_json::to_value(&p).expect("json")).expect("parses")
+        wire(&p)
     }
 
     fn placed(items: Vec<FleetProplet>) -> Vec<Placed> {
