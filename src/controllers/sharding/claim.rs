@@ -101,7 +101,8 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
         &[],
         Guard::Version,
     )
-    .await?;
+    .await?
+    .is_some();
     let outcome = if claimed { "claimed" } else { "conflict" };
     ctx.metrics
         .shards
@@ -134,7 +135,8 @@ pub async fn pass(task: &Task, ctx: &Context) -> Result<bool> {
         &[(PASSED_ANNOTATION, Some(&list))],
         Guard::Version,
     )
-    .await?;
+    .await?
+    .is_some();
     if done {
         ctx.metrics
             .shards

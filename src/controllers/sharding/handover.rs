@@ -144,7 +144,8 @@ async fn incoming(
                 &[],
                 Guard::Labels(&[(DRAIN_LABEL, me)]),
             )
-            .await;
+            .await
+            .map(|written| written.is_some());
             debug!(proplet = %p.name_any(), ok = ?ok, "subscribed for an incoming proplet");
             ok
         })
@@ -231,6 +232,7 @@ async fn hand_over(ctx: &Context, me: &str, p: Arc<Proplet>) -> Result<()> {
                     Guard::None,
                 )
                 .await
+                .map(|written| written.is_some())
             }
         });
         for r in futures::future::join_all(relabels).await {
@@ -249,7 +251,8 @@ async fn hand_over(ctx: &Context, me: &str, p: Arc<Proplet>) -> Result<()> {
         &[],
         Guard::Labels(&[(SHARD_LABEL, me), (DRAIN_LABEL, &to)]),
     )
-    .await?;
+    .await?
+    .is_some();
     if moved {
         ctx.metrics
             .shards

@@ -48,26 +48,10 @@ fn pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
-/// Sets (`Some`) or removes (`None`) labels and annotations of `obj`, if `guard` holds. Returns false when
-/// it did not (someone changed what the decision was based on, or the object is gone).
+/// Sets (`Some`) or removes (`None`) labels and annotations of `obj`, if `guard` holds. Returns the object
+/// as the API server wrote it, or `None` when the guard did not hold (someone changed what the decision was
+/// based on, or the object is gone).
 pub async fn patch_meta<K>(
-    client: &Client,
-    metrics: &Metrics,
-    obj: &K,
-    labels: &[(&str, Option<&str>)],
-    annotations: &[(&str, Option<&str>)],
-    guard: Guard<'_>,
-) -> Result<bool>
-where
-    K: Labelled,
-{
-    patch_meta_answer(client, metrics, obj, labels, annotations, guard)
-        .await
-        .map(|written| written.is_some())
-}
-
-/// [`patch_meta`], returning the object as the API server wrote it (`None`: the guard did not hold).
-pub async fn patch_meta_answer<K>(
     client: &Client,
     metrics: &Metrics,
     obj: &K,

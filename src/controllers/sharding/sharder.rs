@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::fleet::{FleetProplet, Placed};
-use super::labels::{Guard, WRITES_AT_ONCE, patch_meta, patch_meta_answer};
+use super::labels::{Guard, WRITES_AT_ONCE, patch_meta};
 use super::plan::{MoveKind, Step, plan};
 use super::view::{Fleet, Key, Narrow, key_of};
 use crate::api::task::Task;
@@ -380,7 +380,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<Option<Placed>> {
             } else {
                 Guard::Version
             };
-            patch_meta_answer(
+            patch_meta(
                 &ctx.client,
                 &ctx.metrics,
                 &proplet.object(),
@@ -396,7 +396,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<Option<Placed>> {
         }
         Step::Drain { proplet, to } => {
             let owner = proplet.shard.clone().unwrap_or_default();
-            patch_meta_answer(
+            patch_meta(
                 &ctx.client,
                 &ctx.metrics,
                 &proplet.object(),
@@ -408,7 +408,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<Option<Placed>> {
         }
         Step::CancelDrain { proplet } => {
             let target = proplet.drain.clone().unwrap_or_default();
-            patch_meta_answer(
+            patch_meta(
                 &ctx.client,
                 &ctx.metrics,
                 &proplet.object(),
@@ -468,6 +468,7 @@ async fn adopt_tasks(
                         Guard::None,
                     )
                     .await
+                    .map(|written| written.is_some())
                 }
             }))
             .await,
