@@ -5,6 +5,7 @@
 //! is [`super::view::Fleet`].
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
@@ -16,15 +17,17 @@ use crate::config::ShardBy;
 use crate::sharding::takeover::{channel_key, ring_position};
 use crate::sharding::{DRAIN_LABEL, DRAIN_READY_LABEL, SHARD_LABEL};
 
-/// What placement reads of one Proplet.
+/// What placement reads of one Proplet. The leader keeps one per Proplet of the fleet, so the texts are
+/// shared: the name with the view's key (and with the key when there is no clientId), and the few distinct
+/// namespaces, shards and channels among all of them ([`super::view::Fleet`] interns them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placed {
-    pub name: String,
-    pub namespace: String,
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     /// For writes that must see the object unchanged; not a plan input.
     pub resource_version: Option<String>,
-    pub shard: Option<String>,
-    pub drain: Option<String>,
+    pub shard: Option<Arc<str>>,
+    pub drain: Option<Arc<str>>,
     /// The drain-ready label as found (the target sets it to "true"; whatever it holds, a write that
     /// removes it must know it is there).
     pub drain_ready: Option<String>,
@@ -32,9 +35,9 @@ pub struct Placed {
     pub labelled: bool,
     /// Its clientId (its name when it has none yet): what the ring hashes and what groups the Proplets
     /// claiming one clientId.
-    pub key: String,
+    pub key: Arc<str>,
     /// `domain/channel`, the MQTT topics it is heard on; `None` without a channel.
-    pub channel: Option<String>,
+    pub channel: Option<Arc<str>>,
     pub deleting: bool,
 }
 
@@ -125,16 +128,16 @@ impl Resource for FleetProplet {
 impl Placed {
     fn new(meta: &ObjectMeta, client: Option<&str>, domain: Option<&str>, channel: &str) -> Placed {
         let labels = meta.labels.as_ref();
-        let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
-        let name = meta.name.clone().unwrap_or_default();
+        let label = |k: &str| labels.and_then(|l| l.get(k));
+        let name: Arc<str> = meta.name.as_deref().unwrap_or_default().into();
         Placed {
-            key: client.map(str::to_string).unwrap_or_else(|| name.clone()),
-            channel: channel_key(domain, channel),
-            namespace: meta.namespace.clone().unwrap_or_default(),
+            key: client.map_or_else(|| Arc::clone(&name), Arc::from),
+            channel: channel_key(domain, channel).map(Arc::from),
+            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
             resource_version: meta.resource_version.clone(),
-            shard: label(SHARD_LABEL),
-            drain: label(DRAIN_LABEL),
-            drain_ready: label(DRAIN_READY_LABEL),
+            shard: label(SHARD_LABEL).map(|v| Arc::from(v.as_str())),
+            drain: label(DRAIN_LABEL).map(|v| Arc::from(v.as_str())),
+            drain_ready: label(DRAIN_READY_LABEL).cloned(),
             labelled: labels.is_some(),
             deleting: meta.deletion_timestamp.is_some(),
             name,
@@ -167,17 +170,17 @@ impl Placed {
     /// write, which would replace one that exists).
     pub fn object(&self) -> FleetProplet {
         let labels: BTreeMap<String, String> = [
-            (SHARD_LABEL, self.shard.clone()),
-            (DRAIN_LABEL, self.drain.clone()),
-            (DRAIN_READY_LABEL, self.drain_ready.clone()),
+            (SHARD_LABEL, self.shard.as_deref()),
+            (DRAIN_LABEL, self.drain.as_deref()),
+            (DRAIN_READY_LABEL, self.drain_ready.as_deref()),
         ]
         .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string())))
         .collect();
         FleetProplet {
             metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                namespace: Some(self.namespace.clone()),
+                name: Some(self.name.to_string()),
+                namespace: Some(self.namespace.to_string()),
                 resource_version: self.resource_version.clone(),
                 labels: self.labelled.then_some(labels),
                 ..ObjectMeta::default()
@@ -241,13 +244,17 @@ pub(super) mod tests {
         p.status = Some(Default::default());
         let placed = Placed::from_wire(&wire(&p));
         assert_eq!(placed, Placed::of(&p));
-        assert_eq!(placed.key, "later-name");
+        assert_eq!(&*placed.key, "later-name");
         assert_eq!(placed.position(ShardBy::Channel), "tenant/c");
         assert_eq!(placed.position(ShardBy::ClientId), "later-name");
         assert_eq!(placed.drain_ready.as_deref(), Some("true"));
         let mut nameless = proplet("b", "s");
         nameless.spec.connection_config.client_id = None;
-        assert_eq!(Placed::of(&nameless).key, "b", "no clientId yet: its name");
+        assert_eq!(
+            &*Placed::of(&nameless).key,
+            "b",
+            "no clientId yet: its name"
+        );
     }
 
     #[test]

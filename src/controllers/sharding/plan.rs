@@ -93,13 +93,13 @@ pub fn plan(
         return out;
     }
     let desired = ring.assign_grouped(
-        proplets.iter().map(|p| (p.position(by), p.key.as_str())),
+        proplets.iter().map(|p| (p.position(by), &*p.key)),
         LOAD_FACTOR,
     );
     let state = |s: &str| states.get(s).copied();
     let mut new_drains = Vec::new();
     for p in proplets {
-        let Some(want) = desired.get(&p.key) else {
+        let Some(want) = desired.get(&*p.key) else {
             continue;
         };
         let drain = p.drain.clone();
@@ -122,7 +122,7 @@ pub fn plan(
             // Dead, released, or no Lease at all.
             _ => {
                 let taken_by = takeovers
-                    .get(&current)
+                    .get(&*current)
                     .and_then(|t| t.owner_at(p.position(t.by())))
                     // A survivor that is leaving still acts on what it took over: relabelled to it,
                     // then drained from it like the rest of its share. One that is silent acts no more.
@@ -130,13 +130,13 @@ pub fn plan(
                 out.steps.push(Step::Assign {
                     proplet: Arc::clone(p),
                     to: taken_by.map_or_else(|| want.clone(), str::to_string),
-                    from: Some(current),
+                    from: Some(current.to_string()),
                     kind: MoveKind::Dead,
                 });
                 continue;
             }
         }
-        if &current == want {
+        if *current == **want {
             if drain.is_some() {
                 out.steps.push(Step::CancelDrain {
                     proplet: Arc::clone(p),
@@ -145,7 +145,7 @@ pub fn plan(
             continue;
         }
         match drain {
-            Some(d) if &d == want => out.drains_in_flight += 1,
+            Some(d) if *d == **want => out.drains_in_flight += 1,
             Some(_) => out.steps.push(Step::CancelDrain {
                 proplet: Arc::clone(p),
             }),
@@ -236,7 +236,7 @@ mod tests {
         plan.steps
             .iter()
             .filter_map(|s| match s {
-                Step::Assign { proplet, to, .. } => Some((proplet.name.clone(), to.clone())),
+                Step::Assign { proplet, to, .. } => Some((proplet.name.to_string(), to.clone())),
                 _ => None,
             })
             .collect()
@@ -341,7 +341,7 @@ mod tests {
             .iter()
             .take(3)
             .filter_map(|s| match s {
-                Step::Drain { proplet, .. } => Some(proplet.name.clone()),
+                Step::Drain { proplet, .. } => Some(proplet.name.to_string()),
                 _ => None,
             })
             .collect();

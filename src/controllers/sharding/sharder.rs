@@ -101,11 +101,8 @@ pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
                 continue;
             }
             if last_list.is_none_or(|l| l.elapsed() >= FULL_LIST) {
-                match list_all(&ctx, &api).await {
-                    Ok((items, at)) => {
-                        if let Ok(mut f) = fleet.lock() {
-                            f.listed(items, at.as_deref());
-                        }
+                match list_all(&ctx, &api, &fleet).await {
+                    Ok(()) => {
                         last_list = Some(tokio::time::Instant::now());
                         dirty.store(true, Ordering::SeqCst);
                     }
@@ -172,12 +169,14 @@ fn hear(
     (watch, ready)
 }
 
-/// Every Proplet, page by page (one consistent snapshot), with the resourceVersion it was read at. Each
-/// page is reduced to what placement reads before the next is read.
-async fn list_all(ctx: &Context, api: &Api<FleetProplet>) -> Result<(Vec<Placed>, Option<String>)> {
-    let mut items = Vec::new();
+/// Every Proplet, page by page (one consistent snapshot), into the view: each page is reduced to what
+/// placement reads and taken in before the next is read.
+async fn list_all(ctx: &Context, api: &Api<FleetProplet>, fleet: &Mutex<Fleet>) -> Result<()> {
     let mut at = None;
     let mut next: Option<String> = None;
+    if let Ok(mut f) = fleet.lock() {
+        f.list_started();
+    }
     loop {
         let mut params = ListParams::default().limit(PAGE);
         if let Some(token) = &next {
@@ -190,12 +189,18 @@ async fn list_all(ctx: &Context, api: &Api<FleetProplet>) -> Result<(Vec<Placed>
             .with_label_values(&["list_page"])
             .inc();
         at = at.or(page.metadata.resource_version);
-        items.extend(page.items.iter().map(Placed::from_wire));
+        if let Ok(mut f) = fleet.lock() {
+            f.listed_page(page.items.iter().map(Placed::from_wire));
+        }
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => next = Some(token),
-            _ => return Ok((items, at)),
+            _ => break,
         }
     }
+    if let Ok(mut f) = fleet.lock() {
+        f.list_done(at.as_deref());
+    }
+    Ok(())
 }
 
 /// Reads again the Proplets the view is unsure of.
@@ -291,9 +296,9 @@ async fn round(
     ctx.metrics.shards.unowned.set(p.unowned as i64);
     // Relabels that wait count as planned: the next round looks again.
     let planned = steps > 0;
-    let mut owner_of: HashMap<String, String> = proplets
+    let mut owner_of: HashMap<Arc<str>, Arc<str>> = proplets
         .iter()
-        .filter_map(|p| p.shard.clone().map(|s| (p.key.clone(), s)))
+        .filter_map(|p| p.shard.clone().map(|s| (Arc::clone(&p.key), s)))
         .collect();
     let mut draining = p.drains_in_flight;
     // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
@@ -337,7 +342,7 @@ async fn round(
                     .moves_total
                     .with_label_values(&[kind.as_str()])
                     .inc();
-                owner_of.insert(proplet.key.clone(), to.clone());
+                owner_of.insert(Arc::clone(&proplet.key), to.as_str().into());
                 if kind == MoveKind::Dead
                     && let Some(from) = from
                 {
@@ -427,7 +432,7 @@ async fn apply(ctx: &Context, step: &Step) -> Result<Option<Placed>> {
 async fn adopt_tasks(
     ctx: &Context,
     shard: &str,
-    owner_of: &HashMap<String, String>,
+    owner_of: &HashMap<Arc<str>, Arc<str>>,
 ) -> Result<bool> {
     let api: Api<Task> = if ctx.config.watch_namespace.is_empty() {
         Api::all(ctx.client.clone())
@@ -450,7 +455,7 @@ async fn adopt_tasks(
         t.status
             .as_ref()
             .and_then(|s| s.assigned_client_id.as_ref())
-            .and_then(|c| owner_of.get(c))
+            .and_then(|c| owner_of.get(c.as_str()))
             .cloned()
     };
     let mut relabels = Vec::new();

@@ -21,11 +21,11 @@ use kube::runtime::watcher::Event;
 use super::fleet::{FleetProplet, Placed};
 use crate::sharding::{DRAIN_LABEL, SHARD_LABEL};
 
-/// namespace, name.
-pub type Key = (String, String);
+/// namespace, name (the texts of the Proplet's [`Placed`], shared).
+pub type Key = (Arc<str>, Arc<str>);
 
 pub fn key_of(p: &Placed) -> Key {
-    (p.namespace.clone(), p.name.clone())
+    (Arc::clone(&p.namespace), Arc::clone(&p.name))
 }
 
 /// The label-selected watches the view hears between full lists: the Proplets placement acts on.
@@ -73,9 +73,20 @@ fn older(a: Option<&str>, b: Option<&str>) -> bool {
     matches!((version(a), version(b)), (Some(a), Some(b)) if a < b)
 }
 
+/// A Proplet in the view, with the full list that last found it.
+struct Entry {
+    placed: Arc<Placed>,
+    list: u64,
+}
+
 #[derive(Default)]
 pub struct Fleet {
-    proplets: HashMap<Key, Arc<Placed>>,
+    proplets: HashMap<Key, Entry>,
+    /// The full list under way (or the last one): its pages mark what they find, in place, so that a list
+    /// never holds a second copy of the fleet beside the view.
+    list: u64,
+    /// The texts many Proplets share (namespaces, shards, channels), held once.
+    shared: HashSet<Arc<str>>,
     /// Proplets whose state the view cannot tell (they left a selected watch), with the resourceVersion
     /// at which they did: read again before the next plan.
     unsure: HashMap<Key, Option<String>>,
@@ -86,6 +97,13 @@ pub struct Fleet {
 impl Fleet {
     /// Takes a newer copy of a Proplet; true when something the plan reads changed.
     fn take(&mut self, now: Placed) -> bool {
+        self.take_listed(now, None)
+    }
+
+    /// [`Fleet::take`], marking the Proplet as found by the list `list` (even when the view's copy is
+    /// newer: it exists).
+    fn take_listed(&mut self, mut now: Placed, list: Option<u64>) -> bool {
+        self.share(&mut now);
         let key = key_of(&now);
         if self
             .unsure
@@ -94,19 +112,33 @@ impl Fleet {
         {
             self.unsure.remove(&key);
         }
-        match self.proplets.get(&key) {
+        match self.proplets.get_mut(&key) {
             Some(was)
                 if older(
                     now.resource_version.as_deref(),
-                    was.resource_version.as_deref(),
+                    was.placed.resource_version.as_deref(),
                 ) =>
             {
+                if let Some(l) = list {
+                    was.list = l;
+                }
                 false
             }
-            was => {
-                let changed = was.is_none_or(|was| !was.plans_like(&now));
-                self.proplets.insert(key, Arc::new(now));
+            Some(was) => {
+                let changed = !was.placed.plans_like(&now);
+                was.placed = Arc::new(now);
+                if let Some(l) = list {
+                    was.list = l;
+                }
                 changed
+            }
+            None => {
+                let entry = Entry {
+                    placed: Arc::new(now),
+                    list: list.unwrap_or(0),
+                };
+                self.proplets.insert(key, entry);
+                true
             }
         }
     }
@@ -125,7 +157,7 @@ impl Fleet {
             Event::Delete(p) => {
                 let gone = Placed::from_wire(&p);
                 let key = key_of(&gone);
-                let known = self.proplets.get(&key);
+                let known = self.proplets.get(&key).map(|e| &e.placed);
                 // The leader's own write, whose answer is already here.
                 if known.is_some_and(|k| {
                     k.resource_version.is_some() && k.resource_version == gone.resource_version
@@ -142,8 +174,8 @@ impl Fleet {
             Event::InitDone => {
                 // What left the selection while the watch was away is in no event of the relist.
                 if let Some(seen) = self.relisting[from.index()].take() {
-                    for (key, p) in &self.proplets {
-                        if from.holds(p) && !seen.contains(key) {
+                    for (key, e) in &self.proplets {
+                        if from.holds(&e.placed) && !seen.contains(key) {
                             self.unsure.entry(key.clone()).or_insert(None);
                         }
                     }
@@ -153,33 +185,57 @@ impl Fleet {
         }
     }
 
-    /// A full list, read at resourceVersion `at`: it replaces the view, except for what the view heard
-    /// of after it.
-    pub fn listed(&mut self, items: Vec<Placed>, at: Option<&str>) {
-        let mut old = std::mem::take(&mut self.proplets);
-        for now in items {
-            let key = key_of(&now);
-            match old.remove(&key) {
-                Some(was)
-                    if older(
-                        now.resource_version.as_deref(),
-                        was.resource_version.as_deref(),
-                    ) =>
-                {
-                    self.proplets.insert(key, was)
+    /// Replaces the texts of `p` that other Proplets share by the copy already held.
+    fn share(&mut self, p: &mut Placed) {
+        let texts = [
+            Some(&mut p.namespace),
+            p.shard.as_mut(),
+            p.drain.as_mut(),
+            p.channel.as_mut(),
+        ];
+        for text in texts.into_iter().flatten() {
+            match self.shared.get(&**text) {
+                Some(held) => *text = Arc::clone(held),
+                None => {
+                    self.shared.insert(Arc::clone(text));
                 }
-                _ => self.proplets.insert(key, Arc::new(now)),
-            };
-        }
-        // Not in the list: deleted before it, or created after it.
-        for (key, was) in old {
-            if older(at, was.resource_version.as_deref()) {
-                self.proplets.insert(key, was);
             }
         }
+    }
+
+    /// A full list of the fleet begins; its pages follow ([`Fleet::listed_page`]), then
+    /// [`Fleet::list_done`]. Until then the view goes on as it was (a list that fails half-way only
+    /// brought newer copies).
+    pub fn list_started(&mut self) {
+        self.list += 1;
+    }
+
+    /// One page of the list under way.
+    pub fn listed_page(&mut self, items: impl IntoIterator<Item = Placed>) {
+        for now in items {
+            self.take_listed(now, Some(self.list));
+        }
+    }
+
+    /// The list under way is complete, read at resourceVersion `at`: what it did not find was deleted
+    /// before it, unless the view heard of it after it (created since).
+    pub fn list_done(&mut self, at: Option<&str>) {
+        let list = self.list;
+        self.proplets
+            .retain(|_, e| e.list == list || older(at, e.placed.resource_version.as_deref()));
         // A doubt from before the list is settled by it.
         self.unsure
             .retain(|_, since| since.is_none() || older(at, since.as_deref()));
+        // Texts no Proplet holds any more (a channel or namespace emptied, a shard gone).
+        self.shared.retain(|t| Arc::strong_count(t) > 1);
+    }
+
+    /// A whole list at once.
+    #[cfg(test)]
+    fn listed(&mut self, items: Vec<Placed>, at: Option<&str>) {
+        self.list_started();
+        self.listed_page(items);
+        self.list_done(at);
     }
 
     /// The API server's answer to one of the leader's writes.
@@ -211,7 +267,10 @@ impl Fleet {
     }
 
     pub fn snapshot(&self) -> Vec<Arc<Placed>> {
-        self.proplets.values().cloned().collect()
+        self.proplets
+            .values()
+            .map(|e| Arc::clone(&e.placed))
+            .collect()
     }
 }
 
@@ -243,8 +302,8 @@ mod tests {
         fleet
             .snapshot()
             .into_iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.shard.clone())
+            .find(|p| &*p.name == name)
+            .and_then(|p| p.shard.as_deref().map(str::to_string))
     }
 
     #[test]
@@ -318,7 +377,11 @@ mod tests {
             placed(vec![proplet("stays", 4, &[(SHARD_LABEL, "a")])]),
             Some("10"),
         );
-        let mut names: Vec<_> = fleet.snapshot().iter().map(|p| p.name.clone()).collect();
+        let mut names: Vec<_> = fleet
+            .snapshot()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
         names.sort();
         assert_eq!(names, ["newer", "stays"]);
         assert_eq!(
@@ -326,6 +389,88 @@ mod tests {
             vec![key("late")],
             "a doubt raised after the list stays"
         );
+    }
+
+    #[test]
+    fn a_list_in_pages_meets_what_is_heard_between_them() {
+        let mut fleet = Fleet::default();
+        fleet.listed(
+            placed(vec![
+                proplet("first", 2, &[(SHARD_LABEL, "a")]),
+                proplet("second", 3, &[(SHARD_LABEL, "a")]),
+                proplet("deleted", 4, &[(SHARD_LABEL, "a")]),
+            ]),
+            Some("4"),
+        );
+        fleet.list_started();
+        fleet.listed_page(placed(vec![proplet("first", 2, &[(SHARD_LABEL, "a")])]));
+        // Between two pages: a write newer than the list, and a Proplet created after it.
+        fleet.wrote(Placed::from_wire(&proplet(
+            "second",
+            12,
+            &[(SHARD_LABEL, "b")],
+        )));
+        fleet.heard(
+            Narrow::Unassigned,
+            Event::Apply(proplet("created", 13, &[])),
+        );
+        fleet.listed_page(placed(vec![proplet("second", 3, &[(SHARD_LABEL, "a")])]));
+        fleet.list_done(Some("10"));
+        let mut names: Vec<_> = fleet
+            .snapshot()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["created", "first", "second"],
+            "only the deleted one goes"
+        );
+        assert_eq!(
+            shard_of(&fleet, "second").as_deref(),
+            Some("b"),
+            "the page's older copy does not undo the write"
+        );
+        // A list that fails half-way leaves the view as it was.
+        fleet.list_started();
+        fleet.listed_page(placed(vec![proplet("first", 14, &[(SHARD_LABEL, "c")])]));
+        assert_eq!(fleet.snapshot().len(), 3);
+        assert_eq!(shard_of(&fleet, "first").as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn proplets_share_their_namespace_shard_and_channel_texts() {
+        let mut fleet = Fleet::default();
+        fleet.listed(
+            placed(vec![
+                proplet("a", 2, &[(SHARD_LABEL, "s")]),
+                proplet("b", 3, &[(SHARD_LABEL, "s")]),
+            ]),
+            Some("3"),
+        );
+        let all = fleet.snapshot();
+        let (a, b) = (&all[0], &all[1]);
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        assert!(Arc::ptr_eq(
+            a.shard.as_ref().expect("labelled"),
+            b.shard.as_ref().expect("labelled")
+        ));
+        assert!(Arc::ptr_eq(
+            a.channel.as_ref().expect("a channel"),
+            b.channel.as_ref().expect("a channel")
+        ));
+        drop(all);
+        // Moved to another shard: "s" is held by no Proplet and forgotten at the next list.
+        fleet.listed(
+            placed(vec![
+                proplet("a", 4, &[(SHARD_LABEL, "t")]),
+                proplet("b", 5, &[(SHARD_LABEL, "t")]),
+            ]),
+            Some("5"),
+        );
+        assert!(!fleet.shared.contains("s"));
+        assert!(fleet.shared.contains("t"));
     }
 
     #[test]
