@@ -43,12 +43,6 @@ const PAGE: u32 = 250;
 /// Proplets read again at once when the view is unsure of them.
 const READS_AT_ONCE: usize = 16;
 
-/// The label writes of one round kept in flight at once. Each is a connection to the API server with its
-/// buffers, and the leader's allocator keeps what its startup round (every Proplet of the fleet) used: 64 at
-/// once left it about 3 MB above a follower. 16 keep the API server as busy (about 480 writes a second at 64
-/// was its pace, each write waiting 130 ms in its queue).
-const ROUND_WRITES_AT_ONCE: usize = 16;
-
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut shutdown = std::pin::pin!(shutdown);
@@ -307,8 +301,8 @@ async fn round(
         .filter_map(|p| p.shard.clone().map(|s| (Arc::clone(&p.key), s)))
         .collect();
     let mut draining = p.drains_in_flight;
-    // Up to ROUND_WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands
-    // of Proplets move at the API server's pace, not at that of the slowest write of each batch).
+    // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
+    // Proplets move at the API server's pace, not at that of the slowest write of each batch).
     // Each answer is taken as it comes: held until the last write of a 10,000-proplet round, they were the
     // leader's peak of memory (which its allocator keeps).
     let mut answers = futures::stream::iter(p.steps.iter().cloned())
@@ -316,7 +310,7 @@ async fn round(
             let done = apply(ctx, &step).await;
             (step, done)
         })
-        .buffer_unordered(ROUND_WRITES_AT_ONCE);
+        .buffer_unordered(WRITES_AT_ONCE);
     let mut failed = None;
     while let Some((step, written)) = answers.next().await {
         let written = match written {

@@ -104,6 +104,13 @@ impl Fleet {
     /// newer: it exists).
     fn take_listed(&mut self, mut now: Placed, list: Option<u64>) -> bool {
         self.share(&mut now);
+        // A Proplet already held keeps the name its key holds.
+        if let Some(((_, name), _)) = self.proplets.get_key_value(&key_of(&now)) {
+            if now.key == now.name {
+                now.key = Arc::clone(name);
+            }
+            now.name = Arc::clone(name);
+        }
         let key = key_of(&now);
         if self
             .unsure
@@ -471,6 +478,10 @@ mod tests {
         );
         assert!(!fleet.shared.contains("s"));
         assert!(fleet.shared.contains("t"));
+        // Newer copies keep the name their key holds.
+        for ((_, name), e) in &fleet.proplets {
+            assert!(Arc::ptr_eq(name, &e.placed.name));
+        }
     }
 
     #[test]
