@@ -301,8 +301,28 @@ mod tests {
         items.iter().map(Placed::from_wire).collect()
     }
 
+    /// A full list of `proplets` (name, resourceVersion), all on `shard`, read at `at`.
+    fn list_on(fleet: &mut Fleet, shard: &str, proplets: &[(&str, u64)], at: &str) {
+        let items = proplets
+            .iter()
+            .map(|(name, rv)| proplet(name, *rv, &[(SHARD_LABEL, shard)]))
+            .collect();
+        fleet.listed(placed(items), Some(at));
+    }
+
     fn key(name: &str) -> Key {
         ("ns".into(), name.into())
+    }
+
+    /// The names in the view, sorted.
+    fn names(fleet: &Fleet) -> Vec<String> {
+        let mut names: Vec<_> = fleet
+            .snapshot()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        names.sort();
+        names
     }
 
     fn shard_of(fleet: &Fleet, name: &str) -> Option<String> {
@@ -370,26 +390,12 @@ mod tests {
     #[test]
     fn a_list_forgets_what_was_deleted_before_it_and_keeps_what_came_after() {
         let mut fleet = Fleet::default();
-        fleet.listed(
-            placed(vec![
-                proplet("deleted", 2, &[(SHARD_LABEL, "a")]),
-                proplet("stays", 3, &[(SHARD_LABEL, "a")]),
-            ]),
-            Some("3"),
-        );
+        list_on(&mut fleet, "a", &[("deleted", 2), ("stays", 3)], "3");
         fleet.heard(Narrow::Unassigned, Event::Apply(proplet("newer", 20, &[])));
         fleet.heard(Narrow::Unassigned, Event::Delete(proplet("early", 5, &[])));
         fleet.heard(Narrow::Unassigned, Event::Delete(proplet("late", 25, &[])));
-        fleet.listed(
-            placed(vec![proplet("stays", 4, &[(SHARD_LABEL, "a")])]),
-            Some("10"),
-        );
-        let mut names: Vec<_> = fleet
-            .snapshot()
-            .iter()
-            .map(|p| p.name.to_string())
-            .collect();
-        names.sort();
+        list_on(&mut fleet, "a", &[("stays", 4)], "10");
+        let names = names(&fleet);
         assert_eq!(names, ["newer", "stays"]);
         assert_eq!(
             fleet.unsure(),
@@ -401,13 +407,11 @@ mod tests {
     #[test]
     fn a_list_in_pages_meets_what_is_heard_between_them() {
         let mut fleet = Fleet::default();
-        fleet.listed(
-            placed(vec![
-                proplet("first", 2, &[(SHARD_LABEL, "a")]),
-                proplet("second", 3, &[(SHARD_LABEL, "a")]),
-                proplet("deleted", 4, &[(SHARD_LABEL, "a")]),
-            ]),
-            Some("4"),
+        list_on(
+            &mut fleet,
+            "a",
+            &[("first", 2), ("second", 3), ("deleted", 4)],
+            "4",
         );
         fleet.list_started();
         fleet.listed_page(placed(vec![proplet("first", 2, &[(SHARD_LABEL, "a")])]));
@@ -423,12 +427,7 @@ mod tests {
         );
         fleet.listed_page(placed(vec![proplet("second", 3, &[(SHARD_LABEL, "a")])]));
         fleet.list_done(Some("10"));
-        let mut names: Vec<_> = fleet
-            .snapshot()
-            .iter()
-            .map(|p| p.name.to_string())
-            .collect();
-        names.sort();
+        let names = names(&fleet);
         assert_eq!(
             names,
             ["created", "first", "second"],
@@ -449,13 +448,7 @@ mod tests {
     #[test]
     fn proplets_share_their_namespace_shard_and_channel_texts() {
         let mut fleet = Fleet::default();
-        fleet.listed(
-            placed(vec![
-                proplet("a", 2, &[(SHARD_LABEL, "s")]),
-                proplet("b", 3, &[(SHARD_LABEL, "s")]),
-            ]),
-            Some("3"),
-        );
+        list_on(&mut fleet, "s", &[("a", 2), ("b", 3)], "3");
         let all = fleet.snapshot();
         let (a, b) = (&all[0], &all[1]);
         assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
@@ -469,13 +462,7 @@ mod tests {
         ));
         drop(all);
         // Moved to another shard: "s" is held by no Proplet and forgotten at the next list.
-        fleet.listed(
-            placed(vec![
-                proplet("a", 4, &[(SHARD_LABEL, "t")]),
-                proplet("b", 5, &[(SHARD_LABEL, "t")]),
-            ]),
-            Some("5"),
-        );
+        list_on(&mut fleet, "t", &[("a", 4), ("b", 5)], "5");
         assert!(!fleet.shared.contains("s"));
         assert!(fleet.shared.contains("t"));
         // Newer copies keep the name their key holds.
