@@ -130,6 +130,17 @@ async fn cycles_are_refused_and_unknown_dependencies_wait() -> anyhow::Result<()
         env.create::<Task>(json!({"metadata": {"name": name},
             "spec": add(name, json!({"workflowId": "w", "dependsOn": [dep]}))}))
             .await?;
+        if name == "x" {
+            // x first waits for a dependency that does not exist yet: y's creation must wake it.
+            env.wait_for(&env.tasks(), "x", "x waiting for y", |t: &Task| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| condition(&s.conditions, "Scheduled"))
+                    .and_then(|c| c.message.as_deref())
+                    .is_some_and(|m| m.contains("y (not found)"))
+            })
+            .await?;
+        }
     }
     env.create::<Task>(json!({"metadata": {"name": "z"},
         "spec": add("z", json!({"workflowId": "w", "dependsOn": ["ghost"]}))}))

@@ -31,8 +31,8 @@ pub use gates::validate;
 pub use launch::FINALIZER;
 pub use wire::{parent_results, start_request};
 
-/// What wakes a Task: its own changes; for a task waiting on others, the end or deletion of a dependency
-/// or of a task holding a slot it waits for; a change of the proplet it waits for or runs on; its Job.
+/// What wakes a Task: its own changes; for a task waiting on others, the creation, end or deletion of a
+/// dependency, or the end or deletion of a task holding a slot it waits for; a change of the proplet it waits for or runs on; its Job.
 pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Task>) {
     w.tasks.wake_self(me);
     let c = Arc::clone(ctx);
@@ -42,6 +42,10 @@ pub fn wake_ups(ctx: &Arc<Context>, w: &mut Watches, me: &Waker<Task>) {
             let mut woken = dependents(&c, t);
             woken.extend(queued(&c, t));
             woken
+        } else if t.status.is_none() {
+            // Just created (never reconciled): a task that waits for it as an unknown dependency looks
+            // again, and finds it (or a cycle through it). Nothing else would wake it.
+            dependents(&c, t)
         } else {
             Vec::new()
         }
