@@ -296,10 +296,6 @@ async fn round(
     ctx.metrics.shards.unowned.set(p.unowned as i64);
     // Relabels that wait count as planned: the next round looks again.
     let planned = steps > 0;
-    let mut owner_of: HashMap<Arc<str>, Arc<str>> = proplets
-        .iter()
-        .filter_map(|p| p.shard.clone().map(|s| (Arc::clone(&p.key), s)))
-        .collect();
     let mut draining = p.drains_in_flight;
     // Up to WRITES_AT_ONCE writes in flight, a new one as soon as one ends (a dead shard's thousands of
     // Proplets move at the API server's pace, not at that of the slowest write of each batch).
@@ -342,7 +338,6 @@ async fn round(
                     .moves_total
                     .with_label_values(&[kind.as_str()])
                     .inc();
-                owner_of.insert(Arc::clone(&proplet.key), to.as_str().into());
                 if kind == MoveKind::Dead
                     && let Some(from) = from
                 {
@@ -359,6 +354,12 @@ async fn round(
     }
     ctx.metrics.shards.drains_in_flight.set(draining as i64);
     let live: BTreeSet<String> = ctx.ownership.members().into_iter().collect();
+    // Only for a gone shard's Tasks, from the view, which holds this round's writes.
+    let owner_of = if orphaned.iter().any(|s| !live.contains(s)) {
+        fleet.lock().map(|f| f.owners()).unwrap_or_default()
+    } else {
+        HashMap::new()
+    };
     for shard in orphaned.clone() {
         if live.contains(&shard) {
             // It came back: what is still labelled with it is its own again.

@@ -273,6 +273,14 @@ impl Fleet {
         }
     }
 
+    /// Each Proplet's owner by its key (clientId): the Proplets with a shard label.
+    pub fn owners(&self) -> HashMap<Arc<str>, Arc<str>> {
+        self.proplets
+            .values()
+            .filter_map(|e| Some((Arc::clone(&e.placed.key), e.placed.shard.clone()?)))
+            .collect()
+    }
+
     pub fn snapshot(&self) -> Vec<Arc<Placed>> {
         self.proplets
             .values()
