@@ -2,13 +2,36 @@
 use clap::Parser;
 use propeller_operator::config::OperatorConfig;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    keep_large_blocks_apart();
     let config = OperatorConfig::parse();
     init_logging(config.log_json);
-    if let Err(e) = propeller_operator::run::run(config).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "the async runtime did not start");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(propeller_operator::run::run(config)) {
         tracing::error!(error = %format!("{e:#}"), "operator failed");
         std::process::exit(1);
+    }
+}
+
+/// Keeps glibc's mmap threshold at its default (128 KiB) for good. Left to itself glibc raises the threshold
+/// to the size of each large block freed: after the first page of a list (about 0.9 MB of JSON for 250
+/// Proplets) every later page's body came from the heap, and what the heap grew to stayed resident after
+/// the list. Mapped apart, each such block is given back when freed: the leader, which lists the whole
+/// fleet, measured 2 MiB less (docs/sharding.md, Numbers at scale).
+fn keep_large_blocks_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: sets one allocator parameter, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

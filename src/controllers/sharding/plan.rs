@@ -37,12 +37,12 @@ pub enum Step {
     /// Label the Proplet with `to` (and clear any drain). `from` is its previous, dead shard.
     Assign {
         proplet: Arc<Placed>,
-        from: Option<String>,
-        to: String,
+        from: Option<Arc<str>>,
+        to: Arc<str>,
         kind: MoveKind,
     },
     /// Ask its live owner to hand it to `to`.
-    Drain { proplet: Arc<Placed>, to: String },
+    Drain { proplet: Arc<Placed>, to: Arc<str> },
     /// A drain that no longer makes sense (the ring changed back, or its target left): cleared.
     CancelDrain { proplet: Arc<Placed> },
 }
@@ -96,10 +96,18 @@ pub fn plan(
         proplets.iter().map(|p| (p.position(by), &*p.key)),
         LOAD_FACTOR,
     );
+    // Every step names one of a few shards: each name is held once, not once per step (a first round
+    // plans a step for every Proplet of the fleet).
+    let names: HashMap<&str, Arc<str>> = ring
+        .members()
+        .iter()
+        .map(|m| (m.as_str(), Arc::from(m.as_str())))
+        .collect();
+    let shared = |name: &str| names.get(name).cloned().unwrap_or_else(|| Arc::from(name));
     let state = |s: &str| states.get(s).copied();
     let mut new_drains = Vec::new();
     for p in proplets {
-        let Some(want) = desired.get(&*p.key) else {
+        let Some(want) = desired.get(&*p.key).map(|w| shared(w)) else {
             continue;
         };
         let drain = p.drain.clone();
@@ -129,14 +137,14 @@ pub fn plan(
                     .filter(|o| state(o).is_some_and(|s| s.is_member() || s == State::Leaving));
                 out.steps.push(Step::Assign {
                     proplet: Arc::clone(p),
-                    to: taken_by.map_or_else(|| want.clone(), str::to_string),
-                    from: Some(current.to_string()),
+                    to: taken_by.map_or_else(|| want.clone(), shared),
+                    from: Some(current),
                     kind: MoveKind::Dead,
                 });
                 continue;
             }
         }
-        if *current == **want {
+        if *current == *want {
             if drain.is_some() {
                 out.steps.push(Step::CancelDrain {
                     proplet: Arc::clone(p),
@@ -145,7 +153,7 @@ pub fn plan(
             continue;
         }
         match drain {
-            Some(d) if *d == **want => out.drains_in_flight += 1,
+            Some(d) if *d == *want => out.drains_in_flight += 1,
             Some(_) => out.steps.push(Step::CancelDrain {
                 proplet: Arc::clone(p),
             }),
@@ -236,10 +244,36 @@ mod tests {
         plan.steps
             .iter()
             .filter_map(|s| match s {
-                Step::Assign { proplet, to, .. } => Some((proplet.name.to_string(), to.clone())),
+                Step::Assign { proplet, to, .. } => {
+                    Some((proplet.name.to_string(), to.to_string()))
+                }
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn steps_to_one_shard_share_its_name() {
+        let ps: Vec<_> = (0..40).map(|i| proplet(i, &[])).collect();
+        let st = states(&[("a", State::Ready), ("b", State::Ready)]);
+        let plan = plan(&placed(&ps), &st, &HashMap::new(), 10, ShardBy::ClientId);
+        let targets: Vec<&Arc<str>> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Assign { to, .. } => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(targets.len(), 40);
+        for name in ["a", "b"] {
+            let to: Vec<_> = targets.iter().filter(|t| ****t == *name).collect();
+            assert!(!to.is_empty(), "some proplets go to {name}");
+            assert!(
+                to.iter().all(|t| Arc::ptr_eq(t, to[0])),
+                "every step to {name} holds the same text"
+            );
+        }
     }
 
     #[test]
@@ -333,7 +367,7 @@ mod tests {
         let drains: Vec<_> = plan1
             .steps
             .iter()
-            .filter(|s| matches!(s, Step::Drain { to, .. } if to == "b"))
+            .filter(|s| matches!(s, Step::Drain { to, .. } if &**to == "b"))
             .collect();
         assert_eq!(drains.len(), 5);
         // With 3 already draining to b, 2 more start.
@@ -373,7 +407,7 @@ mod tests {
         let drains = plan
             .steps
             .iter()
-            .filter(|s| matches!(s, Step::Drain { to, .. } if to == "b"))
+            .filter(|s| matches!(s, Step::Drain { to, .. } if &**to == "b"))
             .count();
         assert_eq!(drains, 8, "every proplet goes, bounded by the limit");
     }
