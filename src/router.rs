@@ -106,7 +106,7 @@ fn proplet_for(ctx: &Context, channel: &Channel, client_id: &str) -> Option<Obje
 
 /// A heartbeat or metrics message from a proplet this shard does not hold: its kind.
 fn not_owned(ownership: &Ownership, topic: &str, payload: &[u8]) -> Option<Inbound> {
-    let (_, kind @ (Inbound::Alive | Inbound::Metrics)) = topics::parse(topic)? else {
+    let kind @ (Inbound::Alive | Inbound::Metrics) = topics::kind_of(topic)? else {
         return None;
     };
     let id = wire::peek_proplet_id(payload)?;

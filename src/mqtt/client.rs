@@ -63,7 +63,7 @@ pub struct Message {
     pub topic: String,
     pub payload: bytes::Bytes,
     /// Its acknowledgement, sent when this is dropped: a handler that must act on the message first (a
-    /// result: its status write) takes it and keeps it until then.
+    /// result: its status write) takes it and keeps it until then. None for a message taken at most once.
     pub ack: std::cell::Cell<Option<Ack>>,
 }
 
@@ -235,11 +235,12 @@ impl MqttClient {
                             }
                             continue;
                         }
-                        let ack = ack();
+                        // At most once (heartbeats): nothing to acknowledge, so nothing is built.
+                        let ack = (p.qos != QoS::AtMostOnce).then(ack);
                         let msg = Message {
                             topic: p.topic,
                             payload: p.payload,
-                            ack: std::cell::Cell::new(Some(ack)),
+                            ack: std::cell::Cell::new(ack),
                         };
                         if tx.send(msg).await.is_err() {
                             debug!("MQTT receiver dropped; stopping the event loop");

@@ -110,6 +110,17 @@ impl Inbound {
 
 /// Splits `m/{domain}/c/{channel}/{suffix}` into the channel and the message kind.
 pub fn parse(topic: &str) -> Option<(Channel, Inbound)> {
+    let (domain, channel, kind) = split(topic)?;
+    Some((Channel::new(domain, channel), kind))
+}
+
+/// The kind of message a topic carries, read without copying its channel: a shard asks this of every
+/// message it hears, most of them another shard's.
+pub fn kind_of(topic: &str) -> Option<Inbound> {
+    split(topic).map(|(_, _, kind)| kind)
+}
+
+fn split(topic: &str) -> Option<(&str, &str, Inbound)> {
     let rest = topic.strip_prefix("m/")?;
     let (domain, rest) = rest.split_once("/c/")?;
     let (channel, suffix) = rest.split_once('/')?;
@@ -117,7 +128,7 @@ pub fn parse(topic: &str) -> Option<(Channel, Inbound)> {
         return None;
     }
     let kind = INBOUND.into_iter().find(|k| k.suffix() == suffix)?;
-    Some((Channel::new(domain, channel), kind))
+    Some((domain, channel, kind))
 }
 
 /// Whether a subscription filter (a channel's topic, or a pattern with `+` for the domain and channel)
@@ -136,6 +147,21 @@ mod tests {
         assert_eq!(ch, Channel::new("dom-1", "chan-1"));
         assert_eq!(kind, Inbound::Alive);
         assert_eq!(ch.start(), "m/dom-1/c/chan-1/control/manager/start");
+    }
+
+    #[test]
+    fn kind_of_agrees_with_parse() {
+        for topic in [
+            "m/dom-1/c/chan-1/control/proplet/alive",
+            "m/dom-1/c/chan-1/control/proplet/metrics",
+            "m/dom-1/c/chan-1/registry/proplet",
+            "m/dom-1/c/chan-1/control/manager/start",
+            "m/dom/1/c/chan-1/control/proplet/alive",
+            "m//c/chan-1/control/proplet/alive",
+            "fl/rounds/r1/updates/p1",
+        ] {
+            assert_eq!(kind_of(topic), parse(topic).map(|(_, k)| k), "{topic}");
+        }
     }
 
     #[test]

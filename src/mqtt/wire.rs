@@ -251,17 +251,22 @@ fn non_empty(v: &str, field: &'static str) -> Result<(), DecodeError> {
 /// plain string (no escapes). `None` when that is not certain; the caller then decodes the message.
 /// Lets a shard drop another shard's heartbeats cheaply (with one channel it hears every proplet's).
 pub fn peek_proplet_id(payload: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(payload).ok()?;
-    const KEY: &str = "\"proplet_id\"";
-    let at = text.find(KEY)?;
+    // Bytes, not text: only the id is checked for UTF-8 (a whole-payload check would touch every byte of
+    // every heartbeat another shard owns). The searcher is built once.
+    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"proplet_id\""));
+    let at = KEY.find(payload)? + KEY.needle().len();
     // A second occurrence could be a nested field: only an unambiguous key is trusted.
-    if text[at + KEY.len()..].contains(KEY) {
+    if KEY.find(&payload[at..]).is_some() {
         return None;
     }
-    let rest = text[at + KEY.len()..].trim_start().strip_prefix(':')?;
-    let rest = rest.trim_start().strip_prefix('"')?;
-    let end = rest.find(['"', '\\'])?;
-    (rest.as_bytes()[end] == b'"').then(|| &rest[..end])
+    let rest = payload[at..].trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 pub fn decode_alive(payload: &[u8]) -> Result<Alive, DecodeError> {
@@ -329,6 +334,8 @@ mod tests {
         );
         assert_eq!(peek_proplet_id(br#"{"proplet_id":7}"#), None);
         assert_eq!(peek_proplet_id(b"\xff\xfe"), None);
+        assert_eq!(peek_proplet_id(b"{\"proplet_id\":\"\xff\"}"), None);
+        assert_eq!(peek_proplet_id(b"{\"proplet_id\":\"a"), None);
         assert_eq!(peek_proplet_id(b"{}"), None);
     }
 

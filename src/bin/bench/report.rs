@@ -233,16 +233,18 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
         ),
         (
             format!(
-                "{:.0} proplets: largest shard's CPU ÷ single replica's",
-                num("shard_scale_proplets")
+                "{:.0} proplets: largest shard's CPU ÷ single replica's (the mean of one measured before the shards and one after: {})",
+                num("shard_scale_proplets"),
+                single_windows(results, "cpu_cores", "cores", 3)
             ),
             format!("{:.2}", num("shard_cpu_ratio")),
             format!("≤ 0.4: {}", ok(num("shard_cpu_ratio") <= 0.4)),
         ),
         (
             format!(
-                "{:.0} proplets: largest shard's peak RSS ÷ single replica's (current RSS)",
-                num("shard_scale_proplets")
+                "{:.0} proplets: largest shard's peak RSS ÷ single replica's (current RSS; the single replica's peak before and after: {})",
+                num("shard_scale_proplets"),
+                single_windows(results, "peak_rss_mib", "MiB", 0)
             ),
             format!(
                 "{:.2} ({:.2})",
@@ -382,4 +384,22 @@ fn sharding_block(results: &BTreeMap<&str, Value>) -> String {
         out.push_str("\nThe sharding rows come from `bench --sharded-only`; the rows above from the last full run.\n");
     }
     out
+}
+
+/// One field of the single replica's measuring windows (before and after the shards), as "a and b unit".
+fn single_windows(results: &BTreeMap<&str, Value>, key: &str, unit: &str, digits: usize) -> String {
+    let values: Vec<String> = results
+        .get("shard_scale_single_windows")
+        .and_then(Value::as_array)
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r[key].as_f64())
+                .map(|v| format!("{v:.digits$}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match values.as_slice() {
+        [] => "not measured".to_string(),
+        _ => format!("{} {unit}", values.join(" and ")),
+    }
 }

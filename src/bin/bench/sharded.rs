@@ -270,6 +270,45 @@ fn max_of(rows: &[Value], key: &str) -> f64 {
         .fold(f64::NAN, f64::max)
 }
 
+/// A single replica over the heartbeating fleet of `n` proplets in `ns`, measured for `window` once it
+/// runs them all and its start-up writes are over; then killed.
+async fn single_window(
+    b: &Bench,
+    ns: &str,
+    n: usize,
+    when: &str,
+    window: Duration,
+) -> anyhow::Result<Value> {
+    let mut single = Operator::start(&b.args.operator, b.cluster, &b.broker, &b.log)?;
+    single.ready().await?;
+    all_running(&b.client, ns, n, Duration::from_secs(600)).await?;
+    // Its first heartbeat from each proplet is news to it (10,000 status reads, some writes): over in
+    // about 30 s at 10,000 proplets.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    eprintln!(
+        "scale: measuring the single replica ({when} the shards) for {} s",
+        window.as_secs()
+    );
+    let row = usage_over(&[&single], window).await?;
+    single.kill();
+    row.into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no usage measured for the single replica"))
+}
+
+/// The mean of two usage rows of one kind of replica, field by field.
+fn mean_row(a: &Value, b: &Value) -> Value {
+    let mut out = a.clone();
+    if let (Some(o), Some(bo)) = (out.as_object_mut(), b.as_object()) {
+        for (k, v) in o.iter_mut() {
+            if let (Some(x), Some(y)) = (v.as_f64(), bo.get(k).and_then(Value::as_f64)) {
+                *v = json!((x + y) / 2.0);
+            }
+        }
+    }
+    out
+}
+
 /// Heartbeats for `ids` (channel `per_channel` as they were created) until aborted.
 fn beat(b: &Bench, ids: &[String], per_channel: usize) -> tokio::task::JoinHandle<()> {
     tokio::spawn(heartbeat_swarm(
@@ -321,16 +360,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     make_proplets(&b.client, &ns, &ids, &b.broker, PER_CHANNEL).await?;
     let mut hb = beat(b, &ids, PER_CHANNEL);
     let window = Duration::from_secs(b.args.shard_window_seconds);
-    let mut single = Operator::start(&b.args.operator, b.cluster, &b.broker, &b.log)?;
-    single.ready().await?;
-    all_running(&b.client, &ns, ids.len(), Duration::from_secs(600)).await?;
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    eprintln!(
-        "scale: measuring the single replica for {} s",
-        window.as_secs()
-    );
-    let single_row = usage_over(&[&single], window).await?;
-    single.kill();
+    let first_single = single_window(b, &ns, ids.len(), "before", window).await?;
     let mut ops = start_shards(b, &lease_ns).await?;
     settle(b, &ns, ids.len(), &live, true, Duration::from_secs(600)).await?;
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -342,9 +372,17 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let after = apiserver_writes(&b.client).await?;
     let per_min = operator_writes(&before, &after, 0.0)
         / (ids.len() as f64 * t0.elapsed().as_secs_f64() / 60.0);
+    let leading = leader(&ops).await.map(identity);
+    // The single replica again, after the shards: the shards are compared with the mean of the two, so
+    // that a drift of the machine over the run (a single replica's CPU moved by a quarter between runs)
+    // does not fall on one side only.
+    for op in &mut ops {
+        op.kill();
+    }
+    let last_single = single_window(b, &ns, ids.len(), "after", window).await?;
+    let single_row = vec![mean_row(&first_single, &last_single)];
     let ratio = |key: &str| max_of(&rows, key) / max_of(&single_row, key);
     // The leader's extra work (its view of every Proplet, the ring over them) apart from a shard's own.
-    let leading = leader(&ops).await.map(identity);
     let followers: Vec<Value> = rows
         .iter()
         .filter(|r| r["identity"].as_str() != leading.as_deref())
@@ -361,6 +399,10 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     );
     b.results.insert("shard_scale_proplets", json!(ids.len()));
     b.results.insert("shard_scale_single", json!(single_row));
+    b.results.insert(
+        "shard_scale_single_windows",
+        json!([first_single, last_single]),
+    );
     b.results.insert("shard_scale_shards", json!(rows));
     b.results
         .insert("shard_cpu_ratio", json!(ratio("cpu_cores")));
@@ -387,13 +429,13 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .insert("shard_writes_per_proplet_minute", json!(per_min));
     if b.args.shard_scale_only {
         hb.abort();
-        for op in &mut ops {
-            op.terminate(Duration::from_secs(60)).await;
-        }
         b.cluster.delete_namespace(&b.client, &ns).await;
         b.cluster.delete_namespace(&b.client, &lease_ns).await;
         return Ok(());
     }
+    // The shards back for the rest, under the same names: each takes up its own Lease again.
+    let mut ops = start_shards(b, &lease_ns).await?;
+    settle(b, &ns, ids.len(), &live, true, Duration::from_secs(600)).await?;
 
     // 4. Failover: a follower killed (SIGKILL) with default Lease timings; each of its proplets' move
     // (kill → labelled with a live shard) timed by a watch, the first one being when its Lease was taken.
