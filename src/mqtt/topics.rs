@@ -134,7 +134,7 @@ fn split(topic: &str) -> Option<(&str, &str, Inbound)> {
 /// Whether a subscription filter (a channel's topic, or a pattern with `+` for the domain and channel)
 /// names periodic messages (see [`Inbound::periodic`]).
 pub fn periodic_filter(filter: &str) -> bool {
-    parse(filter).is_some_and(|(_, kind)| kind.periodic())
+    kind_of(filter).is_some_and(Inbound::periodic)
 }
 
 #[cfg(test)]
