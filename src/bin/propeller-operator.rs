@@ -3,20 +3,16 @@ use clap::Parser;
 use propeller_operator::config::OperatorConfig;
 
 fn main() {
+    // Before the runtime starts its threads: the allocator is set up while this is the only one.
     keep_large_blocks_apart();
+    serve();
+}
+
+#[tokio::main]
+async fn serve() {
     let config = OperatorConfig::parse();
     init_logging(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "the async runtime did not start");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = runtime.block_on(propeller_operator::run::run(config)) {
+    if let Err(e) = propeller_operator::run::run(config).await {
         tracing::error!(error = %format!("{e:#}"), "operator failed");
         std::process::exit(1);
     }
