@@ -3,7 +3,7 @@
 //! ring's members; as leader, it fences shards that went silent by taking their Lease. A replica that
 //! cannot renew its shard Lease within the renew deadline stops acting at once and halts (its successor
 //! starts clean, as controller-runtime's managers do); one that loses the leadership steps back.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -85,6 +85,7 @@ pub fn spawn(
         metrics: Arc::clone(&metrics),
         observed: Observed::default(),
         known: BTreeMap::new(),
+        takeovers: HashMap::new(),
         _watch: watch,
         renewed: None,
         acting_from: None,
@@ -182,6 +183,9 @@ struct Loop {
     observed: Observed,
     /// The ring's Leases by name, as last listed or watched.
     known: BTreeMap<String, Lease>,
+    /// The takeover records on fenced Leases, read: each is read again only when it changes (a record's
+    /// ring is dear to build, and the Leases are judged every retry period).
+    takeovers: HashMap<String, Takeover>,
     _watch: AbortOnDrop,
     /// When the shard Lease was last renewed.
     renewed: Option<Instant>,
@@ -433,12 +437,18 @@ impl Loop {
                 .set(n as i64);
         }
         self.metrics.shards.ring_members.set(members as i64);
+        let mut read = std::mem::take(&mut self.takeovers);
         let takeovers = states
             .iter()
             .filter(|(n, s)| *s == State::Dead && n != &self.settings.identity)
             .filter_map(|(n, _)| {
-                let lease = self.known.get(&shard_lease_name(n))?;
-                Some((n.clone(), Takeover::parse(takeover_record(lease)?)?))
+                let record = takeover_record(self.known.get(&shard_lease_name(n))?)?;
+                let takeover = match read.remove(record) {
+                    Some(t) => t,
+                    None => Takeover::parse(record)?,
+                };
+                self.takeovers.insert(record.to_string(), takeover.clone());
+                Some((n.clone(), takeover))
             })
             .collect();
         // A shard silent for a renew deadline has stopped acting; it is fenced at its expiry. Its objects
@@ -460,12 +470,11 @@ impl Loop {
         self.ownership.set_states(states.clone());
 
         if self.ownership.is_leader() {
-            let ring: Vec<String> = states
+            let ring = states
                 .iter()
                 .filter(|(_, s)| s.is_member())
-                .map(|(n, _)| n.clone())
-                .collect();
-            let record = Takeover::new(self.settings.shard_by, ring).record();
+                .map(|(n, _)| n.clone());
+            let record = Takeover::record_of(self.settings.shard_by, ring);
             // Never our own: if it expired, our own renewal is failing and we stop acting anyway.
             for (shard, _) in states
                 .iter()

@@ -84,6 +84,9 @@ pub struct Shard {
     owned: RwLock<Owned>,
     /// Every shard with a Lease, with its state, sorted.
     states: RwLock<Vec<(String, members::State)>>,
+    /// The ring of the members in `states`, built when they change (a ring of 1,000 virtual nodes per
+    /// member is too dear to build per decision).
+    ring: RwLock<Arc<ring::Ring>>,
     /// Fenced shards whose Lease records how their proplets are taken over.
     takeovers: RwLock<HashMap<String, takeover::Known>>,
     /// Shards silent for a renew deadline (they stopped acting) but not fenced yet: their objects are
@@ -183,6 +186,10 @@ impl Ownership {
                 leader: AtomicBool::new(false),
                 owned: RwLock::new(Owned::default()),
                 states: RwLock::new(Vec::new()),
+                ring: RwLock::new(Arc::new(ring::Ring::new(
+                    Vec::<String>::new(),
+                    ring::VIRTUAL_NODES,
+                ))),
                 takeovers: RwLock::new(HashMap::new()),
                 silent: RwLock::new(BTreeSet::new()),
                 changes: tokio::sync::watch::Sender::new(0),
@@ -288,11 +295,7 @@ impl Ownership {
     pub fn owns_key(&self, key: &str) -> bool {
         match &self.shard {
             None => true,
-            Some(s) => {
-                self.may_act()
-                    && ring::Ring::new(self.members(), ring::VIRTUAL_NODES).owner(key)
-                        == Some(s.identity.as_str())
-            }
+            Some(s) => self.may_act() && self.ring().owner(key) == Some(s.identity.as_str()),
         }
     }
 
@@ -314,11 +317,15 @@ impl Ownership {
 
     /// The live shards (the ring's members), sorted.
     pub fn members(&self) -> Vec<String> {
-        self.states()
-            .into_iter()
-            .filter(|(_, s)| s.is_member())
-            .map(|(n, _)| n)
-            .collect()
+        member_names(&self.states())
+    }
+
+    /// The ring of the live shards, as of the last change of members (empty for a single replica).
+    pub fn ring(&self) -> Arc<ring::Ring> {
+        self.shard
+            .as_ref()
+            .and_then(|s| s.ring.read().ok().map(|r| Arc::clone(&r)))
+            .unwrap_or_else(|| Arc::new(ring::Ring::new(Vec::<String>::new(), 1)))
     }
 
     /// How many clientIds this shard owns now.
@@ -358,6 +365,12 @@ impl Ownership {
             && let Ok(mut m) = s.states.write()
             && *m != states
         {
+            let members = member_names(&states);
+            if members != member_names(&m)
+                && let Ok(mut r) = s.ring.write()
+            {
+                *r = Arc::new(ring::Ring::new(members, ring::VIRTUAL_NODES));
+            }
             *m = states;
             s.changes.send_modify(|n| *n += 1);
         }
@@ -497,6 +510,15 @@ impl Ownership {
     }
 }
 
+/// The ring's members among shards and their states.
+fn member_names(states: &[(String, members::State)]) -> Vec<String> {
+    states
+        .iter()
+        .filter(|(_, s)| s.is_member())
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 /// The label selector of what a shard watches.
 pub fn own_selector(identity: &str) -> String {
     format!("{SHARD_LABEL}={identity}")
@@ -527,6 +549,35 @@ mod tests {
         let o = Ownership::single();
         assert!(["a", "proplet-1", ""].iter().all(|c| o.owns_client(c)));
         assert!(o.is_leader() && o.may_act());
+    }
+
+    #[test]
+    fn the_ring_is_rebuilt_when_the_members_change_and_only_then() {
+        use members::State::{Expired, Ready};
+        let o = Ownership::sharded("a", Duration::from_secs(10));
+        o.renewed(Instant::now());
+        assert!(o.ring().members().is_empty());
+        assert!(!o.owns_key("k"), "no ring, no key");
+        o.set_states(vec![("a".into(), Ready), ("b".into(), Ready)]);
+        let two = o.ring();
+        assert_eq!(two.members(), ["a", "b"]);
+        o.set_states(vec![
+            ("a".into(), Ready),
+            ("b".into(), Ready),
+            ("c".into(), Expired),
+        ]);
+        assert!(
+            Arc::ptr_eq(&two, &o.ring()),
+            "a shard that is no member changes no ring"
+        );
+        let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+        let ours = keys.iter().filter(|k| o.owns_key(k)).count();
+        assert!(ours > 0 && ours < keys.len(), "{ours} of 200");
+        o.set_states(vec![("a".into(), Ready)]);
+        assert_eq!(o.ring().members(), ["a"]);
+        assert!(keys.iter().all(|k| o.owns_key(k)));
+        o.revoke();
+        assert!(!o.owns_key("k0"), "no key without a fresh Lease");
     }
 
     fn proplet(name: &str, client: &str, labels: &[(&str, &str)]) -> Proplet {

@@ -4,6 +4,7 @@
 //! shard's Proplets that this ring places on it; the leader relabels them to the same shards in the
 //! background. One record, read by all, so every survivor computes the same owner for each proplet: no
 //! proplet is owned twice, and none waits for its relabel. See docs/sharding.md.
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
@@ -32,24 +33,32 @@ pub fn channel_key(domain: Option<&str>, channel: &str) -> Option<String> {
 #[derive(Clone, Debug)]
 pub struct Takeover {
     by: ShardBy,
-    ring: Ring,
+    ring: Arc<Ring>,
 }
 
 impl Takeover {
     pub fn new(by: ShardBy, members: impl IntoIterator<Item = String>) -> Takeover {
         Takeover {
             by,
-            ring: Ring::new(members, VIRTUAL_NODES),
+            ring: Arc::new(Ring::new(members, VIRTUAL_NODES)),
         }
     }
 
     /// The annotation's value.
     pub fn record(&self) -> String {
-        let by = match self.by {
+        Takeover::record_of(self.by, self.ring.members().iter().cloned())
+    }
+
+    /// The annotation's value for a ring of these members, without building the ring.
+    pub fn record_of(by: ShardBy, members: impl IntoIterator<Item = String>) -> String {
+        let by = match by {
             ShardBy::ClientId => "client-id",
             ShardBy::Channel => "channel",
         };
-        format!("{by}:{}", self.ring.members().join(","))
+        let mut members: Vec<String> = members.into_iter().collect();
+        members.sort();
+        members.dedup();
+        format!("{by}:{}", members.join(","))
     }
 
     /// Reads a record; None if it is not one (an older operator's fence carries none: its proplets then
@@ -112,6 +121,10 @@ mod tests {
     fn a_record_reads_back_as_the_same_ring() {
         let t = Takeover::new(ShardBy::Channel, ["b".to_string(), "a".to_string()]);
         assert_eq!(t.record(), "channel:a,b");
+        assert_eq!(
+            Takeover::record_of(ShardBy::Channel, ["b", "a", "b"].map(String::from)),
+            t.record()
+        );
         let back = Takeover::parse(&t.record()).expect("parses");
         assert_eq!(back.by(), ShardBy::Channel);
         for i in 0..200 {

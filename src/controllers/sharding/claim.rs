@@ -13,7 +13,7 @@ use super::labels::{Guard, patch_meta};
 use crate::api::task::Task;
 use crate::context::Context;
 use crate::error::Result;
-use crate::sharding::ring::{Ring, VIRTUAL_NODES};
+use crate::sharding::ring::Ring;
 use crate::sharding::{PASSED_ANNOTATION, SHARD_LABEL, shard_of};
 
 /// How much later each next shard in a task's order may claim it.
@@ -47,8 +47,7 @@ pub fn passed_by(task: &Task) -> Vec<String> {
 
 /// The shards in the order they may claim `task`: the ring's order for its key, without those that
 /// passed it on (all of them again once every member has).
-pub fn claim_order(task: &Task, members: &[String]) -> Vec<String> {
-    let ring = Ring::new(members.iter().cloned(), VIRTUAL_NODES);
+pub fn claim_order(task: &Task, ring: &Ring) -> Vec<String> {
     let passed = passed_by(task);
     let order: Vec<String> = ring
         .preference(&claim_key(task))
@@ -70,8 +69,7 @@ pub async fn reconcile(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action> {
     if shard_of(task.as_ref()).is_some() || task.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let members = ctx.ownership.members();
-    let order = claim_order(&task, &members);
+    let order = claim_order(&task, &ctx.ownership.ring());
     let Some(rank) = order.iter().position(|s| s == me) else {
         return Ok(Action::requeue(ctx.config.retry_period.0));
     };
@@ -151,6 +149,7 @@ pub async fn pass(task: &Task, ctx: &Context) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::api::task::TaskSpec;
+    use crate::sharding::ring::VIRTUAL_NODES;
 
     fn task(uid: &str, passed: Option<&str>) -> Task {
         let spec: TaskSpec =
@@ -166,22 +165,27 @@ mod tests {
     #[test]
     fn every_member_has_a_rank_and_those_that_passed_go_last_or_not_at_all() {
         let members: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let order = claim_order(&task("u1", None), &members);
+        let members_ring = Ring::new(members.clone(), VIRTUAL_NODES);
+        let order = claim_order(&task("u1", None), &members_ring);
         let mut sorted = order.clone();
         sorted.sort();
         assert_eq!(sorted, members);
         let first = order[0].clone();
-        let after = claim_order(&task("u1", Some(&first)), &members);
+        let after = claim_order(&task("u1", Some(&first)), &members_ring);
         assert_eq!(after.len(), 2);
         assert!(!after.contains(&first));
-        assert_eq!(claim_order(&task("u1", Some("a,b,c")), &members).len(), 3);
+        assert_eq!(
+            claim_order(&task("u1", Some("a,b,c")), &members_ring).len(),
+            3
+        );
     }
 
     #[test]
     fn tasks_spread_over_the_members() {
         let members: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let ring = Ring::new(members.clone(), VIRTUAL_NODES);
         let firsts: Vec<String> = (0..300)
-            .map(|i| claim_order(&task(&format!("uid-{i}"), None), &members)[0].clone())
+            .map(|i| claim_order(&task(&format!("uid-{i}"), None), &ring)[0].clone())
             .collect();
         for m in &members {
             let n = firsts.iter().filter(|f| *f == m).count();
