@@ -36,11 +36,25 @@ pub struct Takeover {
     ring: Arc<Ring>,
 }
 
+/// The virtual nodes of a record that names none: those of the operators that wrote such records.
+const UNNAMED_VIRTUAL_NODES: usize = 100;
+/// The most virtual nodes a record may ask for (a record is read by every replica and each builds its
+/// ring).
+const MAX_VIRTUAL_NODES: usize = 10_000;
+
 impl Takeover {
     pub fn new(by: ShardBy, members: impl IntoIterator<Item = String>) -> Takeover {
+        Takeover::with_virtual_nodes(by, VIRTUAL_NODES, members)
+    }
+
+    fn with_virtual_nodes(
+        by: ShardBy,
+        virtual_nodes: usize,
+        members: impl IntoIterator<Item = String>,
+    ) -> Takeover {
         Takeover {
             by,
-            ring: Arc::new(Ring::new(members, VIRTUAL_NODES)),
+            ring: Arc::new(Ring::new(members, virtual_nodes)),
         }
     }
 
@@ -49,7 +63,11 @@ impl Takeover {
         Takeover::record_of(self.by, self.ring.members().iter().cloned())
     }
 
-    /// The annotation's value for a ring of these members, without building the ring.
+    /// The annotation's value for a ring of these members, without building the ring:
+    /// `client-id/1000:a,b` (what the ring hashes, its virtual nodes per shard, its members). The virtual
+    /// nodes are named because every survivor must compute the same owner for each proplet, also while
+    /// replicas of two versions run side by side: an operator that does not know the form reads no record
+    /// (its proplets wait for their relabel), and a record without them was written with 100.
     pub fn record_of(by: ShardBy, members: impl IntoIterator<Item = String>) -> String {
         let by = match by {
             ShardBy::ClientId => "client-id",
@@ -58,13 +76,20 @@ impl Takeover {
         let mut members: Vec<String> = members.into_iter().collect();
         members.sort();
         members.dedup();
-        format!("{by}:{}", members.join(","))
+        format!("{by}/{VIRTUAL_NODES}:{}", members.join(","))
     }
 
     /// Reads a record; None if it is not one (an older operator's fence carries none: its proplets then
     /// wait for their relabel).
     pub fn parse(record: &str) -> Option<Takeover> {
-        let (by, members) = record.split_once(':')?;
+        let (ring, members) = record.split_once(':')?;
+        let (by, virtual_nodes) = match ring.split_once('/') {
+            Some((by, n)) => (by, n.parse().ok()?),
+            None => (ring, UNNAMED_VIRTUAL_NODES),
+        };
+        if !(1..=MAX_VIRTUAL_NODES).contains(&virtual_nodes) {
+            return None;
+        }
         let by = match by {
             "client-id" => ShardBy::ClientId,
             "channel" => ShardBy::Channel,
@@ -75,7 +100,7 @@ impl Takeover {
             .filter(|m| !m.is_empty())
             .map(str::to_string)
             .collect();
-        (!members.is_empty()).then(|| Takeover::new(by, members))
+        (!members.is_empty()).then(|| Takeover::with_virtual_nodes(by, virtual_nodes, members))
     }
 
     /// The shard this ring places a proplet at `position` on.
@@ -120,7 +145,7 @@ mod tests {
     #[test]
     fn a_record_reads_back_as_the_same_ring() {
         let t = Takeover::new(ShardBy::Channel, ["b".to_string(), "a".to_string()]);
-        assert_eq!(t.record(), "channel:a,b");
+        assert_eq!(t.record(), format!("channel/{VIRTUAL_NODES}:a,b"));
         assert_eq!(
             Takeover::record_of(ShardBy::Channel, ["b", "a", "b"].map(String::from)),
             t.record()
@@ -134,6 +159,32 @@ mod tests {
         assert!(Takeover::parse("client-id:").is_none(), "no member");
         assert!(Takeover::parse("nonsense").is_none());
         assert!(Takeover::parse("by-zone:a").is_none());
+        assert!(
+            Takeover::parse("client-id/0:a").is_none(),
+            "no virtual node"
+        );
+        assert!(Takeover::parse("client-id/many:a").is_none());
+        assert!(Takeover::parse("client-id/1000000:a").is_none(), "too dear");
+    }
+
+    /// A record written before records named their virtual nodes was computed with 100: a survivor of
+    /// this version reads it as its writer meant it, so old and new survivors agree on every owner.
+    #[test]
+    fn a_record_without_virtual_nodes_is_read_with_the_hundred_it_was_written_with() {
+        let members = ["a", "b", "c"].map(String::from);
+        let old = Takeover::parse("client-id:a,b,c").expect("parses");
+        let hundred = Ring::new(members.clone(), 100);
+        let now = Takeover::new(ShardBy::ClientId, members);
+        let mut differ = 0;
+        for i in 0..500 {
+            let key = format!("client-{i}");
+            assert_eq!(old.owner_at(&key), hundred.owner(&key), "{key}");
+            differ += usize::from(old.owner_at(&key) != now.owner_at(&key));
+        }
+        assert!(
+            differ > 0,
+            "the two rings differ, so the record must say which"
+        );
     }
 
     #[test]

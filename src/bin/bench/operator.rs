@@ -109,6 +109,14 @@ impl Operator {
         } else {
             "127.0.0.1"
         };
+        // One runtime worker, as in a deployed pod: the manifests limit it to 1 CPU, and tokio starts one
+        // worker per CPU the process may use. On this 2-core host it would start two, whose hand-offs cost
+        // a lightly loaded operator a fifth of its CPU (docs/benchmarks.md). `BENCH_OPERATOR_WORKERS=0`
+        // leaves tokio's default.
+        let workers = std::env::var("BENCH_OPERATOR_WORKERS").unwrap_or_else(|_| "1".into());
+        if workers != "0" {
+            cmd.env("TOKIO_WORKER_THREADS", workers);
+        }
         cmd.env("KUBECONFIG", &kubeconfig)
             .env(
                 "RUST_LOG",
