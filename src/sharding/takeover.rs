@@ -33,6 +33,7 @@ pub fn channel_key(domain: Option<&str>, channel: &str) -> Option<String> {
 #[derive(Clone, Debug)]
 pub struct Takeover {
     by: ShardBy,
+    virtual_nodes: usize,
     ring: Arc<Ring>,
 }
 
@@ -54,13 +55,18 @@ impl Takeover {
     ) -> Takeover {
         Takeover {
             by,
+            virtual_nodes,
             ring: Arc::new(Ring::new(members, virtual_nodes)),
         }
     }
 
     /// The annotation's value.
     pub fn record(&self) -> String {
-        Takeover::record_of(self.by, self.ring.members().iter().cloned())
+        format_record(
+            self.by,
+            self.virtual_nodes,
+            self.ring.members().iter().cloned(),
+        )
     }
 
     /// The annotation's value for a ring of these members, without building the ring:
@@ -69,14 +75,7 @@ impl Takeover {
     /// replicas of two versions run side by side: an operator that does not know the form reads no record
     /// (its proplets wait for their relabel), and a record without them was written with 100.
     pub fn record_of(by: ShardBy, members: impl IntoIterator<Item = String>) -> String {
-        let by = match by {
-            ShardBy::ClientId => "client-id",
-            ShardBy::Channel => "channel",
-        };
-        let mut members: Vec<String> = members.into_iter().collect();
-        members.sort();
-        members.dedup();
-        format!("{by}/{VIRTUAL_NODES}:{}", members.join(","))
+        format_record(by, VIRTUAL_NODES, members)
     }
 
     /// Reads a record; None if it is not one (an older operator's fence carries none: its proplets then
@@ -120,6 +119,21 @@ impl Takeover {
     pub fn by(&self) -> ShardBy {
         self.by
     }
+}
+
+fn format_record(
+    by: ShardBy,
+    virtual_nodes: usize,
+    members: impl IntoIterator<Item = String>,
+) -> String {
+    let by = match by {
+        ShardBy::ClientId => "client-id",
+        ShardBy::Channel => "channel",
+    };
+    let mut members: Vec<String> = members.into_iter().collect();
+    members.sort();
+    members.dedup();
+    format!("{by}/{virtual_nodes}:{}", members.join(","))
 }
 
 /// A takeover as a survivor knows it: the record, and when a list of the Leases last showed the shard
@@ -173,6 +187,11 @@ mod tests {
     fn a_record_without_virtual_nodes_is_read_with_the_hundred_it_was_written_with() {
         let members = ["a", "b", "c"].map(String::from);
         let old = Takeover::parse("client-id:a,b,c").expect("parses");
+        assert_eq!(
+            old.record(),
+            "client-id/100:a,b,c",
+            "it says what it was read as"
+        );
         let hundred = Ring::new(members.clone(), 100);
         let now = Takeover::new(ShardBy::ClientId, members);
         let mut differ = 0;
