@@ -1,5 +1,5 @@
 //! The ring that spreads proplets over shards: consistent hashing of the clientId with virtual nodes, and
-//! bounded load (no shard holds more than ⌈c × average⌉; Mirrokni, Thorup and Zadimoghaddam, 2017). Adding or
+//! bounded load (no shard holds more than ⌈c × average⌉ + 2; Mirrokni, Thorup and Zadimoghaddam, 2017). Adding or
 //! removing one of N shards moves about 1/N of the proplets. Pure: the same members and keys give the same
 //! assignment on every replica.
 use std::collections::BTreeMap;
@@ -19,6 +19,12 @@ pub const VIRTUAL_NODES: usize = 1000;
 /// moves about 1/N (the property tests below). What it costs: an assignment that binds shifts a few
 /// proplets as the fleet grows.
 pub const LOAD_FACTOR: f64 = 1.05;
+/// Proplets a shard may hold over ⌈[`LOAD_FACTOR`] × average⌉. In a small fleet that bound leaves no room for
+/// the spread of a few dozen hashes: with 24 proplets on 4 shards it is 7, and a fourth shard joining 3
+/// pushed proplets on from one full shard to the next (4 % of joins moved more than 3 over those the new
+/// shard took, once 13 of 24). Two more is nothing at the sizes the bound is for (3,500 of 10,000) and
+/// left no such join in 4,000 tried.
+pub const LOAD_SLACK: usize = 2;
 
 /// What the shard ring hashes.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -85,7 +91,7 @@ impl Ring {
         self.walk(key).next().map(|m| self.members[m].as_str())
     }
 
-    /// Every key's member, with no member over ⌈`load_factor` × keys ÷ members⌉: a key whose member is full
+    /// Every key's member, with no member over ⌈`load_factor` × keys ÷ members⌉ + [`LOAD_SLACK`]: a key whose member is full
     /// goes to the next member clockwise. Keys are placed in the order of their hash, so the result does
     /// not depend on the order they are given in.
     pub fn assign<'k>(
@@ -116,10 +122,11 @@ impl Ring {
             return out;
         }
         let capacity = ((load_factor.max(1.0) * keys.len() as f64) / self.members.len() as f64)
-            .ceil() as usize;
+            .ceil() as usize
+            + LOAD_SLACK;
         let mut load = vec![0usize; self.members.len()];
         for (_, _, key, group) in keys {
-            if let Some(m) = self.walk(group).find(|m| load[*m] < capacity.max(1)) {
+            if let Some(m) = self.walk(group).find(|m| load[*m] < capacity) {
                 load[m] += 1;
                 out.insert(key.to_string(), self.members[m].clone());
             }
@@ -151,7 +158,7 @@ mod tests {
         let ks = keys(1000, 1);
         let a = ring.assign(ks.iter().map(String::as_str), LOAD_FACTOR);
         assert_eq!(a.len(), 1000);
-        let bound = (LOAD_FACTOR * 1000.0 / 3.0).ceil() as usize;
+        let bound = (LOAD_FACTOR * 1000.0 / 3.0).ceil() as usize + LOAD_SLACK;
         for s in ring.members() {
             let load = a.values().filter(|m| *m == s).count();
             assert!(load <= bound, "{s}: {load} > {bound}");
@@ -173,7 +180,7 @@ mod tests {
     #[test]
     fn grouped_keys_stay_together_unless_their_member_is_full() {
         let ring = Ring::new(shards(3), VIRTUAL_NODES);
-        // 30 groups of 10: a member holds at most ⌈1.05 × 100⌉ = 105, so at most one group per member
+        // 30 groups of 10: a member holds at most ⌈1.05 × 100⌉ + 2 = 107, so at most one group per member
         // is split where that member filled up.
         let pairs: Vec<(String, String)> = (0..300)
             .map(|i| (format!("channel-{}", i % 30), format!("proplet-{i}")))
@@ -193,7 +200,7 @@ mod tests {
             "{split} groups split: {members_of:?}"
         );
         for s in ring.members() {
-            assert!(a.values().filter(|m| *m == s).count() <= 105);
+            assert!(a.values().filter(|m| *m == s).count() <= 107);
         }
         let reversed = ring.assign_grouped(
             pairs.iter().rev().map(|(g, k)| (g.as_str(), k.as_str())),
@@ -206,6 +213,31 @@ mod tests {
             ring.assign_grouped(ks.iter().map(|k| (k.as_str(), k.as_str())), LOAD_FACTOR),
             ring.assign(ks.iter().map(String::as_str), LOAD_FACTOR)
         );
+    }
+
+    /// A small fleet: a fourth shard joining takes its share and the bound pushes few others around. Without
+    /// [`LOAD_SLACK`], 4 % of these joins moved more than 3 proplets besides those the new shard took.
+    #[test]
+    fn a_shard_joining_a_small_fleet_moves_little_besides_its_share() {
+        let ks: Vec<String> = (0..24).map(|i| format!("join-c{i}")).collect();
+        for seed in 0..400u64 {
+            let first = format!(
+                "operator-join-{:06x}",
+                xxh64(&seed.to_le_bytes(), 1) & 0xff_ffff
+            );
+            let three = vec![first, "join-b".to_string(), "join-c".to_string()];
+            let four = [three.clone(), vec!["join-d".to_string()]].concat();
+            let before =
+                Ring::new(three, VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let after =
+                Ring::new(four, VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let taken = after.values().filter(|m| *m == "join-d").count();
+            let moved = moved(&before, &after);
+            assert!(
+                moved <= taken + 3,
+                "{moved} moved for {taken} taken by the new shard: {before:?} → {after:?}"
+            );
+        }
     }
 
     proptest! {
