@@ -1,6 +1,6 @@
 //! The ring that spreads proplets over shards: consistent hashing of the clientId with virtual nodes, and
-//! bounded load (no shard holds more than ⌈c × average⌉ + 2; Mirrokni, Thorup and Zadimoghaddam, 2017). Adding or
-//! removing one of N shards moves about 1/N of the proplets. Pure: the same members and keys give the same
+//! bounded load (no shard holds more than ⌈c × average⌉ + 2; Mirrokni, Thorup and Zadimoghaddam, 2017).
+//! Adding or removing one of N shards moves about 1/N of the proplets. Pure: the same members and keys give the same
 //! assignment on every replica.
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -91,9 +91,9 @@ impl Ring {
         self.walk(key).next().map(|m| self.members[m].as_str())
     }
 
-    /// Every key's member, with no member over ⌈`load_factor` × keys ÷ members⌉ + [`LOAD_SLACK`]: a key whose member is full
-    /// goes to the next member clockwise. Keys are placed in the order of their hash, so the result does
-    /// not depend on the order they are given in.
+    /// Every key's member, with no member over ⌈`load_factor` × keys ÷ members⌉ + [`LOAD_SLACK`]: a key
+    /// whose member is full goes to the next member clockwise. Keys are placed in the order of their hash,
+    /// so the result does not depend on the order they are given in.
     pub fn assign<'k>(
         &self,
         keys: impl IntoIterator<Item = &'k str>,
