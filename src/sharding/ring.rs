@@ -98,7 +98,7 @@ impl Ring {
         &self,
         keys: impl IntoIterator<Item = &'k str>,
         load_factor: f64,
-    ) -> BTreeMap<String, String> {
+    ) -> BTreeMap<&'k str, &str> {
         self.assign_grouped(keys.into_iter().map(|k| (k, k)), load_factor)
     }
 
@@ -110,7 +110,7 @@ impl Ring {
         &self,
         keys: impl IntoIterator<Item = (&'k str, &'k str)>,
         load_factor: f64,
-    ) -> BTreeMap<String, String> {
+    ) -> BTreeMap<&'k str, &str> {
         let mut keys: Vec<(u64, u64, &str, &str)> = keys
             .into_iter()
             .map(|(g, k)| (hash(g), hash(k), k, g))
@@ -128,7 +128,8 @@ impl Ring {
         for (_, _, key, group) in keys {
             if let Some(m) = self.walk(group).find(|m| load[*m] < capacity) {
                 load[m] += 1;
-                out.insert(key.to_string(), self.members[m].clone());
+                // Borrowed, not copied: the leader's plan assigns every Proplet of the fleet.
+                out.insert(key, self.members[m].as_str());
             }
         }
         out
@@ -146,6 +147,13 @@ mod tests {
 
     fn keys(n: usize, seed: u64) -> Vec<String> {
         (0..n).map(|i| format!("proplet-{seed}-{i}")).collect()
+    }
+
+    /// An assignment that outlives its ring.
+    fn owned(a: BTreeMap<&str, &str>) -> BTreeMap<String, String> {
+        a.into_iter()
+            .map(|(k, m)| (k.to_string(), m.to_string()))
+            .collect()
     }
 
     fn moved(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> usize {
@@ -190,9 +198,12 @@ mod tests {
             LOAD_FACTOR,
         );
         assert_eq!(a.len(), 300);
-        let mut members_of: BTreeMap<&str, std::collections::BTreeSet<&String>> = BTreeMap::new();
+        let mut members_of: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
         for (g, k) in &pairs {
-            members_of.entry(g.as_str()).or_default().insert(&a[k]);
+            members_of
+                .entry(g.as_str())
+                .or_default()
+                .insert(a[k.as_str()]);
         }
         let split = members_of.values().filter(|m| m.len() > 1).count();
         assert!(
@@ -227,10 +238,12 @@ mod tests {
             );
             let three = vec![first, "join-b".to_string(), "join-c".to_string()];
             let four = [three.clone(), vec!["join-d".to_string()]].concat();
-            let before =
-                Ring::new(three, VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
-            let after =
-                Ring::new(four, VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let before = owned(
+                Ring::new(three, VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR),
+            );
+            let after = owned(
+                Ring::new(four, VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR),
+            );
             let taken = after.values().filter(|m| *m == "join-d").count();
             let moved = moved(&before, &after);
             assert!(
@@ -248,14 +261,14 @@ mod tests {
         #[test]
         fn a_shard_joining_or_leaving_moves_about_one_nth(n in 2usize..8, seed in 0u64..1000) {
             let ks = keys(2000, seed);
-            let before = Ring::new(shards(n), VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
-            let after = Ring::new(shards(n + 1), VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let before = owned(Ring::new(shards(n), VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR));
+            let after = owned(Ring::new(shards(n + 1), VIRTUAL_NODES).assign(ks.iter().map(String::as_str), LOAD_FACTOR));
             let fraction = moved(&before, &after) as f64 / ks.len() as f64;
             let ideal = 1.0 / (n + 1) as f64;
             prop_assert!(fraction >= 0.5 * ideal && fraction <= 2.0 * ideal,
                 "joining: {fraction:.3} moved, ideal {ideal:.3}");
-            let fewer = Ring::new(shards(n + 1).into_iter().skip(1), VIRTUAL_NODES)
-                .assign(ks.iter().map(String::as_str), LOAD_FACTOR);
+            let fewer = owned(Ring::new(shards(n + 1).into_iter().skip(1), VIRTUAL_NODES)
+                .assign(ks.iter().map(String::as_str), LOAD_FACTOR));
             let fraction = moved(&after, &fewer) as f64 / ks.len() as f64;
             prop_assert!(fraction >= 0.5 * ideal && fraction <= 2.0 * ideal,
                 "leaving: {fraction:.3} moved, ideal {ideal:.3}");
@@ -271,10 +284,10 @@ mod tests {
                 .map(|(i, k)| (format!("channel-{seed}-{}", i % 200), k))
                 .collect();
             let assign = |members: Vec<String>| {
-                Ring::new(members, VIRTUAL_NODES).assign_grouped(
+                owned(Ring::new(members, VIRTUAL_NODES).assign_grouped(
                     pairs.iter().map(|(g, k)| (g.as_str(), k.as_str())),
                     LOAD_FACTOR,
-                )
+                ))
             };
             let before = assign(shards(n));
             let after = assign(shards(n + 1));

@@ -153,7 +153,7 @@ async fn settled_by(
         );
         let placed = proplets.iter().all(|p| {
             let client = p.spec.connection_config.client().unwrap_or_default();
-            shard_of(p).as_ref() == want.get(client)
+            shard_of(p).as_deref() == want.get(client).copied()
                 && propeller_operator::sharding::drain_of(p).is_none()
         });
         let owned: usize = (0..env.operator_count())

@@ -88,7 +88,7 @@ async fn census(b: &Bench, ns: &str, live: &[String]) -> anyhow::Result<Census> 
             out.draining += 1;
         } else if let Some(c) = p.spec.connection_config.client()
             && shard.is_some()
-            && shard == want.get(c)
+            && shard.map(String::as_str) == want.get(c).copied()
         {
             out.placed += 1;
         }

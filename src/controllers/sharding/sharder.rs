@@ -42,10 +42,12 @@ const PAGE: u32 = 250;
 
 /// Proplets read again at once when the view is unsure of them.
 const READS_AT_ONCE: usize = 16;
-/// A round's label writes in flight at once: each is a connection to the API server with its buffers, and
-/// a first round (a write for every Proplet) keeps all of them busy. 64 relabelled 393 Proplets a second
-/// on the 2-core test bed, 16 only 307; 32 holds half the connections of 64 at the leader's peak of memory.
-const ROUND_WRITES_AT_ONCE: usize = WRITES_AT_ONCE / 2;
+/// A round's label writes in flight at once: each is a connection to the API server with its buffers
+/// (kube's client speaks HTTP/1), and a first round (a write for every Proplet) keeps all of them busy at
+/// the leader's peak of memory: 8 instead of 32 took 1.5 MiB off it at 10,000 proplets. Fewer relabel a
+/// dead shard's proplets more slowly (64 did 393 a second on the 2-core test bed, 16 307), which only
+/// delays their labels: its survivors own them from the takeover on (docs/sharding.md, Numbers at scale).
+const ROUND_WRITES_AT_ONCE: usize = WRITES_AT_ONCE / 4;
 
 pub fn spawn(ctx: Arc<Context>, shutdown: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
