@@ -1,7 +1,7 @@
 //! The ring that spreads proplets over shards: consistent hashing of the clientId with virtual nodes, and
 //! bounded load (no shard holds more than ⌈c × average⌉ + 2; Mirrokni, Thorup and Zadimoghaddam, 2017).
-//! Adding or removing one of N shards moves about 1/N of the proplets. Pure: the same members and keys give the same
-//! assignment on every replica.
+//! Adding or removing one of N shards moves about 1/N of the proplets. Pure: the same members and keys
+//! give the same assignment on every replica.
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
