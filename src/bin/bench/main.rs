@@ -11,6 +11,7 @@ mod operator;
 mod report;
 mod scenarios;
 mod sharded;
+mod sharded_moves;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,6 +68,10 @@ pub struct Args {
     /// printed, not written (for investigating a shard's CPU and memory, e.g. with perf beside it).
     #[arg(long)]
     pub shard_scale_only: bool,
+    /// Only the sharding failover scenario (the shards over the fleet, one killed): results are printed,
+    /// not written (for investigating a takeover, with each survivor's timeline).
+    #[arg(long)]
+    pub shard_failover_only: bool,
     /// Replicas in the sharding scenarios.
     #[arg(long, default_value_t = 3)]
     pub shards: usize,
@@ -150,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
     if b.args.chaos {
         return chaos::run(&mut b).await;
     }
-    if b.args.shard_scale_only {
+    if b.args.shard_scale_only || b.args.shard_failover_only {
         sharded::run(&mut b).await?;
         println!("{}", serde_json::to_string_pretty(&b.results)?);
         return Ok(());

@@ -6,14 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use propeller_operator::api::Proplet;
 use propeller_operator::api::proplet::PropletPhase;
 use propeller_operator::controllers::sharding::plan::position;
 use propeller_operator::sharding::ring::{LOAD_FACTOR, Ring, VIRTUAL_NODES};
-use propeller_operator::sharding::takeover::TAKEOVER_ANNOTATION;
 use propeller_operator::sharding::{DRAIN_LABEL, SHARD_LABEL};
 use serde_json::{Value, json};
 
@@ -22,23 +19,19 @@ use crate::fleet::{
     all_running, channel_of, create_tasks, heartbeat_swarm, make_proplets, make_proplets_at,
     remove_run, sims, wait_and_measure, watch_completions,
 };
-use crate::measure::{
-    apiserver_writes, metric_sum, operator_writes, percentile, proc_usage, sorted,
-};
+use crate::measure::{apiserver_writes, metric_sum, operator_writes, proc_usage};
 use crate::operator::{Operator, ShardSpec};
-
-/// The Proplets a shard held, each with when it was first seen draining and labelled with another shard.
-type Moves = Arc<Mutex<HashMap<String, (Option<Instant>, Option<Instant>)>>>;
+use crate::sharded_moves::{failover, graceful};
 
 /// Proplets per MQTT channel in the scale and growth scenarios.
 const PER_CHANNEL: usize = 100;
 
 /// Where a fleet's Proplets stand: phase and shard labels, and how many sit where the ring puts them.
 #[derive(Default, Debug)]
-struct Census {
+pub(crate) struct Census {
     total: usize,
     running: usize,
-    by_shard: BTreeMap<String, usize>,
+    pub(crate) by_shard: BTreeMap<String, usize>,
     draining: usize,
     unlabelled: usize,
     /// Labelled with the shard the ring assigns (over every Proplet of the cluster) to the live shards.
@@ -60,7 +53,7 @@ async fn all_proplets(client: &Client) -> anyhow::Result<Vec<Proplet>> {
     }
 }
 
-async fn census(b: &Bench, ns: &str, live: &[String]) -> anyhow::Result<Census> {
+pub(crate) async fn census(b: &Bench, ns: &str, live: &[String]) -> anyhow::Result<Census> {
     let by = b.args.shard_by;
     let all = all_proplets(&b.client).await?;
     let ring = Ring::new(live.iter().cloned(), VIRTUAL_NODES);
@@ -98,7 +91,7 @@ async fn census(b: &Bench, ns: &str, live: &[String]) -> anyhow::Result<Census> 
 
 /// Waits until `n` Proplets are Running, each labelled with one of `live`, none draining; and, when
 /// `balanced`, each where the ring over `live` puts it. Returns the time it took.
-async fn settle(
+pub(crate) async fn settle(
     b: &Bench,
     ns: &str,
     n: usize,
@@ -122,62 +115,11 @@ async fn settle(
     }
 }
 
-/// Waits until none of `n` Proplets is labelled with shard `gone` (each on another of `live`).
-async fn moved_off(
-    b: &Bench,
-    ns: &str,
-    n: usize,
-    live: &[String],
-    gone: usize,
-) -> anyhow::Result<Duration> {
-    let others: Vec<String> = live
-        .iter()
-        .filter(|s| **s != identity(gone))
-        .cloned()
-        .collect();
-    settle(b, ns, n, &others, false, Duration::from_secs(300)).await
-}
-
-/// Seconds from the kill until the survivors own the whole fleet between them (their owned-proplets
-/// gauges, taken-over ones included, sampled every 100 ms); NaN if not within 5 minutes.
-async fn taken_over(ops: &[Operator], gone: usize, n: usize, killed: Instant) -> f64 {
-    while killed.elapsed() < Duration::from_secs(300) {
-        let mut owned = 0.0;
-        for (i, op) in ops.iter().enumerate() {
-            if i != gone {
-                owned += metric_sum(&op.metrics().await, "propeller_shard_proplets", &[]);
-            }
-        }
-        if owned >= n as f64 {
-            return killed.elapsed().as_secs_f64();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    f64::NAN
-}
-
-/// Seconds from the kill until the killed shard's Lease carries a takeover record (the leader fenced it);
-/// NaN if not within 5 minutes.
-async fn fenced(client: &Client, lease_ns: &str, shard: &str, killed: Instant) -> f64 {
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), lease_ns);
-    let name = propeller_operator::sharding::shard_lease_name(shard);
-    while killed.elapsed() < Duration::from_secs(300) {
-        if let Ok(Some(l)) = leases.get_opt(&name).await
-            && l.annotations().contains_key(TAKEOVER_ANNOTATION)
-        {
-            return killed.elapsed().as_secs_f64();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    f64::NAN
-}
-
-fn identity(i: usize) -> String {
+pub(crate) fn identity(i: usize) -> String {
     format!("bench-shard-{i}")
 }
 
-fn start_shard(b: &Bench, lease_ns: &str, i: usize) -> anyhow::Result<Operator> {
+pub(crate) fn start_shard(b: &Bench, lease_ns: &str, i: usize) -> anyhow::Result<Operator> {
     Operator::start_shard(
         &b.args.operator,
         b.cluster,
@@ -205,7 +147,7 @@ async fn start_shards(b: &Bench, lease_ns: &str) -> anyhow::Result<Vec<Operator>
 }
 
 /// The index of the replica that reports itself leader.
-async fn leader(ops: &[Operator]) -> Option<usize> {
+pub(crate) async fn leader(ops: &[Operator]) -> Option<usize> {
     for (i, op) in ops.iter().enumerate() {
         if metric_sum(&op.metrics().await, "leader_election_master_status", &[]) >= 1.0 {
             return Some(i);
@@ -349,7 +291,7 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let shards_n = b.args.shards;
 
     let live: Vec<String> = (0..shards_n).map(identity).collect();
-    if !b.args.shard_scale_only {
+    if !b.args.shard_scale_only && !b.args.shard_failover_only {
         burst_and_fanout(b, &lease_ns, &live).await?;
     }
     // 3. Scale: one replica, then the shards, over the same heartbeating fleet (a channel per 100).
@@ -359,6 +301,18 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
         .collect();
     make_proplets(&b.client, &ns, &ids, &b.broker, PER_CHANNEL).await?;
     let mut hb = beat(b, &ids, PER_CHANNEL);
+    if b.args.shard_failover_only {
+        let mut ops = start_shards(b, &lease_ns).await?;
+        settle(b, &ns, ids.len(), &live, true, Duration::from_secs(600)).await?;
+        failover(b, &ns, &lease_ns, &live, &mut ops, ids.len()).await?;
+        hb.abort();
+        for op in &mut ops {
+            op.kill();
+        }
+        b.cluster.delete_namespace(&b.client, &ns).await;
+        b.cluster.delete_namespace(&b.client, &lease_ns).await;
+        return Ok(());
+    }
     let window = Duration::from_secs(b.args.shard_window_seconds);
     let first_single = single_window(b, &ns, ids.len(), "before", window).await?;
     let mut ops = start_shards(b, &lease_ns).await?;
@@ -437,107 +391,8 @@ pub async fn run(b: &mut Bench) -> anyhow::Result<()> {
     let mut ops = start_shards(b, &lease_ns).await?;
     settle(b, &ns, ids.len(), &live, true, Duration::from_secs(600)).await?;
 
-    // 4. Failover: a follower killed (SIGKILL) with default Lease timings; each of its proplets' move
-    // (kill → labelled with a live shard) timed by a watch, the first one being when its Lease was taken.
-    let lead = leader(&ops).await.unwrap_or(0);
-    let victim = (lead + 1) % shards_n;
-    let moves: Moves = Arc::default();
-    let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    ops[victim].kill();
-    let killed = Instant::now();
-    let victim_id = identity(victim);
-    let (fence, taken) = tokio::join!(
-        fenced(&b.client, &lease_ns, &victim_id, killed),
-        taken_over(&ops, victim, ids.len(), killed)
-    );
-    moved_off(b, &ns, ids.len(), &live, victim).await?;
-    let settled = killed.elapsed().as_secs_f64();
-    mover.abort();
-    let relabelled = moved_since(&moves, killed);
-    let first = relabelled.first().copied().unwrap_or(f64::NAN);
-    let failover = relabelled.last().copied().unwrap_or(settled);
-    ops[victim] = start_shard(b, &lease_ns, victim)?;
-    ops[victim].ready().await?;
-    let rejoin = settle(b, &ns, ids.len(), &live, true, Duration::from_secs(300))
-        .await?
-        .as_secs_f64();
-    eprintln!(
-        "failover: its Lease fenced {fence:.1} s after the kill; every proplet owned by a survivor at {taken:.1} s (takeover); {} proplets relabelled from {first:.1} s to {failover:.1} s; a census saw all settled at {settled:.1} s; rejoined in {rejoin:.1} s",
-        relabelled.len()
-    );
-    b.results.insert("shard_failover_s", json!(taken));
-    b.results.insert("shard_failover_fenced_s", json!(fence));
-    b.results
-        .insert("shard_failover_relabelled_s", json!(failover));
-    b.results.insert("shard_failover_first_s", json!(first));
-    b.results
-        .insert("shard_failover_moves", json!(relabelled.len()));
-    b.results.insert("shard_failover_settled_s", json!(settled));
-    b.results.insert("shard_rejoin_s", json!(rejoin));
-
-    // 5. Graceful handover: a follower stopped with SIGTERM; each proplet's move (SIGTERM → labelled with
-    // its new shard) timed by a watch.
-    let lead = leader(&ops).await.unwrap_or(0);
-    let victim = (lead + 1) % shards_n;
-    let moves: Moves = Arc::default();
-    let mover = watch_moves(&b.client, &ns, identity(victim), Arc::clone(&moves));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = census(b, &ns, &live)
-        .await?
-        .by_shard
-        .get(&identity(victim))
-        .copied()
-        .unwrap_or(0);
-    let t0 = Instant::now();
-    ops[victim].terminate(Duration::from_secs(120)).await;
-    let exited = t0.elapsed().as_secs_f64();
-    moved_off(b, &ns, ids.len(), &live, victim).await?;
-    let all_moved = t0.elapsed().as_secs_f64();
-    mover.abort();
-    let per_move = moved_since(&moves, t0);
-    let drain_to_moved = sorted(
-        moves
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter_map(|(a, z)| Some(z.as_ref()?.saturating_duration_since(*a.as_ref()?)))
-                    .map(|d| d.as_secs_f64())
-                    .collect()
-            })
-            .unwrap_or_default(),
-    );
-    b.results.insert(
-        "shard_drain_to_moved_p50_s",
-        json!(percentile(&drain_to_moved, 50.0)),
-    );
-    b.results.insert(
-        "shard_drain_to_moved_p99_s",
-        json!(percentile(&drain_to_moved, 99.0)),
-    );
-    eprintln!(
-        "graceful: drain → new owner p50 {:.2} s p99 {:.2} s over {} moves",
-        percentile(&drain_to_moved, 50.0),
-        percentile(&drain_to_moved, 99.0),
-        drain_to_moved.len()
-    );
-    eprintln!(
-        "graceful: {held} proplets moved, the replica exited after {exited:.1} s, all moved after {all_moved:.1} s; per proplet p50 {:.2} s p99 {:.2} s",
-        percentile(&per_move, 50.0),
-        percentile(&per_move, 99.0)
-    );
-    b.results.insert("shard_graceful_proplets", json!(held));
-    b.results.insert("shard_graceful_exit_s", json!(exited));
-    b.results
-        .insert("shard_graceful_all_moved_s", json!(all_moved));
-    b.results
-        .insert("shard_graceful_moves_timed", json!(per_move.len()));
-    b.results
-        .insert("shard_handover_p50_s", json!(percentile(&per_move, 50.0)));
-    b.results
-        .insert("shard_handover_p99_s", json!(percentile(&per_move, 99.0)));
-    ops[victim] = start_shard(b, &lease_ns, victim)?;
-    ops[victim].ready().await?;
+    failover(b, &ns, &lease_ns, &live, &mut ops, ids.len()).await?;
+    graceful(b, &ns, &lease_ns, &live, &mut ops, ids.len()).await?;
     // Rebalancing a large fleet live may outlast the wait on a loaded machine: that is a result too, and
     // the fleet search needs a balanced ring, so it is skipped then.
     let rebalanced = settle(b, &ns, ids.len(), &live, true, Duration::from_secs(300)).await;
@@ -687,53 +542,5 @@ async fn fleet_step(
         "max_shard_cpu_cores": max_of(&rows, "cpu_cores"),
         "max_shard_rss_mib": max_of(&rows, "rss_mib"),
         "max_shard_messages_per_s": max_of(&rows, "messages_per_s"),
-    })
-}
-
-/// Seconds from `since` until each Proplet in `moves` was labelled with another shard, sorted.
-fn moved_since(moves: &Moves, since: Instant) -> Vec<f64> {
-    sorted(
-        moves
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter_map(|(_, z)| {
-                        z.map(|z| z.saturating_duration_since(since).as_secs_f64())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    )
-}
-
-/// Records the Proplets labelled `from`, when each is first seen draining, and when it is first seen
-/// labelled with another shard.
-fn watch_moves(
-    client: &Client,
-    ns: &str,
-    from: String,
-    moves: Moves,
-) -> tokio::task::JoinHandle<()> {
-    let api: Api<Proplet> = Api::namespaced(client.clone(), ns);
-    tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .applied_objects();
-        futures::pin_mut!(stream);
-        while let Some(Ok(p)) = stream.next().await {
-            let now = Instant::now();
-            let Ok(mut m) = moves.lock() else { return };
-            let shard = p.labels().get(SHARD_LABEL);
-            if shard == Some(&from) {
-                let entry = m.entry(p.name_any()).or_insert((None, None));
-                if p.labels().contains_key(DRAIN_LABEL) {
-                    entry.0.get_or_insert(now);
-                }
-            } else if shard.is_some()
-                && let Some(entry) = m.get_mut(&p.name_any())
-            {
-                entry.1.get_or_insert(now);
-            }
-        }
     })
 }
