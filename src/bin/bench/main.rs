@@ -12,6 +12,7 @@ mod report;
 mod scenarios;
 mod sharded;
 mod sharded_moves;
+mod shards;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -16,27 +16,30 @@ use serde_json::json;
 use crate::Bench;
 use crate::measure::{metric_sum, percentile, sorted};
 use crate::operator::Operator;
-use crate::sharded::{census, identity, leader, settle, start_shard};
+use crate::shards::{census, identity, leader, settle, start_shard};
 
 /// The Proplets a shard held, each with when it was first seen draining and labelled with another shard.
 type Moves = Arc<Mutex<HashMap<String, (Option<Instant>, Option<Instant>)>>>;
+
+/// The fleet the shards hold: its namespace, the shards' Lease namespace, the shards, its size.
+#[derive(Clone, Copy)]
+pub struct Fleet<'a> {
+    pub ns: &'a str,
+    pub lease_ns: &'a str,
+    pub live: &'a [String],
+    pub n: usize,
+}
 
 /// Failover: a follower killed (SIGKILL) with default Lease timings; each of its proplets' move (kill →
 /// labelled with a live shard) timed by a watch, the first one being when its Lease was taken. Then the
 /// follower is started again and the ring rebalanced.
 pub async fn failover(
     b: &mut Bench,
-    ns: &str,
-    lease_ns: &str,
-    live: &[String],
+    fleet: &Fleet<'_>,
     ops: &mut [Operator],
-    n: usize,
 ) -> anyhow::Result<()> {
-    let lead = leader(ops).await.unwrap_or(0);
-    let victim = (lead + 1) % ops.len();
-    let moves: Moves = Arc::default();
-    let mover = watch_moves(&b.client, ns, identity(victim), Arc::clone(&moves));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ns, lease_ns, live, n) = (fleet.ns, fleet.lease_ns, fleet.live, fleet.n);
+    let (victim, moves, mover) = watch_a_follower(b, ns, ops).await;
     ops[victim].kill();
     let killed = Instant::now();
     let victim_id = identity(victim);
@@ -76,21 +79,30 @@ pub async fn failover(
     Ok(())
 }
 
-/// Graceful handover: a follower stopped with SIGTERM; each proplet's move (SIGTERM → labelled with its
-/// new shard) timed by a watch. Then the follower is started again (the caller waits for the rebalance).
-pub async fn graceful(
-    b: &mut Bench,
+/// A follower (the replica after the leader), with its Proplets' moves recorded from now on.
+async fn watch_a_follower(
+    b: &Bench,
     ns: &str,
-    lease_ns: &str,
-    live: &[String],
-    ops: &mut [Operator],
-    n: usize,
-) -> anyhow::Result<()> {
+    ops: &[Operator],
+) -> (usize, Moves, tokio::task::JoinHandle<()>) {
     let lead = leader(ops).await.unwrap_or(0);
     let victim = (lead + 1) % ops.len();
     let moves: Moves = Arc::default();
     let mover = watch_moves(&b.client, ns, identity(victim), Arc::clone(&moves));
+    // The watch has listed before anything moves.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    (victim, moves, mover)
+}
+
+/// Graceful handover: a follower stopped with SIGTERM; each proplet's move (SIGTERM → labelled with its
+/// new shard) timed by a watch. Then the follower is started again (the caller waits for the rebalance).
+pub async fn graceful(
+    b: &mut Bench,
+    fleet: &Fleet<'_>,
+    ops: &mut [Operator],
+) -> anyhow::Result<()> {
+    let (ns, lease_ns, live, n) = (fleet.ns, fleet.lease_ns, fleet.live, fleet.n);
+    let (victim, moves, mover) = watch_a_follower(b, ns, ops).await;
     let held = census(b, ns, live)
         .await?
         .by_shard

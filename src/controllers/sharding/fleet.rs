@@ -25,12 +25,12 @@ pub struct Placed {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     /// For writes that must see the object unchanged; not a plan input.
-    pub resource_version: Option<String>,
+    pub resource_version: Option<Version>,
     pub shard: Option<Arc<str>>,
     pub drain: Option<Arc<str>>,
     /// The drain-ready label as found (the target sets it to "true"; whatever it holds, a write that
     /// removes it must know it is there).
-    pub drain_ready: Option<String>,
+    pub drain_ready: Option<Arc<str>>,
     /// Whether the object has labels at all: a label write must not replace the map (see [`Placed::meta`]).
     pub labelled: bool,
     /// Its clientId (its name when it has none yet): what the ring hashes and what groups the Proplets
@@ -39,6 +39,43 @@ pub struct Placed {
     /// `domain/channel`, the MQTT topics it is heard on; `None` without a channel.
     pub channel: Option<Arc<str>>,
     pub deleting: bool,
+}
+
+/// A resourceVersion as the view keeps it: a number when it is one (every API server stores etcd revisions
+/// in them), so that no text is held for each of the fleet's Proplets; else its text. Kubernetes calls them
+/// opaque: only a number that reads back as the same text is kept as one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Version {
+    Revision(u64),
+    Opaque(Arc<str>),
+}
+
+impl Version {
+    pub fn of(text: &str) -> Version {
+        let canonical = !text.is_empty()
+            && text.bytes().all(|b| b.is_ascii_digit())
+            && (text == "0" || !text.starts_with('0'));
+        match text.parse() {
+            Ok(n) if canonical => Version::Revision(n),
+            _ => Version::Opaque(text.into()),
+        }
+    }
+
+    /// The revision, to tell which of two copies is newer (None: opaque).
+    pub fn revision(&self) -> Option<u64> {
+        match self {
+            Version::Revision(n) => Some(*n),
+            Version::Opaque(_) => None,
+        }
+    }
+
+    /// The text it was read from.
+    pub fn text(&self) -> String {
+        match self {
+            Version::Revision(n) => n.to_string(),
+            Version::Opaque(t) => t.to_string(),
+        }
+    }
 }
 
 /// The fields of a Proplet's connectionConfig placement reads, with the same later names accepted as
@@ -134,10 +171,10 @@ impl Placed {
             key: client.map_or_else(|| Arc::clone(&name), Arc::from),
             channel: channel_key(domain, channel).map(Arc::from),
             namespace: meta.namespace.as_deref().unwrap_or_default().into(),
-            resource_version: meta.resource_version.clone(),
+            resource_version: meta.resource_version.as_deref().map(Version::of),
             shard: label(SHARD_LABEL).map(|v| Arc::from(v.as_str())),
             drain: label(DRAIN_LABEL).map(|v| Arc::from(v.as_str())),
-            drain_ready: label(DRAIN_READY_LABEL).cloned(),
+            drain_ready: label(DRAIN_READY_LABEL).map(|v| Arc::from(v.as_str())),
             labelled: labels.is_some(),
             deleting: meta.deletion_timestamp.is_some(),
             name,
@@ -181,7 +218,7 @@ impl Placed {
             metadata: ObjectMeta {
                 name: Some(self.name.to_string()),
                 namespace: Some(self.namespace.to_string()),
-                resource_version: self.resource_version.clone(),
+                resource_version: self.resource_version.as_ref().map(Version::text),
                 labels: self.labelled.then_some(labels),
                 ..ObjectMeta::default()
             },
@@ -208,6 +245,19 @@ pub(super) mod tests {
 
     use super::*;
     use crate::api::proplet::PropletSpec;
+
+    #[test]
+    fn a_resource_version_is_kept_as_a_number_only_when_it_reads_back_the_same() {
+        for (text, revision) in [("0", Some(0)), ("81234", Some(81234)), ("007", None)]
+            .into_iter()
+            .chain([("+5", None), ("a1", None), ("", None)])
+            .chain([("99999999999999999999999", None)])
+        {
+            let v = Version::of(text);
+            assert_eq!(v.revision(), revision, "{text:?}");
+            assert_eq!(v.text(), text, "written back as read");
+        }
+    }
 
     /// An external Proplet in namespace `ns`, with no labels.
     pub(crate) fn unlabelled(name: &str) -> Proplet {

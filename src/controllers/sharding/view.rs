@@ -14,11 +14,13 @@
 //! previous content: the view cannot tell which, so it reads that Proplet again before the next plan
 //! ([`Fleet::unsure`]), unless the deletion is the leader's own write, whose answer it already holds.
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use kube::runtime::watcher::Event;
 
-use super::fleet::{FleetProplet, Placed};
+use super::fleet::{FleetProplet, Placed, Version};
 use crate::sharding::{DRAIN_LABEL, SHARD_LABEL};
 
 /// namespace, name (the texts of the Proplet's [`Placed`], shared).
@@ -62,26 +64,83 @@ impl Narrow {
     }
 }
 
-/// A resourceVersion as a number, to tell which of two copies is newer. Kubernetes calls them opaque;
-/// every API server stores etcd revisions in them. One that does not parse is taken as newest.
-fn version(rv: Option<&str>) -> Option<u64> {
+/// The revision of a resourceVersion, to tell which of two copies is newer. Kubernetes calls them opaque;
+/// every API server stores etcd revisions in them. One that is no number is taken as newest.
+fn revision(v: Option<&Version>) -> Option<u64> {
+    v.and_then(Version::revision)
+}
+
+/// The same for a resourceVersion as the API server sends it (a list's).
+fn text_revision(rv: Option<&str>) -> Option<u64> {
     rv.and_then(|v| v.parse().ok())
 }
 
 /// Whether `a` is known to be older than `b`.
-fn older(a: Option<&str>, b: Option<&str>) -> bool {
-    matches!((version(a), version(b)), (Some(a), Some(b)) if a < b)
+fn older(a: Option<u64>, b: Option<u64>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a < b)
 }
 
-/// A Proplet in the view, with the full list that last found it.
+/// A Proplet in the view, with the full list that last found it. Found by its own namespace and name: the
+/// table holds no key beside it (a map's copy of the key was two thirds of each of its slots, and a table
+/// has up to twice as many slots as Proplets).
 struct Entry {
     placed: Arc<Placed>,
     list: u64,
 }
 
+/// The view's Proplets by namespace and name.
+#[derive(Default)]
+struct Proplets {
+    table: HashTable<Entry>,
+    hasher: RandomState,
+}
+
+impl Proplets {
+    fn hash(&self, namespace: &str, name: &str) -> u64 {
+        self.hasher.hash_one((namespace, name))
+    }
+
+    fn get(&self, key: &Key) -> Option<&Entry> {
+        let hash = self.hash(&key.0, &key.1);
+        self.table.find(hash, |e| is(e, key))
+    }
+
+    fn get_mut(&mut self, key: &Key) -> Option<&mut Entry> {
+        let hash = self.hash(&key.0, &key.1);
+        self.table.find_mut(hash, |e| is(e, key))
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let hash = self.hash(&entry.placed.namespace, &entry.placed.name);
+        let hasher = &self.hasher;
+        self.table.insert_unique(hash, entry, |e| {
+            hasher.hash_one((&*e.placed.namespace, &*e.placed.name))
+        });
+    }
+
+    fn remove(&mut self, key: &Key) {
+        let hash = self.hash(&key.0, &key.1);
+        if let Ok(found) = self.table.find_entry(hash, |e| is(e, key)) {
+            found.remove();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.table.iter()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&mut Entry) -> bool) {
+        self.table.retain(keep);
+    }
+}
+
+fn is(e: &Entry, key: &Key) -> bool {
+    *e.placed.namespace == *key.0 && *e.placed.name == *key.1
+}
+
 #[derive(Default)]
 pub struct Fleet {
-    proplets: HashMap<Key, Entry>,
+    proplets: Proplets,
     /// The full list under way (or the last one): its pages mark what they find, in place, so that a list
     /// never holds a second copy of the fleet beside the view.
     list: u64,
@@ -89,7 +148,7 @@ pub struct Fleet {
     shared: HashSet<Arc<str>>,
     /// Proplets whose state the view cannot tell (they left a selected watch), with the resourceVersion
     /// at which they did: read again before the next plan.
-    unsure: HashMap<Key, Option<String>>,
+    unsure: HashMap<Key, Option<Version>>,
     /// During a selected watch's relist: the Proplets it holds so far.
     relisting: [Option<HashSet<Key>>; 2],
 }
@@ -104,28 +163,25 @@ impl Fleet {
     /// newer: it exists).
     fn take_listed(&mut self, mut now: Placed, list: Option<u64>) -> bool {
         self.share(&mut now);
-        // A Proplet already held keeps the name its key holds.
-        if let Some(((_, name), _)) = self.proplets.get_key_value(&key_of(&now)) {
+        // A Proplet already held keeps the name its first copy holds.
+        if let Some(was) = self.proplets.get(&key_of(&now)) {
+            let name = &was.placed.name;
             if now.key == now.name {
                 now.key = Arc::clone(name);
             }
             now.name = Arc::clone(name);
         }
         let key = key_of(&now);
+        let now_revision = revision(now.resource_version.as_ref());
         if self
             .unsure
             .get(&key)
-            .is_some_and(|at| !older(now.resource_version.as_deref(), at.as_deref()))
+            .is_some_and(|at| !older(now_revision, revision(at.as_ref())))
         {
             self.unsure.remove(&key);
         }
         match self.proplets.get_mut(&key) {
-            Some(was)
-                if older(
-                    now.resource_version.as_deref(),
-                    was.placed.resource_version.as_deref(),
-                ) =>
-            {
+            Some(was) if older(now_revision, revision(was.placed.resource_version.as_ref())) => {
                 if let Some(l) = list {
                     was.list = l;
                 }
@@ -140,11 +196,10 @@ impl Fleet {
                 changed
             }
             None => {
-                let entry = Entry {
+                self.proplets.insert(Entry {
                     placed: Arc::new(now),
                     list: list.unwrap_or(0),
-                };
-                self.proplets.insert(key, entry);
+                });
                 true
             }
         }
@@ -181,9 +236,10 @@ impl Fleet {
             Event::InitDone => {
                 // What left the selection while the watch was away is in no event of the relist.
                 if let Some(seen) = self.relisting[from.index()].take() {
-                    for (key, e) in &self.proplets {
-                        if from.holds(&e.placed) && !seen.contains(key) {
-                            self.unsure.entry(key.clone()).or_insert(None);
+                    for e in self.proplets.iter() {
+                        let key = key_of(&e.placed);
+                        if from.holds(&e.placed) && !seen.contains(&key) {
+                            self.unsure.entry(key).or_insert(None);
                         }
                     }
                 }
@@ -199,6 +255,7 @@ impl Fleet {
             p.shard.as_mut(),
             p.drain.as_mut(),
             p.channel.as_mut(),
+            p.drain_ready.as_mut(),
         ];
         for text in texts.into_iter().flatten() {
             match self.shared.get(&**text) {
@@ -228,11 +285,12 @@ impl Fleet {
     /// before it, unless the view heard of it after it (created since).
     pub fn list_done(&mut self, at: Option<&str>) {
         let list = self.list;
+        let at = text_revision(at);
         self.proplets
-            .retain(|_, e| e.list == list || older(at, e.placed.resource_version.as_deref()));
+            .retain(|e| e.list == list || older(at, revision(e.placed.resource_version.as_ref())));
         // A doubt from before the list is settled by it.
         self.unsure
-            .retain(|_, since| since.is_none() || older(at, since.as_deref()));
+            .retain(|_, since| since.is_none() || older(at, revision(since.as_ref())));
         // Texts no Proplet holds any more (a channel or namespace emptied, a shard gone).
         self.shared.retain(|t| Arc::strong_count(t) > 1);
     }
@@ -276,14 +334,14 @@ impl Fleet {
     /// Each Proplet's owner by its key (clientId): the Proplets with a shard label.
     pub fn owners(&self) -> HashMap<Arc<str>, Arc<str>> {
         self.proplets
-            .values()
+            .iter()
             .filter_map(|e| Some((Arc::clone(&e.placed.key), e.placed.shard.clone()?)))
             .collect()
     }
 
     pub fn snapshot(&self) -> Vec<Arc<Placed>> {
         self.proplets
-            .values()
+            .iter()
             .map(|e| Arc::clone(&e.placed))
             .collect()
     }
@@ -473,9 +531,15 @@ mod tests {
         list_on(&mut fleet, "t", &[("a", 4), ("b", 5)], "5");
         assert!(!fleet.shared.contains("s"));
         assert!(fleet.shared.contains("t"));
-        // Newer copies keep the name their key holds.
-        for ((_, name), e) in &fleet.proplets {
-            assert!(Arc::ptr_eq(name, &e.placed.name));
+        // Newer copies keep the name their first copy held.
+        let names: Vec<Arc<str>> = fleet
+            .snapshot()
+            .iter()
+            .map(|p| Arc::clone(&p.name))
+            .collect();
+        list_on(&mut fleet, "t", &[("a", 6), ("b", 7)], "7");
+        for (was, now) in names.iter().zip(fleet.snapshot().iter()) {
+            assert!(Arc::ptr_eq(was, &now.name));
         }
     }
 
@@ -507,8 +571,8 @@ mod tests {
         // A status refresh: only its resourceVersion differs in what the view parses.
         assert!(!fleet.heard(Narrow::Draining, Event::Apply(proplet("p", 3, &draining))));
         assert_eq!(
-            fleet.snapshot()[0].resource_version.as_deref(),
-            Some("3"),
+            fleet.snapshot()[0].resource_version,
+            Some(Version::Revision(3)),
             "the newest version is kept for guarded writes"
         );
         let ready = [
